@@ -1,0 +1,26 @@
+"""Errors a user can fix. The CLI prints them as one line and exits non-zero; anything else is a bug."""
+
+
+class GKDError(Exception):
+    """A problem with the user's input (arguments, data, model folders), reported without a traceback."""
+
+
+class ConfigError(GKDError):
+    """An option value that cannot work (out of range, contradictory, or a path that does not exist)."""
+
+
+class DataError(GKDError):
+    """A dataset problem, located precisely enough to fix by hand: file, record index, field, and what was expected."""
+
+    def __init__(self, file, message: str, record: int | None = None, field: str | None = None):
+        self.file, self.record, self.field = str(file), record, field
+        where = [self.file]
+        if record is not None:
+            where.append(f"record {record}")
+        if field is not None:
+            where.append(f"field '{field}'")
+        super().__init__(f"{': '.join(where)}: {message}")
+
+
+class ModelError(GKDError):
+    """A model or tokenizer folder that is missing, unreadable, or incompatible (for example another vocabulary)."""
