@@ -1,0 +1,473 @@
+"""Reading, validating, normalising and encoding datasets (gkd/data.py)."""
+
+import json
+from pathlib import Path
+
+import pytest
+from tiny import make_tokenizer
+
+from gkd.data import Conversation, encode_conversations, load_conversations
+from gkd.errors import ConfigError, DataError, ModelError
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "data"
+SYSTEM = {"role": "system", "content": "Answer briefly."}
+QUESTION = {"role": "user", "content": "What is the capital of France?"}
+ANSWER = {"role": "assistant", "content": "The capital of France is Paris."}
+GOOD = {"messages": [QUESTION, ANSWER]}
+GENERATION_HEADER = "<|im_start|>assistant\n"
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tmp_path_factory):
+    return make_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+
+
+@pytest.fixture
+def fresh_tokenizer(tmp_path):
+    """A tokenizer a test may change (its chat template) without touching the session's."""
+    return make_tokenizer(tmp_path / "tokenizer")
+
+
+def write_jsonl(path: Path, records, blank_lines_after: int | None = None) -> Path:
+    lines = [json.dumps(record) for record in records]
+    if blank_lines_after is not None:
+        lines.insert(blank_lines_after, "")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def write_json(path: Path, records) -> Path:
+    path.write_text(json.dumps(records, indent=2))
+    return path
+
+
+def load_one(tmp_path, record) -> Conversation:
+    (conversation,) = load_conversations(write_json(tmp_path / "data.json", [record]))
+    return conversation
+
+
+# ------------------------------------------------------------------------------------------------ record formats
+
+
+def test_messages_single_turn(tmp_path):
+    conversation = load_one(tmp_path, GOOD)
+    assert conversation.prompt == [QUESTION]
+    assert conversation.completion == ANSWER["content"]
+    assert conversation.answers is None
+    assert conversation.source == f"{tmp_path / 'data.json'}[0]"
+
+
+def test_messages_multi_turn_trains_on_the_last_assistant_turn(tmp_path):
+    follow_up = {"role": "user", "content": "And of Italy?"}
+    reply = {"role": "assistant", "content": "Rome."}
+    conversation = load_one(tmp_path, {"messages": [SYSTEM, QUESTION, ANSWER, follow_up, reply]})
+    assert conversation.prompt == [SYSTEM, QUESTION, ANSWER, follow_up]
+    assert conversation.completion == "Rome."
+
+
+@pytest.mark.parametrize(
+    "messages",
+    [
+        [SYSTEM, QUESTION],
+        [QUESTION, {"role": "assistant", "content": ""}],
+        [QUESTION, {"role": "assistant", "content": " \n"}],
+    ],
+    ids=["ends-with-user", "empty-assistant", "whitespace-assistant"],
+)
+def test_messages_prompt_only(tmp_path, messages):
+    conversation = load_one(tmp_path, {"messages": messages})
+    assert conversation.prompt == [m for m in messages if m["role"] != "assistant"]
+    assert conversation.completion is None
+
+
+def test_llm_dojo_record(tmp_path):
+    empty = {"prompt": [SYSTEM, QUESTION], "messages": [SYSTEM, QUESTION, {"role": "assistant", "content": ""}]}
+    answered = {"prompt": [QUESTION], "messages": [QUESTION, ANSWER]}
+    ends_with_user = {"prompt": [QUESTION], "messages": [QUESTION]}
+    conversations = load_conversations(write_json(tmp_path / "dojo.json", [empty, answered, ends_with_user]))
+    assert [c.prompt for c in conversations] == [[SYSTEM, QUESTION], [QUESTION], [QUESTION]]
+    assert [c.completion for c in conversations] == [None, ANSWER["content"], None]
+
+
+@pytest.mark.parametrize("completion", [[ANSWER], ANSWER["content"]], ids=["message-list", "string"])
+def test_prompt_completion_pair(tmp_path, completion):
+    conversation = load_one(tmp_path, {"prompt": [SYSTEM, QUESTION], "completion": completion})
+    assert conversation.prompt == [SYSTEM, QUESTION]
+    assert conversation.completion == ANSWER["content"]
+
+
+def test_prompt_alone_is_prompt_only(tmp_path):
+    conversation = load_one(tmp_path, {"prompt": [QUESTION], "id": 7})
+    assert (conversation.prompt, conversation.completion) == ([QUESTION], None)
+
+
+@pytest.mark.parametrize(
+    "answers, expected", [("Paris", ["Paris"]), (["Paris", "Rome"], ["Paris", "Rome"]), (None, None)]
+)
+def test_answers(tmp_path, answers, expected):
+    assert load_one(tmp_path, {**GOOD, "answers": answers}).answers == expected
+
+
+def test_nulls_count_as_absent_and_extra_message_keys_are_dropped(tmp_path):
+    record = {"messages": [{**QUESTION, "name": None}, ANSWER], "prompt": None, "completion": None, "answers": None}
+    conversation = load_one(tmp_path, record)
+    assert conversation.prompt == [QUESTION]
+    assert conversation.completion == ANSWER["content"]
+
+
+# ---------------------------------------------------------------------------------------------------- containers
+
+
+def test_jsonl_skips_blank_lines_and_sources_name_lines(tmp_path):
+    path = write_jsonl(tmp_path / "data.jsonl", [GOOD, {"prompt": [QUESTION]}], blank_lines_after=1)
+    conversations = load_conversations(str(path))
+    assert [c.source for c in conversations] == [f"{path}:1", f"{path}:3"]
+    assert [c.completion for c in conversations] == [ANSWER["content"], None]
+
+
+def test_json_file_holding_json_lines(tmp_path):
+    """`datasets.Dataset.to_json` writes JSON Lines into `.json` files by default."""
+    path = write_jsonl(tmp_path / "data.json", [GOOD, GOOD])
+    assert [c.source for c in load_conversations(path)] == [f"{path}:1", f"{path}:2"]
+
+
+def test_folder_concatenates_files_in_name_order(tmp_path):
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    write_jsonl(folder / "b.jsonl", [{"prompt": [QUESTION]}])
+    write_json(folder / "a.json", [GOOD])
+    (folder / "README.md").write_text("not data")
+    conversations = load_conversations(folder)
+    assert [c.source for c in conversations] == [f"{folder / 'a.json'}[0]", f"{folder / 'b.jsonl'}:1"]
+
+
+def test_saved_dataset_and_dataset_dict(tmp_path):
+    import datasets
+
+    records = [{"prompt": [QUESTION], "completion": [ANSWER], "answers": ["Paris"]}, {"prompt": [SYSTEM, QUESTION]}]
+    dataset = datasets.Dataset.from_list(records)  # Arrow fills the second record's missing columns with nulls
+    dataset.save_to_disk(tmp_path / "dataset")
+    datasets.DatasetDict({"train": dataset, "test": dataset.select([0])}).save_to_disk(tmp_path / "dict")
+    for folder in ("dataset", "dict"):
+        conversations = load_conversations(tmp_path / folder)
+        assert [c.prompt for c in conversations] == [[QUESTION], [SYSTEM, QUESTION]]
+        assert [c.completion for c in conversations] == [ANSWER["content"], None]
+        assert [c.answers for c in conversations] == [["Paris"], None]
+        assert conversations[1].source == f"{tmp_path / folder}[1]"
+    datasets.DatasetDict({"test": dataset}).save_to_disk(tmp_path / "no-train")
+    with pytest.raises(DataError, match=r"no-train: expected a 'train' split in this DatasetDict, found \['test'\]"):
+        load_conversations(tmp_path / "no-train")
+
+
+def test_example_datasets():
+    chat = load_conversations(EXAMPLES / "chat.jsonl")
+    assert len(chat) == 10
+    assert chat[0] == Conversation(
+        prompt=[{"role": "user", "content": "What is the capital of France?"}],
+        completion="The capital of France is Paris.",
+        answers=["Paris"],
+        source=f"{EXAMPLES / 'chat.jsonl'}:1",
+    )
+    assert any(c.prompt[0]["role"] == "system" for c in chat)
+    assert any(sum(m["role"] == "user" for m in c.prompt) > 1 for c in chat)
+    dojo = load_conversations(EXAMPLES / "llm_dojo.json")
+    assert 6 <= len(dojo) <= 8
+    assert all(c.completion is None and c.prompt[-1]["role"] == "user" and c.answers for c in dojo)
+
+
+# ------------------------------------------------------------------------------------------------ invalid records
+
+EMPTY_LIST = 'expected a non-empty list of messages [{"role": ..., "content": ...}, ...], got an empty list'
+BAD_RECORDS = [
+    ("not-object", ["a", "list"], None, "expected a JSON object, got a list"),
+    ("no-shape", {"text": "hi"}, None, "expected a 'messages' list (chat format) or a 'prompt' list"),
+    ("messages-not-list", {"messages": "hi"}, "messages", "expected a non-empty list of messages"),
+    ("messages-empty", {"messages": []}, "messages", EMPTY_LIST),
+    ("prompt-not-list", {"prompt": "hi", "completion": "yo"}, "prompt", "expected a non-empty list of messages"),
+    ("prompt-empty", {"prompt": [], "completion": "yo"}, "prompt", EMPTY_LIST),
+    ("message-not-object", {"messages": [QUESTION, "yo"]}, "messages[1]", "expected a message object"),
+    ("role-missing", {"messages": [QUESTION, {"content": "yo"}]}, "messages[1].role",
+     "expected one of system, user, assistant, it is missing"),
+    ("role-unknown", {"messages": [QUESTION, {"role": "bot", "content": "yo"}]}, "messages[1].role",
+     "expected one of system, user, assistant, got 'bot'"),
+    ("content-not-string", {"messages": [QUESTION, {"role": "assistant", "content": ["yo"]}]}, "messages[1].content",
+     "expected a string, got a list"),
+    ("content-missing", {"prompt": [{"role": "user"}]}, "prompt[0].content", "expected a string, it is missing"),
+    ("no-user-turn", {"messages": [SYSTEM, ANSWER]}, "messages", "expected at least one user turn"),
+    ("prompt-no-user-turn", {"prompt": [SYSTEM], "completion": "yo"}, "prompt", "expected at least one user turn"),
+    ("prompt-ends-with-assistant", {"messages": [QUESTION, ANSWER, ANSWER]}, "messages[1].role",
+     "expected the prompt to end with a user turn, got 'assistant'"),
+    ("dojo-messages-invalid", {"prompt": [QUESTION], "messages": [{"role": "user", "content": 3}]},
+     "messages[0].content", "expected a string, got a number"),
+    ("completion-wrong-role", {"prompt": [QUESTION], "completion": [QUESTION]}, "completion[0].role",
+     "expected 'assistant', got 'user'"),
+    ("completion-two-messages", {"prompt": [QUESTION], "completion": [ANSWER, ANSWER]}, "completion",
+     "expected a string or a list with one assistant message"),
+    ("answers-not-list", {**GOOD, "answers": 4}, "answers", "expected a string or a list of strings, got a number"),
+    ("answers-not-strings", {**GOOD, "answers": ["Paris", 4]}, "answers[1]", "expected a string, got a number"),
+]
+
+
+def check_message(error: DataError, *parts: str) -> None:
+    for part in parts:
+        assert part in str(error), f"{part!r} not in {str(error)!r}"
+
+
+@pytest.mark.parametrize("record, field, expected", [case[1:] for case in BAD_RECORDS], ids=[c[0] for c in BAD_RECORDS])
+def test_invalid_record_in_json(tmp_path, record, field, expected):
+    path = write_json(tmp_path / "bad.json", [GOOD, record])
+    with pytest.raises(DataError) as raised:
+        load_conversations(path)
+    where = f"{path}: record 1: " + (f"field '{field}': " if field else "")
+    check_message(raised.value, where + expected)
+
+
+@pytest.mark.parametrize(
+    "record, field, expected", [case[1:] for case in BAD_RECORDS[:4]], ids=[c[0] for c in BAD_RECORDS[:4]]
+)
+def test_invalid_record_in_jsonl_names_index_and_line(tmp_path, record, field, expected):
+    path = write_jsonl(tmp_path / "bad.jsonl", [GOOD, record], blank_lines_after=1)
+    with pytest.raises(DataError) as raised:
+        load_conversations(path)
+    check_message(raised.value, f"{path}: record 1: ", expected, "(line 3)")
+    if field:
+        check_message(raised.value, f"field '{field}'")
+
+
+def test_whole_dataset_is_validated_up_front(tmp_path):
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    write_jsonl(folder / "a.jsonl", [GOOD] * 3)
+    write_jsonl(folder / "b.jsonl", [GOOD, GOOD, {"messages": [{"role": "bot", "content": "x"}]}])
+    with pytest.raises(DataError, match=r"b\.jsonl: record 2: field 'messages\[0\]\.role'"):
+        load_conversations(folder)
+
+
+# --------------------------------------------------------------------------------------------- invalid containers
+
+
+def test_missing_path(tmp_path):
+    with pytest.raises(DataError, match="nope.jsonl: no such file or folder"):
+        load_conversations(tmp_path / "nope.jsonl")
+
+
+def test_truncated_json_reports_line(tmp_path):
+    path = tmp_path / "cut.json"
+    path.write_text(json.dumps([GOOD, GOOD], indent=2)[:-30])
+    with pytest.raises(DataError) as raised:
+        load_conversations(path)
+    check_message(raised.value, f"{path}: invalid JSON at line ")
+
+
+def test_truncated_jsonl_reports_record_and_line(tmp_path):
+    path = tmp_path / "cut.jsonl"
+    path.write_text(json.dumps(GOOD) + "\n\n" + json.dumps(GOOD)[:-5] + "\n")
+    with pytest.raises(DataError) as raised:
+        load_conversations(path)
+    check_message(raised.value, f"{path}: record 1: invalid JSON at column", "(line 3)")
+
+
+@pytest.mark.parametrize(
+    "name, content, expected",
+    [
+        ("empty.jsonl", "", "empty file: no records"),
+        ("blank.jsonl", "\n  \n", "empty file: no records"),
+        ("empty.json", "[]", "empty list: no records"),
+        ("object.json", '{"data": [1]}', "expected a list of records"),
+        ("latin1.jsonl", b"\xff\xfe{", "cannot read the file as UTF-8 text"),
+        ("data.csv", "a,b", "expected a .json or .jsonl file"),
+    ],
+)
+def test_bad_files(tmp_path, name, content, expected):
+    path = tmp_path / name
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(DataError, match=f"{name}: {expected}"):
+        load_conversations(path)
+
+
+def test_empty_folder(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no data here")
+    with pytest.raises(DataError, match="empty: empty folder: expected .json or .jsonl files"):
+        load_conversations(tmp_path / "empty")
+
+
+def test_broken_saved_dataset(tmp_path):
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "dataset_info.json").write_text("{}")
+    with pytest.raises(DataError, match="broken: cannot load the dataset saved with save_to_disk"):
+        load_conversations(tmp_path / "broken")
+
+
+def test_empty_file_inside_a_folder_is_named(tmp_path):
+    write_jsonl(tmp_path / "a.jsonl", [GOOD])
+    (tmp_path / "b.jsonl").write_text("")
+    with pytest.raises(DataError, match=r"b\.jsonl: empty file"):
+        load_conversations(tmp_path)
+
+
+# ------------------------------------------------------------------------------------------------------ encoding
+
+IM_END = "<|im_end|>"
+
+
+def encode(conversations, tokenizer, max_length=256, max_new_tokens=32, stop_token_ids=None):
+    stops = [tokenizer.eos_token_id] if stop_token_ids is None else stop_token_ids
+    return encode_conversations(conversations, tokenizer, max_length, max_new_tokens, stops)
+
+
+def conversation(prompt, completion=ANSWER["content"]) -> Conversation:
+    return Conversation(prompt=prompt, completion=completion, answers=None, source="test.jsonl:1")
+
+
+def test_encode_prompt_and_completion(tokenizer):
+    items, stats = encode([conversation([SYSTEM, QUESTION])], tokenizer)
+    (item,) = items
+    assert set(item) == {"prompt_ids", "completion_ids"}
+    prompt = tokenizer.decode(item["prompt_ids"])
+    assert prompt.startswith("<|im_start|>system\nAnswer briefly.<|im_end|>")
+    assert prompt.endswith(QUESTION["content"] + IM_END + "\n" + GENERATION_HEADER)
+    # eos == pad == <|im_end|>: exactly one, in last position; the template's "\n" after it is not trained on
+    completion_ids = item["completion_ids"]
+    assert completion_ids[-1] == tokenizer.eos_token_id
+    assert tokenizer.eos_token_id not in completion_ids[:-1]
+    assert tokenizer.decode(completion_ids) == ANSWER["content"] + IM_END
+    full = tokenizer.apply_chat_template([SYSTEM, QUESTION, ANSWER], tokenize=False)
+    assert item["prompt_ids"] + completion_ids + tokenizer("\n", add_special_tokens=False)["input_ids"] == tokenizer(
+        full, add_special_tokens=False
+    )["input_ids"]
+    assert (stats.num_records, stats.num_prompt_only, stats.num_truncated) == (1, 0, 0)
+    assert stats.max_prompt_tokens == len(item["prompt_ids"])
+    assert stats.mean_completion_tokens == len(completion_ids)
+
+
+def test_encode_example_dataset(tokenizer):
+    conversations = load_conversations(EXAMPLES / "chat.jsonl") + load_conversations(EXAMPLES / "llm_dojo.json")
+    items, stats = encode(conversations, tokenizer)
+    assert stats.num_records == len(items) == 17
+    assert stats.num_prompt_only == 8
+    for item, conversation_ in zip(items, conversations):
+        assert tokenizer.decode(item["prompt_ids"]).endswith(GENERATION_HEADER)
+        if conversation_.completion is None:
+            assert item["completion_ids"] == []
+        else:
+            assert tokenizer.decode(item["completion_ids"]) == conversation_.completion + IM_END
+    completion_lengths = [len(item["completion_ids"]) for item in items if item["completion_ids"]]
+    assert stats.mean_completion_tokens == pytest.approx(sum(completion_lengths) / 9)
+
+
+def test_encode_cuts_after_the_first_stop_token(tokenizer):
+    other_stop = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    (item,), _ = encode(
+        [conversation([QUESTION], "Paris.<|endoftext|> and then more")],
+        tokenizer,
+        stop_token_ids=[tokenizer.eos_token_id, other_stop],
+    )
+    assert tokenizer.decode(item["completion_ids"]) == "Paris.<|endoftext|>"
+
+
+def test_encode_prompt_only(tokenizer):
+    items, stats = encode([conversation([QUESTION], None)], tokenizer)
+    assert items[0]["completion_ids"] == []
+    assert tokenizer.decode(items[0]["prompt_ids"]).endswith(GENERATION_HEADER)
+    assert (stats.num_prompt_only, stats.mean_completion_tokens) == (1, 0.0)
+
+
+def test_encode_without_chat_template(fresh_tokenizer):
+    fresh_tokenizer.chat_template = None
+    with pytest.raises(ModelError, match="has no chat template"):
+        encode([conversation([QUESTION])], fresh_tokenizer)
+
+
+@pytest.mark.parametrize("max_length, max_new_tokens", [(32, 32), (32, 40), (32, 0)])
+def test_encode_rejects_budgets_without_room(tokenizer, max_length, max_new_tokens):
+    with pytest.raises(ConfigError, match="must exceed max_new_tokens"):
+        encode([conversation([QUESTION])], tokenizer, max_length, max_new_tokens)
+
+
+def test_encode_template_rejection_names_the_record(fresh_tokenizer):
+    fresh_tokenizer.chat_template = "{{ raise_exception('Conversation roles must alternate') }}"
+    with pytest.raises(DataError, match="test.jsonl:1: the student's chat template rejected .* must alternate"):
+        encode([conversation([QUESTION])], fresh_tokenizer)
+
+
+def test_encode_when_prompt_tokens_are_not_a_prefix(fresh_tokenizer):
+    """The generation header's last token merges with the reply: the reply's text is tokenized on its own."""
+    fresh_tokenizer.chat_template = (
+        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + ' ' + m['content'] + '<|im_end|>' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant ' }}{% endif %}"
+    )
+    (item,), _ = encode([conversation([QUESTION], "the")], fresh_tokenizer)
+    assert item["completion_ids"] == fresh_tokenizer("the<|im_end|>", add_special_tokens=False)["input_ids"]
+
+
+def test_encode_when_prompt_text_is_not_a_prefix(fresh_tokenizer):
+    """A template whose generation header differs from an answered turn's: the bare reply, then a stop token."""
+    fresh_tokenizer.chat_template = (
+        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n<think>\n' }}{% endif %}"
+    )
+    (item,), _ = encode([conversation([QUESTION], "Paris.")], fresh_tokenizer)
+    eos = fresh_tokenizer.eos_token_id
+    assert item["completion_ids"] == fresh_tokenizer("Paris.", add_special_tokens=False)["input_ids"] + [eos]
+
+
+# ---------------------------------------------------------------------------------------------------- truncation
+
+
+def long_chat(turns: int) -> list[dict]:
+    messages = [SYSTEM]
+    for i in range(turns):
+        messages += [
+            {"role": "user", "content": f"Question {i}: name a colour and an animal."},
+            {"role": "assistant", "content": f"Answer {i}: red and cat."},
+        ]
+    return messages + [{"role": "user", "content": "Final question: what is two plus two?"}]
+
+
+def test_truncation_drops_oldest_turns_and_keeps_system_and_last_user(tokenizer):
+    prompt = long_chat(4)
+    full_length = len(encode([conversation(prompt)], tokenizer, max_length=1024)[0][0]["prompt_ids"])
+    max_new_tokens = 16
+    max_length = full_length + max_new_tokens - 20  # forces dropping about one exchange
+    items, stats = encode([conversation(prompt), conversation([QUESTION])], tokenizer, max_length, max_new_tokens)
+    cut, untouched = items
+    text = tokenizer.decode(cut["prompt_ids"])
+    assert text.startswith("<|im_start|>system\nAnswer briefly.<|im_end|>\n<|im_start|>user\nQuestion 1")
+    assert "Question 0" not in text and "Answer 0" not in text
+    assert text.endswith("Final question: what is two plus two?<|im_end|>\n" + GENERATION_HEADER)
+    assert len(cut["prompt_ids"]) <= max_length - max_new_tokens
+    assert len(cut["prompt_ids"]) + len(cut["completion_ids"]) <= max_length
+    assert tokenizer.decode(cut["completion_ids"]) == ANSWER["content"] + IM_END
+    assert stats.num_truncated == 1
+    assert stats.max_prompt_tokens == len(cut["prompt_ids"])
+    assert untouched == encode([conversation([QUESTION])], tokenizer)[0][0]
+
+
+def test_truncation_shortens_the_final_user_turn_from_its_start(tokenizer):
+    document = " ".join(f"word{i}" for i in range(200))
+    prompt = [SYSTEM, {"role": "user", "content": "old"}, ANSWER, {"role": "user", "content": f"{document} END?"}]
+    (item,), stats = encode([conversation(prompt)], tokenizer, max_length=96, max_new_tokens=32)
+    text = tokenizer.decode(item["prompt_ids"])
+    assert 64 - 8 <= len(item["prompt_ids"]) <= 64  # shortened to about the budget, not far below it
+    assert text.startswith("<|im_start|>system\nAnswer briefly.<|im_end|>\n<|im_start|>user\n")
+    assert "old" not in text and "word0 " not in text
+    assert text.endswith("word199 END?<|im_end|>\n" + GENERATION_HEADER)
+    assert stats.num_truncated == 1
+
+
+def test_truncation_left_cuts_when_the_system_turn_alone_is_too_long(tokenizer):
+    system = {"role": "system", "content": "Be brief. " * 60}
+    (item,), stats = encode([conversation([system, QUESTION])], tokenizer, max_length=48, max_new_tokens=16)
+    assert len(item["prompt_ids"]) == 32
+    assert tokenizer.decode(item["prompt_ids"]).endswith(QUESTION["content"] + IM_END + "\n" + GENERATION_HEADER)
+    assert len(item["prompt_ids"]) + len(item["completion_ids"]) <= 48
+    assert stats.num_truncated == 1
+
+
+def test_truncation_shortens_the_completion_to_the_room_left(tokenizer):
+    long_answer = "The capital of France is Paris. " * 30
+    (item,), stats = encode([conversation([QUESTION], long_answer)], tokenizer, max_length=80, max_new_tokens=8)
+    assert len(item["prompt_ids"]) + len(item["completion_ids"]) == 80
+    assert tokenizer.eos_token_id not in item["completion_ids"]  # cut before its end: no stop token to learn
+    assert stats.num_truncated == 1
