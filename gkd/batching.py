@@ -1,0 +1,65 @@
+"""Pad encoded samples into the one batch layout every step uses: [left-padded prompt | right-padded completion].
+
+Prompts end at the same column for every row, so a batch of prompts feeds `generate` as is, and completion token t
+of every row sits at column `prompt_width + t`: the loss reads logits at fixed columns, no per-row gathers.
+Masks come from lengths, never from token ids: pad and EOS are often the same token (<|im_end|>), and an id-based
+mask would hide the final EOS, so the student would never learn to stop.
+"""
+
+import torch
+
+
+def pad_batch(samples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Collate {"prompt_ids", "completion_ids"} lists into prompt_ids/prompt_mask/completion_ids/completion_mask."""
+    prompt_width = max(len(sample["prompt_ids"]) for sample in samples)
+    # At least one completion column, so a batch of prompt-only records still has a well-formed (all-masked) target.
+    completion_width = max(1, max(len(sample["completion_ids"]) for sample in samples))
+    batch_size = len(samples)
+    prompt_ids = torch.full((batch_size, prompt_width), pad_token_id, dtype=torch.long)
+    prompt_mask = torch.zeros((batch_size, prompt_width), dtype=torch.long)
+    completion_ids = torch.full((batch_size, completion_width), pad_token_id, dtype=torch.long)
+    completion_mask = torch.zeros((batch_size, completion_width), dtype=torch.long)
+    for row, sample in enumerate(samples):
+        prompt, completion = sample["prompt_ids"], sample["completion_ids"]
+        if prompt:
+            prompt_ids[row, prompt_width - len(prompt) :] = torch.tensor(prompt)
+            prompt_mask[row, prompt_width - len(prompt) :] = 1
+        if completion:
+            completion_ids[row, : len(completion)] = torch.tensor(completion)
+            completion_mask[row, : len(completion)] = 1
+    return {
+        "prompt_ids": prompt_ids,
+        "prompt_mask": prompt_mask,
+        "completion_ids": completion_ids,
+        "completion_mask": completion_mask,
+    }
+
+
+def mask_after_stop(completion_ids: torch.Tensor, valid: torch.Tensor, stop_token_ids: list[int]) -> torch.Tensor:
+    """1 up to and including each row's first stop token (within `valid`), 0 after it."""
+    is_stop = torch.isin(completion_ids, torch.tensor(stop_token_ids, device=completion_ids.device)) & valid.bool()
+    # Count stops strictly before each position: a position is kept while no stop came before it.
+    stops_before = torch.cumsum(is_stop.long(), dim=1) - is_stop.long()
+    return (valid.bool() & (stops_before == 0)).long()
+
+
+def pad_completions(rows: list[torch.Tensor], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad 1-D completion tensors into ids and a length-based mask (at least one column)."""
+    width = max(1, max(row.numel() for row in rows))
+    ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long, device=rows[0].device)
+    mask = torch.zeros((len(rows), width), dtype=torch.long, device=rows[0].device)
+    for index, row in enumerate(rows):
+        ids[index, : row.numel()] = row
+        mask[index, : row.numel()] = 1
+    return ids, mask
+
+
+def left_pad_prompts(batches: list[dict], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack the prompts of several micro-batches (different widths) into one left-padded batch."""
+    width = max(batch["prompt_ids"].shape[1] for batch in batches)
+    ids, masks = [], []
+    for batch in batches:
+        missing = width - batch["prompt_ids"].shape[1]
+        ids.append(torch.nn.functional.pad(batch["prompt_ids"], (missing, 0), value=pad_token_id))
+        masks.append(torch.nn.functional.pad(batch["prompt_mask"], (missing, 0), value=0))
+    return torch.cat(ids), torch.cat(masks)

@@ -1,0 +1,245 @@
+"""The GKD step, as hooks on `transformers.Trainer` (the loop, saving, resuming and logging stay the library's).
+
+Where and why this differs from TRL 1.16's experimental `GKDTrainer`:
+- The on-policy coin is flipped once per optimizer step, from the seed and the step, so every rank and every
+  micro-batch of a gradient-accumulation window agree (TRL flips `random.random()` per micro-batch and per rank:
+  under ZeRO-3 a rank that generates waits forever for one that does not).
+- Completions for the whole window are sampled in one batched decode, before the window's first forward.
+- The loss is normalised by the completion tokens actually trained on in the whole window, on all ranks (TRL
+  counts the dataset's label tokens even when it trains on freshly generated completions).
+- The divergence is computed in fp32, from hidden states projected chunk by chunk, never as [batch, length, vocab].
+"""
+
+import json
+import logging
+import os
+from collections import defaultdict
+
+import torch
+from transformers import Trainer, TrainerCallback
+from trl.models.utils import _ForwardRedirection, unwrap_model_for_generation
+
+from . import losses
+from .batching import left_pad_prompts, pad_batch
+from .generation import sample_completions
+
+logger = logging.getLogger(__name__)
+
+STUDENT, TEACHER, DATASET = "student", "teacher", "dataset"
+
+
+def completion_source(seed: int, step: int, lmbda: float, seq_kd: bool) -> str:
+    """Who writes the completions of optimizer step `step`: a pure function of seed and step, same on every rank."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    if torch.rand(1, generator=generator).item() < lmbda:
+        return STUDENT
+    return TEACHER if seq_kd else DATASET
+
+
+class PromptCompletionCollator:
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor]:
+        return pad_batch(samples, self.pad_token_id)
+
+
+class MetricsFileCallback(TrainerCallback):
+    """Every log line also goes to output_dir/metrics.jsonl: one JSON object per line, easy to plot or tail."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            os.makedirs(args.output_dir, exist_ok=True)
+            with open(os.path.join(args.output_dir, "metrics.jsonl"), "a") as handle:
+                handle.write(json.dumps({"step": state.global_step, **logs}) + "\n")
+
+
+class GKDTrainer(Trainer):
+    def __init__(self, model, teacher, args, stop_token_ids, processing_class, peft_config=None, **kwargs):
+        if peft_config is not None:
+            from peft import get_peft_model
+
+            if args.gradient_checkpointing:
+                model.enable_input_require_grads()
+            model = get_peft_model(model, peft_config)
+        if args.disable_dropout:
+            for module in model.modules():
+                if isinstance(module, torch.nn.Dropout):
+                    module.p = 0.0
+        if args.gradient_checkpointing and args.gradient_checkpointing_kwargs is None:
+            args.gradient_checkpointing_kwargs = {"use_reentrant": False}
+        super().__init__(
+            model=model,
+            args=args,
+            processing_class=processing_class,
+            data_collator=PromptCompletionCollator(processing_class.pad_token_id),
+            **kwargs,
+        )
+        self.add_callback(MetricsFileCallback())
+        # Our compute_loss divides by the window's token count itself; Trainer must not divide again by the number
+        # of accumulation steps.
+        self.loss_is_scaled_for_ga = True
+        self.stop_token_ids = stop_token_ids
+        self.pad_token_id = processing_class.pad_token_id
+        if self.is_deepspeed_enabled:
+            from trl.models.utils import prepare_deepspeed
+
+            self.teacher = prepare_deepspeed(teacher, self.accelerator)
+        else:
+            self.teacher = self.accelerator.prepare_model(teacher, evaluation_mode=True)
+        self.teacher.eval()
+        self._metrics = defaultdict(list)
+        self._forward_redirection = _ForwardRedirection()
+
+    # ---- one optimizer step's data: who writes the completions, and how many tokens the window trains on ----
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        batches, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if not batches:
+            return batches, None
+        args = self.args
+        source = completion_source(args.seed, self.state.global_step, args.lmbda, args.seq_kd)
+        if source != DATASET:
+            batches = self._sample_window(batches, self.model_wrapped if source == STUDENT else self.teacher)
+        local_tokens = sum(batch["completion_mask"].sum() for batch in batches).to(device)
+        window_tokens = self.accelerator.gather(local_tokens.reshape(1)).sum()
+        rows = torch.tensor([sum(batch["completion_mask"].shape[0] for batch in batches)], device=device)
+        window_rows = self.accelerator.gather(rows).sum()
+        self._metrics["on_policy"].append(float(source == STUDENT))
+        self._metrics["teacher_generated"].append(float(source == TEACHER))
+        self._metrics["completion_tokens"].append(window_tokens.item() / max(window_rows.item(), 1))
+        return batches, window_tokens
+
+    def _sample_window(self, batches: list[dict], model) -> list[dict]:
+        """One batched decode for every prompt of the window; each micro-batch keeps its prompts and rows."""
+        device = self.args.device
+        prompt_ids, prompt_mask = left_pad_prompts(batches, self.pad_token_id)
+        with unwrap_model_for_generation(
+            model, self.accelerator, gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs
+        ) as generator:
+            completion_ids, completion_mask = sample_completions(
+                generator,
+                prompt_ids.to(device),
+                prompt_mask.to(device),
+                max_new_tokens=self.args.max_new_tokens,
+                temperature=self.args.temperature,
+                top_p=self.args.top_p,
+                stop_token_ids=self.stop_token_ids,
+                pad_token_id=self.pad_token_id,
+            )
+        sampled, start = [], 0
+        for batch in batches:
+            rows = slice(start, start + batch["prompt_ids"].shape[0])
+            start = rows.stop
+            width = max(1, int(completion_mask[rows].sum(dim=1).max().item()))
+            sampled.append(
+                {
+                    "prompt_ids": batch["prompt_ids"],
+                    "prompt_mask": batch["prompt_mask"],
+                    "completion_ids": completion_ids[rows, :width],
+                    "completion_mask": completion_mask[rows, :width],
+                }
+            )
+        return sampled
+
+    # ---- the loss ----
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        divergence_sum = self._divergence_sum(model, inputs)
+        if num_items_in_batch is None:
+            num_items_in_batch = self.accelerator.gather(inputs["completion_mask"].sum().reshape(1)).sum()
+        # Gradients are averaged over ranks by DDP/DeepSpeed; the window's token count is global, so scale back up.
+        loss = divergence_sum / num_items_in_batch.clamp(min=1).to(divergence_sum.device)
+        loss = loss * self.accelerator.num_processes
+        return (loss, None) if return_outputs else loss
+
+    def _divergence_sum(self, model, inputs) -> torch.Tensor:
+        """Sum over completion tokens of the generalized JSD between student and teacher next-token distributions."""
+        prompt_width = inputs["prompt_ids"].shape[1]
+        completion_width = inputs["completion_ids"].shape[1]
+        input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+        attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+        mask = inputs["completion_mask"].bool()
+        # Logits at column prompt_width - 1 + t predict completion token t.
+        columns = slice(prompt_width - 1, prompt_width - 1 + completion_width)
+        unwrapped = self.accelerator.unwrap_model(model)
+        if self._use_chunked_loss(unwrapped):
+            student_hidden = self._forward_redirection(
+                model, unwrapped, _last_hidden_state, unwrapped, input_ids, attention_mask
+            )[:, columns][mask]
+            teacher_model = self.accelerator.unwrap_model(self.teacher)
+            with torch.no_grad():
+                teacher_hidden = _last_hidden_state(teacher_model, input_ids, attention_mask)[:, columns][mask]
+            student_head = unwrapped.get_output_embeddings()
+            teacher_head = teacher_model.get_output_embeddings()
+            return losses.chunked_generalized_jsd(
+                student_hidden,
+                student_head.weight,
+                teacher_hidden,
+                teacher_head.weight,
+                beta=self.args.beta,
+                temperature=self.args.loss_temperature,
+                chunk_size=self.args.loss_chunk_size,
+                student_bias=student_head.bias,
+                teacher_bias=teacher_head.bias,
+            )
+        keep = completion_width + 1
+        student_logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits
+        with torch.no_grad():
+            teacher_logits = self.teacher(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits
+        student_logits, teacher_logits = losses.align_vocab(student_logits[:, :-1], teacher_logits[:, :-1])
+        per_token = losses.generalized_jsd(
+            student_logits, teacher_logits, beta=self.args.beta, temperature=self.args.loss_temperature
+        )
+        return losses.masked_sum(per_token, mask)
+
+    def _use_chunked_loss(self, unwrapped) -> bool:
+        """The chunked loss reads lm_head weights directly, so only where they are whole, plain, unscaled Linears.
+
+        Under ZeRO-3 the weights are shards outside their module's forward, so the loss takes the logits path
+        there (it still only projects the completion columns)."""
+        if self.args.loss_chunk_size == 0 or self.is_deepspeed_enabled and _zero_stage(self.accelerator) == 3:
+            return False
+        teacher = self.accelerator.unwrap_model(self.teacher)
+        for model in (unwrapped, teacher):
+            head = model.get_output_embeddings()
+            config = model.config.get_text_config()
+            if type(head) is not torch.nn.Linear or _has_logit_transform(config):
+                return False
+        return True
+
+    # ---- evaluation and logging ----
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """Eval loss: per-token divergence on the dataset's responses (teacher-forced)."""
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            total = self._divergence_sum(model, inputs)
+        tokens = inputs["completion_mask"].sum().clamp(min=1)
+        return (total / tokens).detach(), None, None
+
+    def log(self, logs: dict, start_time: float | None = None) -> None:
+        if self._metrics and "loss" in logs:
+            for key, values in self._metrics.items():
+                logs[key] = sum(values) / len(values)
+            self._metrics.clear()
+        super().log(logs, start_time)
+
+
+def _last_hidden_state(model, input_ids, attention_mask):
+    """The backbone's output, without running lm_head (PEFT-wrapped or not)."""
+    if hasattr(model, "peft_config"):
+        model = model.base_model.model
+    return model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+
+
+def _has_logit_transform(config) -> bool:
+    return any(
+        getattr(config, name, None) not in (None, 1, 1.0)
+        for name in ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier", "lm_head_multiplier")
+    )
+
+
+def _zero_stage(accelerator) -> int:
+    plugin = accelerator.state.deepspeed_plugin
+    return int(plugin.zero_stage) if plugin is not None else 0

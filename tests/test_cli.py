@@ -1,0 +1,168 @@
+"""The training CLI end to end, in subprocesses, on tiny models: what a user runs is what is tested."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, run_cli, train_args
+
+
+def metrics(output_dir) -> list[dict]:
+    lines = (Path(output_dir) / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines if '"loss"' in line]
+
+
+def assert_ok(result):
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
+def test_help_documents_every_llm_dojo_flag():
+    result = run_cli(["gkd/train.py", "--help"], timeout=120)
+    assert_ok(result)
+    for flag in [
+        "--model_name_or_path", "--teacher_model_name_or_path", "--dataset_name", "--learning_rate",
+        "--per_device_train_batch_size", "--gradient_accumulation_steps", "--output_dir", "--logging_steps",
+        "--dataset_batch_size", "--num_train_epochs", "--gradient_checkpointing", "--lmbda", "--beta", "--use_peft",
+        "--lora_r", "--lora_alpha", "--trust_remote_code", "--bf16", "--save_strategy", "--save_steps",
+        "--save_total_limit", "--warmup_steps", "--lr_scheduler_type", "--seq_kd", "--torch_dtype", "--dtype",
+        "--temperature", "--max_new_tokens", "--max_length", "--disable_dropout", "--lora_target_modules",
+        "--lora_dropout", "--loss_temperature", "--config",
+    ]:
+        assert flag in result.stdout, flag
+
+
+def test_llm_dojo_command_and_data_format(tiny_models, tmp_path):
+    """LLM-Dojo's train_gkd.py command line, verbatim flags, on LLM-Dojo's prompt-list records, with LoRA."""
+    student, teacher = tiny_models
+    out = tmp_path / "dojo"
+    command = [
+        "gkd/train.py",
+        "--model_name_or_path", student, "--teacher_model_name_or_path", teacher,
+        "--dataset_name", REPO / "examples/data/llm_dojo.json",
+        "--learning_rate", "2e-5", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2",
+        "--output_dir", out, "--logging_steps", "1", "--dataset_batch_size", "16", "--num_train_epochs", "1",
+        "--gradient_checkpointing", "--lmbda", "0.5", "--beta", "0.5", "--use_peft", "--lora_r", "8",
+        "--lora_alpha", "16", "--trust_remote_code", "--bf16", "--save_strategy", "steps", "--save_steps", "1",
+        "--save_total_limit", "1", "--warmup_steps", "1", "--lr_scheduler_type", "cosine", "--seq_kd", "True",
+        "--torch_dtype", "auto", "--max_new_tokens", "8", "--max_length", "128", "--report_to", "none",
+    ]
+    result = run_cli(command)
+    assert_ok(result)
+    assert "dataset_batch_size" in result.stderr  # accepted, with a warning that it does nothing
+    assert (out / "adapter_config.json").exists() and (out / "adapter_model.safetensors").exists()
+    assert (out / "tokenizer_config.json").exists()
+    assert len(list(out.glob("checkpoint-*"))) == 1  # save_total_limit honoured
+    config = json.loads((out / "run_config.json").read_text())
+    assert config["world_size"] == 1 and config["model_args"]["use_peft"] is True
+    assert config["training_args"]["seq_kd"] is True and "trl" in config["versions"]
+    logged = metrics(out)
+    # Prompt-only records: every step samples (student or teacher), never an empty target, so tokens are trained.
+    assert all(m["on_policy"] + m["teacher_generated"] == 1 for m in logged)
+    assert all(m["completion_tokens"] > 0 and m["loss"] > 0 for m in logged)
+
+
+@pytest.mark.parametrize("lmbda,beta", [(0.0, 0.0), (0.5, 0.5), (1.0, 1.0)])
+def test_lmbda_and_beta(tiny_models, chat_data, tmp_path, lmbda, beta):
+    student, teacher = tiny_models
+    out = tmp_path / "run"
+    result = run_cli(
+        train_args(student, teacher, chat_data, out, "--lmbda", lmbda, "--beta", beta, "--max_steps", "4")
+    )
+    assert_ok(result)
+    logged = metrics(out)
+    assert len(logged) == 4
+    share = sum(m["on_policy"] for m in logged) / len(logged)
+    if lmbda in (0.0, 1.0):
+        assert share == lmbda
+    else:
+        assert 0.0 <= share <= 1.0
+    assert all(m["teacher_generated"] == 0 for m in logged)
+    assert all(torch.isfinite(torch.tensor(m["loss"])) and m["loss"] >= 0 for m in logged)
+    # Full fine-tuning saves a whole model that loads with plain from_pretrained, with changed weights.
+    from transformers import AutoModelForCausalLM
+
+    trained = AutoModelForCausalLM.from_pretrained(out)
+    original = AutoModelForCausalLM.from_pretrained(student)
+    assert any(
+        not torch.equal(a, b) for a, b in zip(trained.state_dict().values(), original.state_dict().values())
+    )
+
+
+def test_seq_kd_trains_on_teacher_completions(tiny_models, chat_data, tmp_path):
+    student, teacher = tiny_models
+    out = tmp_path / "seqkd"
+    result = run_cli(train_args(student, teacher, chat_data, out, "--lmbda", "0", "--seq_kd", "True"))
+    assert_ok(result)
+    assert all(m["teacher_generated"] == 1 and m["on_policy"] == 0 for m in metrics(out))
+
+
+def test_yaml_config(tiny_models, chat_data, tmp_path):
+    student, teacher = tiny_models
+    out = tmp_path / "yaml"
+    config = tmp_path / "run.yaml"
+    config.write_text(f"lmbda: 1.0\nbeta: 0.0\nmodel_name_or_path: {student}\n")
+    args = train_args("unused", teacher, chat_data, out)
+    args[args.index("--model_name_or_path") : args.index("--model_name_or_path") + 2] = []
+    result = run_cli(args + ["--config", config])
+    assert_ok(result)
+    run_config = json.loads((out / "run_config.json").read_text())
+    assert run_config["training_args"]["lmbda"] == 1.0 and run_config["training_args"]["beta"] == 0.0
+    assert all(m["on_policy"] == 1 for m in metrics(out))
+
+
+def test_refuses_to_overwrite_previous_run(tiny_models, chat_data, tmp_path):
+    student, teacher = tiny_models
+    out = tmp_path / "once"
+    assert_ok(run_cli(train_args(student, teacher, chat_data, out, "--max_steps", "1")))
+    before = (out / "model.safetensors").read_bytes()
+    again = run_cli(train_args(student, teacher, chat_data, out, "--max_steps", "1"))
+    assert again.returncode != 0 and "Traceback" not in again.stderr
+    assert "--overwrite_output_dir" in again.stderr
+    assert (out / "model.safetensors").read_bytes() == before
+    assert_ok(run_cli(train_args(student, teacher, chat_data, out, "--max_steps", "1", "--overwrite_output_dir")))
+
+
+@pytest.mark.parametrize(
+    "extra,expected",
+    [
+        (["--lmbda", "1.5"], "--lmbda must be in [0, 1]"),
+        (["--beta", "-0.1"], "--beta must be in [0, 1]"),
+        (["--temperature", "0"], "--temperature must be > 0"),
+        (["--max_length", "8", "--max_new_tokens", "8"], "--max_length"),
+    ],
+)
+def test_bad_values_are_one_line_errors(tiny_models, chat_data, tmp_path, extra, expected):
+    student, teacher = tiny_models
+    result = run_cli(train_args(student, teacher, chat_data, tmp_path / "bad", *extra), timeout=120)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert expected in result.stderr
+    assert not (tmp_path / "bad").exists()
+
+
+def test_missing_paths_and_bad_data(tiny_models, chat_data, tmp_path):
+    student, teacher = tiny_models
+    missing = run_cli(train_args(tmp_path / "nope", teacher, chat_data, tmp_path / "o"), timeout=120)
+    assert missing.returncode != 0 and "no model folder" in missing.stderr and "Traceback" not in missing.stderr
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n{"messages": [{"role": "bot", "content": "x"}]}\n')
+    result = run_cli(train_args(student, teacher, bad, tmp_path / "o"), timeout=120)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    error = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and "bad.jsonl" in error[0] and "record 1" in error[0] and "role" in error[0]
+    assert "Loading weights" not in result.stderr  # refused before any model loaded
+
+
+def test_teacher_with_another_vocabulary_is_refused(tiny_models, chat_data, tmp_path):
+    from tiny import make_model, make_tokenizer
+
+    student, _ = tiny_models
+    other_tokenizer = make_tokenizer(tmp_path / "other_tok", vocab_size=280)
+    other = tmp_path / "other_teacher"
+    make_model(other, other_tokenizer)
+    result = run_cli(train_args(student, other, chat_data, tmp_path / "o"), timeout=120)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "vocabulary differs" in result.stderr
+    assert "Loading weights" not in result.stderr
