@@ -21,7 +21,7 @@ from trl.models.utils import _ForwardRedirection, unwrap_model_for_generation
 
 from . import losses
 from .batching import left_pad_prompts, pad_batch
-from .generation import sample_completions
+from .generation import generate
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ class GKDTrainer(Trainer):
         with unwrap_model_for_generation(
             model, self.accelerator, gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs
         ) as generator:
-            completion_ids, completion_mask = sample_completions(
+            completion_ids, completion_mask = generate(
                 generator,
                 prompt_ids.to(device),
                 prompt_mask.to(device),
