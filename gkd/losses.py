@@ -179,19 +179,18 @@ def chunked_generalized_jsd(
     # Empty slices sum to exactly 0 and keep the graph connected, so N == 0 still backpropagates (zero gradients).
     compute_dtype = torch.promote_types(student_hidden.dtype, torch.float32)
     total = (student_hidden[:0].sum() + student_weight[:0].sum()).to(compute_dtype)
-    for start in range(0, student_hidden.shape[0], chunk_size):
+    num_rows = student_hidden.shape[0]
+    for start in range(0, num_rows, chunk_size):
         rows = slice(start, start + chunk_size)
-        total = total + checkpoint(
-            _chunk_jsd_sum,
-            student_hidden[rows],
-            student_weight,
-            student_bias,
-            teacher_hidden[rows],
-            teacher_weight,
-            teacher_bias,
-            beta,
-            temperature,
-            use_reentrant=False,
-            preserve_rng_state=False,  # no randomness inside a chunk
-        )
+        chunk = (student_hidden[rows], student_weight, student_bias, teacher_hidden[rows], teacher_weight, teacher_bias)
+        if num_rows <= chunk_size:
+            # One chunk covers every row: its backward follows forward at once, so keeping its logits costs no more
+            # peak memory than recomputing them, and saves two vocabulary projections.
+            total = total + _chunk_jsd_sum(*chunk, beta, temperature)
+        else:
+            total = total + checkpoint(
+                _chunk_jsd_sum, *chunk, beta, temperature,
+                use_reentrant=False,
+                preserve_rng_state=False,  # no randomness inside a chunk
+            )
     return total
