@@ -153,6 +153,14 @@ class GKDConfig(TrainingArguments):
         default=False,
         metadata={"help": "Allow writing into an output_dir that already holds a run's results."},
     )
+    resume_from_checkpoint: str | None = field(
+        default=None,
+        metadata={
+            "help": "Continue a run: a checkpoint folder, or 'last' for the newest complete checkpoint in output_dir "
+            "(checkpoints whose save was interrupted are skipped). Data order, learning-rate schedule and on-policy "
+            "sampling continue as if the run had not stopped."
+        },
+    )
     max_nonfinite_steps: int = field(
         default=5,
         metadata={
@@ -192,6 +200,8 @@ class GKDConfig(TrainingArguments):
             )
         if self.loss_chunk_size < 0:
             raise ConfigError(f"--loss_chunk_size must be >= 0, got {self.loss_chunk_size}")
+        if self.max_nonfinite_steps < 1:
+            raise ConfigError(f"--max_nonfinite_steps must be >= 1, got {self.max_nonfinite_steps}")
         if not self.output_dir:
             raise ConfigError("--output_dir is required")
         self.remove_unused_columns = False

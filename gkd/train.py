@@ -42,8 +42,10 @@ def main(argv: list[str] | None = None) -> None:
 
     from gkd import data, models
     from gkd.outputs import check_output_dir, write_run_config
+    from gkd.reliability import resolve_resume, stopped_early
 
     check_output_dir(training_args)
+    training_args.resume_from_checkpoint = resolve_resume(training_args)  # `last` -> the newest complete checkpoint
     conversations = data.load_conversations(script_args.dataset_name)
     eval_conversations = (
         data.load_conversations(script_args.eval_dataset_name) if script_args.eval_dataset_name else None
@@ -83,6 +85,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     write_run_config(trainer, script_args, model_args, training_args)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    if stopped_early(trainer):  # SIGTERM/SIGINT: the checkpoint is the result; too many NaN steps raise instead
+        return
     trainer.save_model(training_args.output_dir)
     if trainer.accelerator.is_main_process:
         logger.info("saved the %s to %s", "adapter" if model_args.use_peft else "model", training_args.output_dir)

@@ -19,7 +19,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 from trl.models.utils import _ForwardRedirection, unwrap_model_for_generation
 
-from . import losses
+from . import losses, reliability
 from .batching import left_pad_prompts, pad_batch
 from .generation import generate
 
@@ -76,6 +76,11 @@ class GKDTrainer(Trainer):
             **kwargs,
         )
         self.add_callback(MetricsFileCallback())
+        # Preemption, non-finite steps, complete checkpoints: see gkd/reliability.py.
+        self.nonfinite_guard = reliability.NonFiniteGuard(self)
+        self.stop_on_signal = reliability.StopOnSignal(self)
+        self.add_callback(self.nonfinite_guard)
+        self.add_callback(self.stop_on_signal)
         # Our compute_loss divides by the window's token count itself; Trainer must not divide again by the number
         # of accumulation steps.
         self.loss_is_scaled_for_ga = True
@@ -114,9 +119,11 @@ class GKDTrainer(Trainer):
         """One batched decode for every prompt of the window; each micro-batch keeps its prompts and rows."""
         device = self.args.device
         prompt_ids, prompt_mask = left_pad_prompts(batches, self.pad_token_id)
+        # Seeded from the step, not drawn from the global RNG: a resumed run samples what the first run did.
+        seeded = reliability.sampling_rng(self.args.seed, self.state.global_step, self.args.process_index, device)
         with unwrap_model_for_generation(
             model, self.accelerator, gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs
-        ) as generator:
+        ) as generator, seeded:
             completion_ids, completion_mask = generate(
                 generator,
                 prompt_ids.to(device),
@@ -218,7 +225,18 @@ class GKDTrainer(Trainer):
         tokens = inputs["completion_mask"].sum().clamp(min=1)
         return (total / tokens).detach(), None, None
 
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self.nonfinite_guard.observe_loss(loss)
+        return loss
+
+    def _save_checkpoint(self, model, trial):
+        with reliability.complete_checkpoint(self, trial):  # a marker written last says the checkpoint is whole
+            super()._save_checkpoint(model, trial)
+
     def log(self, logs: dict, start_time: float | None = None) -> None:
+        if "loss" in logs:  # one `on_policy` entry per optimizer step since the last log
+            self.nonfinite_guard.add_to_log(logs, steps=len(self._metrics.get("on_policy", ())))
         if self._metrics and "loss" in logs:
             for key, values in self._metrics.items():
                 logs[key] = sum(values) / len(values)
