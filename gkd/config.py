@@ -134,6 +134,17 @@ class GKDConfig(TrainingArguments):
     )
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling threshold for completions (1 = off)."})
     max_new_tokens: int = field(default=128, metadata={"help": "Longest sampled completion, in tokens."})
+    generation_backend: str = field(
+        default="auto",
+        metadata={
+            "help": "How student and teacher completions are sampled. 'plain': transformers' generate with a dynamic "
+            "KV cache, on the model as it trains (the reference path; fastest on CPU). 'compiled': a static KV cache "
+            "sized for max_length and a torch.compile'd decode step (CUDA graphs on GPU), built once in the first "
+            "step (tens of seconds), with LoRA adapters merged into a generation copy of the adapted weights. "
+            "'auto': compiled on a CUDA GPU unless DeepSpeed ZeRO-3 shards the weights, plain otherwise.",
+            "choices": ["auto", "plain", "compiled"],
+        },
+    )
     max_length: int = field(
         default=1024,
         metadata={
@@ -193,6 +204,8 @@ class GKDConfig(TrainingArguments):
             raise ConfigError(f"--top_p must be in (0, 1], got {self.top_p}")
         if self.max_new_tokens <= 0:
             raise ConfigError(f"--max_new_tokens must be > 0, got {self.max_new_tokens}")
+        if self.generation_backend not in ("auto", "plain", "compiled"):
+            raise ConfigError(f"--generation_backend must be auto, plain or compiled, got {self.generation_backend!r}")
         if self.max_length <= self.max_new_tokens:
             raise ConfigError(
                 f"--max_length ({self.max_length}) must exceed --max_new_tokens ({self.max_new_tokens}) "

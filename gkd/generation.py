@@ -2,7 +2,17 @@
 
 Always with a KV cache: TRL 1.16's GKDTrainer passes `use_cache=False` whenever gradient checkpointing is on, which
 re-runs the whole prefix for every new token.
+
+Two backends, the same samples (greedy outputs agree, tests/test_generation.py):
+- "plain": transformers' `generate` with a dynamic KV cache, on the model as it trains (LoRA adapters unmerged). The
+  reference path, and the fast one on CPU.
+- "compiled": a static KV cache sized once for the run (`max_cache_len`, the longest prompt plus `max_new_tokens`), so
+  the decode step always sees the same shapes and transformers' `torch.compile`d decode (CUDA graphs on GPU) is built
+  once, whatever the prompt widths; no prompt bucketing is needed for that. LoRA layers are swapped for plain Linears
+  holding W + scale * B @ A during generation (`MergedLoraCopies`), so decoding pays nothing for the adapter.
 """
+
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -20,25 +30,41 @@ def generate(
     pad_token_id: int,
     temperature: float | None,
     top_p: float = 1.0,
+    backend: str = "plain",
+    max_cache_len: int | None = None,
+    lora_copies: "MergedLoraCopies | None" = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One completion per prompt, sampled at `temperature` (None = greedy).
 
-    Returns completion ids [B, C] and a mask that keeps each row's first stop token and nothing after it."""
+    `backend` is "plain" or "compiled" (module docstring); the compiled one sizes its static cache for
+    `max_cache_len` tokens (default: this batch's prompt width + `max_new_tokens`) and, given `lora_copies`, decodes
+    on merged LoRA weights. Returns completion ids [B, C] and a mask that keeps each row's first stop token and
+    nothing after it."""
     sampling = {"do_sample": False} if temperature is None else {
         "do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0
     }
+    if backend not in ("plain", "compiled"):
+        raise ValueError(f"generation backend must be 'plain' or 'compiled', got {backend!r}")
+    merged = nullcontext()
+    if backend == "compiled":
+        sampling["cache_implementation"] = "static"
+        sampling["max_cache_len"] = max(max_cache_len or 0, prompt_ids.shape[1] + max_new_tokens)
+        sampling["compile_config"] = compile_config(prompt_ids.device)
+        if lora_copies is not None:
+            merged = lora_copies.swapped_in(model)
     was_training = model.training
     model.eval()
     try:
-        sequences = model.generate(
-            input_ids=prompt_ids,
-            attention_mask=prompt_mask,
-            max_new_tokens=max_new_tokens,
-            eos_token_id=stop_token_ids,
-            pad_token_id=pad_token_id,
-            use_cache=True,
-            **sampling,
-        )
+        with merged:
+            sequences = model.generate(
+                input_ids=prompt_ids,
+                attention_mask=prompt_mask,
+                max_new_tokens=max_new_tokens,
+                eos_token_id=stop_token_ids,
+                pad_token_id=pad_token_id,
+                use_cache=True,
+                **sampling,
+            )
     finally:
         model.train(was_training)
     completion_ids = sequences[:, prompt_ids.shape[1] :]
@@ -47,3 +73,76 @@ def generate(
         return completion_ids, torch.zeros_like(completion_ids)
     completion_mask = mask_after_stop(completion_ids, torch.ones_like(completion_ids), stop_token_ids)
     return completion_ids, completion_mask
+
+
+def compile_config(device: torch.device):
+    """How transformers compiles the decode step: CUDA graphs on GPU ("reduce-overhead"), plain inductor elsewhere.
+
+    transformers only auto-compiles on accelerators; `_compile_all_devices` honours an explicit "compiled" on CPU."""
+    from transformers import CompileConfig
+
+    config = CompileConfig(fullgraph=False, mode="reduce-overhead" if device.type == "cuda" else "default")
+    config._compile_all_devices = True
+    return config
+
+
+class MergedLoraCopies:
+    """Plain `nn.Linear` copies of a PEFT model's LoRA layers, holding W + scale * B @ A, swapped in for generation.
+
+    Not peft's `merge_adapter()`/`unmerge_adapter()`: they add the delta into the frozen base weight and subtract it
+    again, which in bf16 does not give W back, so the base weights would drift a little every optimizer step. Here the
+    base weights are never written. The copies persist across calls (refilled in place each call) because the CUDA
+    graphs of the compiled decode read weights at fixed addresses. Layers this cannot merge exactly (DoRA, LoRA
+    biases, non-Linear bases, already merged) keep running unmerged, which is slower but samples the same model.
+    """
+
+    def __init__(self):
+        self.copies: dict[torch.nn.Module, torch.nn.Linear] = {}
+
+    @contextmanager
+    def swapped_in(self, model):
+        swapped = []
+        try:
+            for parent, name, layer in _mergeable_lora_layers(model):
+                setattr(parent, name, self._refreshed_copy(layer))
+                swapped.append((parent, name, layer))
+            yield
+        finally:
+            for parent, name, layer in swapped:
+                setattr(parent, name, layer)
+
+    @torch.no_grad()
+    def _refreshed_copy(self, layer) -> torch.nn.Linear:
+        base = layer.get_base_layer()
+        copy = self.copies.get(layer)
+        if copy is None:
+            copy = torch.nn.Linear(base.in_features, base.out_features, bias=False, device="meta")
+            copy.weight = torch.nn.Parameter(torch.empty_like(base.weight), requires_grad=False)
+            copy.bias = base.bias  # shared, never written
+            self.copies[layer] = copy
+        merged = base.weight.to(torch.float32, copy=True)  # never an alias of the base weight, even in fp32
+        for adapter in layer.active_adapters:
+            if adapter in layer.lora_A:
+                merged += layer.get_delta_weight(adapter).float()
+        copy.weight.copy_(merged)
+        return copy
+
+
+def _mergeable_lora_layers(model):
+    """(parent module, attribute name, LoRA layer) for every LoRA Linear whose active adapters merge exactly."""
+    if not hasattr(model, "peft_config"):
+        return []
+    from peft.tuners.lora import Linear as LoraLinear
+
+    found = []
+    for name, module in model.named_modules():
+        if not isinstance(module, LoraLinear) or module.merged or module.disable_adapters:
+            continue
+        if type(module.get_base_layer()) is not torch.nn.Linear or module.fan_in_fan_out:
+            continue
+        active = [adapter for adapter in module.active_adapters if adapter in module.lora_A]
+        if any(module.use_dora.get(adapter) or getattr(module, "lora_bias", {}).get(adapter) for adapter in active):
+            continue
+        parent_name, _, attribute = name.rpartition(".")
+        found.append((model.get_submodule(parent_name), attribute, module))
+    return found

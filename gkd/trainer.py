@@ -21,7 +21,7 @@ from trl.models.utils import _ForwardRedirection, unwrap_model_for_generation
 
 from . import losses, reliability
 from .batching import left_pad_prompts, pad_batch
-from .generation import generate
+from .generation import MergedLoraCopies, generate
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +95,8 @@ class GKDTrainer(Trainer):
         self.teacher.eval()
         self._metrics = defaultdict(list)
         self._forward_redirection = _ForwardRedirection()
+        self.generation_backend = self._resolve_generation_backend(args.generation_backend)
+        self._lora_copies = MergedLoraCopies()  # generation copies of LoRA layers, used by the compiled backend
 
     # ---- one optimizer step's data: who writes the completions, and how many tokens the window trains on ----
 
@@ -133,6 +135,9 @@ class GKDTrainer(Trainer):
                 top_p=self.args.top_p,
                 stop_token_ids=self.stop_token_ids,
                 pad_token_id=self.pad_token_id,
+                backend=self.generation_backend,
+                max_cache_len=self.args.max_length,
+                lora_copies=self._lora_copies,
             )
         sampled, start = [], 0
         for batch in batches:
@@ -148,6 +153,16 @@ class GKDTrainer(Trainer):
                 }
             )
         return sampled
+
+    def _resolve_generation_backend(self, requested: str) -> str:
+        """'auto' -> compiled on CUDA, plain elsewhere; never compiled on ZeRO-3 shards, which are gathered afresh
+        (new addresses) for every generation and would re-capture the CUDA graphs each step."""
+        zero3 = self.is_deepspeed_enabled and _zero_stage(self.accelerator) == 3
+        if requested == "compiled" and zero3:
+            logger.warning("--generation_backend compiled is not supported under DeepSpeed ZeRO-3; using plain")
+        if requested == "auto":
+            requested = "compiled" if self.args.device.type == "cuda" else "plain"
+        return "plain" if zero3 else requested
 
     # ---- the loss ----
 
@@ -171,6 +186,23 @@ class GKDTrainer(Trainer):
         columns = slice(prompt_width - 1, prompt_width - 1 + completion_width)
         unwrapped = self.accelerator.unwrap_model(model)
         if self._use_chunked_loss(unwrapped):
+            # Calling the backbones directly bypasses the autocast that accelerate wraps around `model.forward`
+            # (TRL's DistillationTrainer has the same gap): without this, --bf16 with fp32 weights would run student
+            # and teacher in fp32 here, while the logits path and generation run in bf16.
+            return self._chunked_divergence_sum(model, unwrapped, input_ids, attention_mask, columns, mask)
+        keep = completion_width + 1
+        student_logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits
+        with torch.no_grad():
+            teacher_logits = self.teacher(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits
+        student_logits, teacher_logits = losses.align_vocab(student_logits[:, :-1], teacher_logits[:, :-1])
+        per_token = losses.generalized_jsd(
+            student_logits, teacher_logits, beta=self.args.beta, temperature=self.args.loss_temperature
+        )
+        return losses.masked_sum(per_token, mask)
+
+    def _chunked_divergence_sum(self, model, unwrapped, input_ids, attention_mask, columns, mask) -> torch.Tensor:
+        """The chunked loss from hidden states, under the run's mixed-precision autocast (teacher without autograd)."""
+        with self.accelerator.autocast():
             student_hidden = self._forward_redirection(
                 model, unwrapped, _last_hidden_state, unwrapped, input_ids, attention_mask
             )[:, columns][mask]
@@ -190,15 +222,6 @@ class GKDTrainer(Trainer):
                 student_bias=student_head.bias,
                 teacher_bias=teacher_head.bias,
             )
-        keep = completion_width + 1
-        student_logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits
-        with torch.no_grad():
-            teacher_logits = self.teacher(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits
-        student_logits, teacher_logits = losses.align_vocab(student_logits[:, :-1], teacher_logits[:, :-1])
-        per_token = losses.generalized_jsd(
-            student_logits, teacher_logits, beta=self.args.beta, temperature=self.args.loss_temperature
-        )
-        return losses.masked_sum(per_token, mask)
 
     def _use_chunked_loss(self, unwrapped) -> bool:
         """The chunked loss reads lm_head weights directly, so only where they are whole, plain, unscaled Linears.

@@ -1,0 +1,52 @@
+"""scripts/bench.py end to end on the `smoke` preset: every system runs and reports sane numbers. Not a timing test."""
+
+import json
+import math
+
+from conftest import run_cli
+
+PHASES = {"generation", "teacher_forward", "student_forward_backward", "optimizer", "other"}
+SYSTEMS = {
+    "gkd/lmbda0", "trl-gkd/lmbda0", "gkd/lmbda1", "trl-gkd/lmbda1", "trl-distill/lmbda1", "gkd/lmbda1-lora",
+    "trl-distill/lmbda1-lora",
+}
+
+
+def positive(value) -> bool:
+    return isinstance(value, float) and math.isfinite(value) and value > 0
+
+
+def test_every_system_reports_every_phase(tmp_path):
+    output = tmp_path / "bench.json"
+    result = run_cli(["scripts/bench.py", "--preset", "smoke", "--threads", "1", "--output_json", output], timeout=240)
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = json.loads(output.read_text())
+    assert {row["system"] for row in report["results"]} == SYSTEMS
+    for row in report["results"]:
+        name, phases = row["system"], row["phases_s"]
+        assert set(phases) == PHASES, name
+        assert all(math.isfinite(value) for value in phases.values()), name
+        for key in ("step_s", "step_cpu_s", "samples_per_s", "tokens_per_s", "peak_memory_gib"):
+            assert positive(row[key]), (name, key)
+        for phase in ("teacher_forward", "student_forward_backward", "optimizer"):
+            assert positive(phases[phase]), (name, phase)
+        # Only on-policy systems generate; the phases add up to the step (exclusive times).
+        assert positive(phases["generation"]) == (row["lmbda"] > 0), name
+        assert phases["other"] > -1e-6 and sum(phases.values()) <= row["step_s"] * 1.000001, name
+    assert len(report["comparisons"]) == 4
+    for row in report["comparisons"]:
+        assert all(positive(row[key]) for key in ("step_time_ratio", "cpu_time_ratio", "peak_memory_ratio")), row
+    assert "| gkd/lmbda1 |" in result.stdout and "ours / TRL" in result.stdout  # the Markdown table
+
+
+def test_h100_preset_builds_without_allocating(tmp_path):
+    """The GPU preset cannot run here; its model and trainer configs must still build (meta-device models)."""
+    output = tmp_path / "dry.json"
+    result = run_cli(["scripts/bench.py", "--preset", "h100", "--dry_run", "--output_json", output], timeout=120)
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = json.loads(output.read_text())
+    assert report["shapes"]["vocab_size"] == 151_936 and report["shapes"]["batch_size"] == 8
+    # Qwen2-0.5B and -1.5B have 494M and 1.54B parameters; the bench's shapes must match them.
+    assert abs(report["models"]["student"]["parameters"] / 494e6 - 1) < 0.01
+    assert abs(report["models"]["teacher"]["parameters"] / 1.544e9 - 1) < 0.01
+    assert set(report["systems"]) == SYSTEMS
