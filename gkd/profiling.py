@@ -1,0 +1,178 @@
+"""Per-phase timing and peak memory of a `transformers.Trainer` run, for gkd/bench.py.
+
+Phases are exclusive wall times per optimizer step: entering a phase pauses the one it is nested in, so the phases
+add up to the step. `Probe` installs the timers without touching the trainers' code: `GenerationMixin.generate`
+(every `generate` call, whoever makes it), forward hooks on the teacher and its backbone, a wrapper around the
+trainer's `training_step`, and a callback around `optimizer.step()` and at each step's end.
+"""
+
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+
+PHASES = ("generation", "teacher_forward", "student_forward_backward", "optimizer", "other")
+
+
+class PhaseClock:
+    """Exclusive wall time per phase: entering a phase pauses the one it is nested in, so the phases sum to the step."""
+
+    def __init__(self, synchronize):
+        self.synchronize = synchronize
+        self.totals = defaultdict(float)
+        self.stack: list[str] = []
+        self.mark = None
+        self.steps: list[dict] = []
+        self.step_started = None
+        self.cpu_started = None
+
+    def _now(self) -> float:
+        self.synchronize()
+        return time.perf_counter()
+
+    def enter(self, phase: str) -> None:
+        now = self._now()
+        if self.stack:
+            self.totals[self.stack[-1]] += now - self.mark
+        self.stack.append(phase)
+        self.mark = now
+
+    def exit(self) -> None:
+        now = self._now()
+        self.totals[self.stack.pop()] += now - self.mark
+        self.mark = now
+
+    @contextmanager
+    def phase(self, name: str):
+        self.enter(name)
+        try:
+            yield
+        finally:
+            self.exit()
+
+    def start(self) -> None:
+        self.totals.clear()
+        self.step_started = self._now()
+        self.cpu_started = time.process_time()
+
+    def end_step(self) -> None:
+        now = self._now()
+        step = {"step": now - self.step_started, **{phase: self.totals.get(phase, 0.0) for phase in PHASES[:-1]}}
+        step["other"] = step["step"] - sum(step[phase] for phase in PHASES[:-1])
+        # CPU seconds of this process: on a machine other jobs share, steadier than wall time (the work, not the wait).
+        cpu_now = time.process_time()
+        step["cpu"] = cpu_now - self.cpu_started
+        self.steps.append(step)
+        self.totals.clear()
+        self.step_started, self.cpu_started = now, cpu_now
+
+
+class Probe:
+    """Installs the timers on one trainer: `generate`, the teacher's forward, `training_step`, the optimizer step."""
+
+    def __init__(self, trainer, teacher, cuda: bool):
+        import torch
+        from transformers import TrainerCallback
+        from transformers.generation.utils import GenerationMixin
+
+        self.cuda = cuda
+        self.clock = PhaseClock(torch.cuda.synchronize if cuda else lambda: None)
+        self.generated_widths: list[int] = []
+        self.memory_at_start = 0.0
+        clock = self.clock
+
+        self._generate = GenerationMixin.generate
+        original_generate = self._generate
+        widths = self.generated_widths
+
+        def timed_generate(model, *args, **kwargs):
+            with clock.phase("generation"):
+                output = original_generate(model, *args, **kwargs)
+            prompt = kwargs.get("input_ids", args[0] if args else None)
+            sequences = output if isinstance(output, torch.Tensor) else output.sequences
+            if prompt is not None:
+                widths.append(sequences.shape[1] - prompt.shape[1])
+            return output
+
+        GenerationMixin.generate = timed_generate
+
+        depth = [0]
+
+        def before(*_):
+            if depth[0] == 0:
+                clock.enter("teacher_forward")
+            depth[0] += 1
+
+        def after(*_):
+            depth[0] -= 1
+            if depth[0] == 0:
+                clock.exit()
+
+        self.hooks = []
+        for module in {id(teacher): teacher, id(teacher.base_model): teacher.base_model}.values():
+            self.hooks += [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
+
+        original_step = trainer.training_step
+
+        def timed_training_step(*args, **kwargs):
+            with clock.phase("student_forward_backward"):
+                return original_step(*args, **kwargs)
+
+        trainer.training_step = timed_training_step
+        probe = self
+
+        class StepCallback(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kwargs):
+                probe.memory_at_start = probe.reset_peak_memory()
+                clock.start()
+
+            def on_pre_optimizer_step(self, args, state, control, **kwargs):
+                clock.enter("optimizer")
+
+            def on_optimizer_step(self, args, state, control, **kwargs):
+                clock.exit()
+
+            def on_step_end(self, args, state, control, **kwargs):
+                clock.end_step()
+
+        trainer.add_callback(StepCallback())
+
+    def remove(self) -> None:
+        from transformers.generation.utils import GenerationMixin
+
+        GenerationMixin.generate = self._generate
+        for hook in self.hooks:
+            hook.remove()
+
+    def reset_peak_memory(self) -> float:
+        """Resets the peak and returns the memory in use now, in GiB."""
+        import torch
+
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+            return torch.cuda.memory_allocated() / 2**30
+        try:
+            with open("/proc/self/clear_refs", "w") as handle:  # "5" resets VmHWM to the current RSS (Linux >= 4.0)
+                handle.write("5")
+        except OSError:
+            pass
+        return _proc_status_gib("VmRSS")
+
+    def peak_memory(self) -> float:
+        import torch
+
+        if self.cuda:
+            return torch.cuda.max_memory_allocated() / 2**30
+        return _proc_status_gib("VmHWM")
+
+
+def _proc_status_gib(key: str) -> float:
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) / 2**20  # kB
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB on Linux; whole-process peak
