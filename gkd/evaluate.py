@@ -22,6 +22,7 @@ if __name__ == "__main__" and not __package__:
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 import torch
+from tqdm.auto import tqdm
 
 from gkd import losses
 from gkd.batching import pad_batch
@@ -129,7 +130,7 @@ def evaluate_students(
     teacher_answers = greedy_responses(teacher, tokenizer, prompts, stop_ids, max_new_tokens, batch_size)
     report = {"num_prompts": len(prompts), "max_new_tokens": max_new_tokens, "models": {}, "samples": []}
     responses = {}
-    for name, student in students.items():
+    for name, student in tqdm(students.items(), desc="evaluating", unit="model", total=len(students)):
         student.eval()
         own = greedy_responses(student, tokenizer, prompts, stop_ids, max_new_tokens, batch_size)
         responses[name] = own.texts
@@ -166,7 +167,8 @@ def markdown_table(report: dict) -> str:
         cells = []
         for name in names:
             value = report["models"][name].get(key)
-            cells.append("n/a" if value is None else f"{value:.3f}")
+            # Divergences are >= 0; float rounding can print a teacher's own 0 as -0.000.
+            cells.append("n/a" if value is None else f"{0.0 if abs(value) < 5e-4 else value:.3f}")
         lines.append(f"| {label}{f' ({better} is better)' if better else ''} | " + " | ".join(cells) + " |")
     lines.append("")
     for sample in report["samples"]:
