@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from transformers import TrainingArguments
 
 from .errors import ConfigError
+from .launch import cpu_deepspeed_backend
 
 logger = logging.getLogger(__name__)
 
@@ -145,6 +146,15 @@ class GKDConfig(TrainingArguments):
             "choices": ["auto", "plain", "compiled"],
         },
     )
+    ds3_gather_for_generation: bool = field(
+        default=True,
+        metadata={
+            "help": "DeepSpeed ZeRO-3 only (TRL's name): gather the sampling model's full weights (the student, or the "
+            "teacher under --seq_kd) on every rank while it generates. Fast, but that model must fit on one GPU. "
+            "False samples from the shards, all ranks stepping token by token together: slower, for a teacher "
+            "larger than one GPU."
+        },
+    )
     max_length: int = field(
         default=1024,
         metadata={
@@ -223,6 +233,9 @@ class GKDConfig(TrainingArguments):
             # use_cpu would break DeepSpeed on CPU ranks. Train in fp32 instead and say so.
             logger.warning("--bf16/--fp16 ignored: no GPU on this machine, training in float32")
             self.bf16 = self.fp16 = False
+        if self.ddp_backend is None:
+            # Must be set before TrainingArguments sets up the devices: see gkd/launch.py.
+            self.ddp_backend = cpu_deepspeed_backend(_has_accelerator())
         super().__post_init__()
 
 

@@ -9,6 +9,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from .errors import ConfigError
+from .launch import launch_problems
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +43,7 @@ def write_run_config(trainer, script_args, model_args, training_args) -> None:
     if not accelerator.is_main_process:
         return
     plugin = accelerator.state.deepspeed_plugin
+    distributed_type = str(accelerator.distributed_type).split(".")[-1]
     record = {
         "command": sys.argv,
         "script_args": dataclasses.asdict(script_args),
@@ -49,8 +51,10 @@ def write_run_config(trainer, script_args, model_args, training_args) -> None:
         "training_args": json.loads(training_args.to_json_string()),
         "versions": {name: _version(name) for name in LIBRARIES},
         "world_size": accelerator.num_processes,
-        "distributed_type": str(accelerator.distributed_type).split(".")[-1],
+        "distributed_type": distributed_type,
         "zero_stage": int(plugin.zero_stage) if plugin is not None else None,
+        # The launch check of gkd/launch.py, kept with the run: empty when the layout is what was launched.
+        "launch_problems": launch_problems(accelerator.num_processes, distributed_type),
         "model_name_or_path": os.path.abspath(model_args.model_name_or_path),
         "teacher_model_name_or_path": os.path.abspath(model_args.teacher_model_name_or_path),
     }

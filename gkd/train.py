@@ -40,10 +40,11 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     script_args, model_args, training_args = parse_args(argv)
 
-    from gkd import data, models
+    from gkd import data, launch, models
     from gkd.outputs import check_output_dir, write_run_config
     from gkd.reliability import resolve_resume, stopped_early
 
+    launch.warn_about_launch(training_args)  # a DeepSpeed config that is not active, ranks that came up alone
     check_output_dir(training_args)
     training_args.resume_from_checkpoint = resolve_resume(training_args)  # `last` -> the newest complete checkpoint
     conversations = data.load_conversations(script_args.dataset_name)
@@ -85,11 +86,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     write_run_config(trainer, script_args, model_args, training_args)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    if stopped_early(trainer):  # SIGTERM/SIGINT: the checkpoint is the result; too many NaN steps raise instead
-        return
-    trainer.save_model(training_args.output_dir)
-    if trainer.accelerator.is_main_process:
-        logger.info("saved the %s to %s", "adapter" if model_args.use_peft else "model", training_args.output_dir)
+    if not stopped_early(trainer):  # SIGTERM/SIGINT: the checkpoint is the result; too many NaN steps raise instead
+        trainer.save_model(training_args.output_dir)
+        if trainer.accelerator.is_main_process:
+            logger.info("saved the %s to %s", "adapter" if model_args.use_peft else "model", training_args.output_dir)
+    launch.leave_process_group(trainer.accelerator)  # all ranks together, no gloo clean-up left for exit
 
 
 def _encode(conversations, tokenizer, training_args, stop_ids, name):

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 from collections import defaultdict
+from contextlib import contextmanager
 
 import torch
 from transformers import Trainer, TrainerCallback
@@ -97,6 +98,10 @@ class GKDTrainer(Trainer):
         self._forward_redirection = _ForwardRedirection()
         self.generation_backend = self._resolve_generation_backend(args.generation_backend)
         self._lora_copies = MergedLoraCopies()  # generation copies of LoRA layers, used by the compiled backend
+        # Samples may only hold ids that both models embed and the tokenizer knows. A padded embedding's extra rows
+        # (the teacher's or the student's) are untrained and get sampled now and then; the other model's forward
+        # then indexes past its embedding. TRL's GKD samples from the whole padded vocabulary.
+        self.shared_vocab_size = min(len(processing_class), _vocab_size(model), _vocab_size(teacher))
 
     # ---- one optimizer step's data: who writes the completions, and how many tokens the window trains on ----
 
@@ -123,9 +128,14 @@ class GKDTrainer(Trainer):
         prompt_ids, prompt_mask = left_pad_prompts(batches, self.pad_token_id)
         # Seeded from the step, not drawn from the global RNG: a resumed run samples what the first run did.
         seeded = reliability.sampling_rng(self.args.seed, self.state.global_step, self.args.process_index, device)
+        # Under ZeRO-3 every rank runs this (the draw is the same on all ranks), and transformers' generate keeps them
+        # in step (`synced_gpus`) until the longest completion of any rank ends, gathered or not.
         with unwrap_model_for_generation(
-            model, self.accelerator, gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs
-        ) as generator, seeded:
+            model,
+            self.accelerator,
+            gather_deepspeed3_params=self.args.ds3_gather_for_generation,
+            gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
+        ) as generator, seeded, _sampling_below(generator, self.shared_vocab_size):
             completion_ids, completion_mask = generate(
                 generator,
                 prompt_ids.to(device),
@@ -279,6 +289,25 @@ def _has_logit_transform(config) -> bool:
         getattr(config, name, None) not in (None, 1, 1.0)
         for name in ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier", "lm_head_multiplier")
     )
+
+
+def _vocab_size(model) -> int:
+    return model.config.get_text_config().vocab_size
+
+
+@contextmanager
+def _sampling_below(model, vocab_size: int):
+    """While `model` generates, ids from `vocab_size` up to its embedding size are suppressed (never sampled)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT generates with the base
+    padded = list(range(vocab_size, _vocab_size(base)))
+    config = base.generation_config
+    previous = config.suppress_tokens
+    if padded:
+        config.suppress_tokens = list(previous or []) + padded
+    try:
+        yield
+    finally:
+        config.suppress_tokens = previous
 
 
 def _zero_stage(accelerator) -> int:

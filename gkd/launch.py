@@ -1,0 +1,128 @@
+"""What the launcher was asked for against what came up, checked once at start.
+
+Two launches go wrong without an error, and both are easy to make:
+- `accelerate launch --cpu --config_file ds_configs/zero3.yaml --num_processes 2` starts ONE plain process: `--cpu`
+  turns DeepSpeed off and picks accelerate's simple launcher, which ignores `--num_processes`.
+- DeepSpeed ranks on a machine without a GPU: accelerate finds no process-group backend, reports world size 1 to the
+  Trainer while DeepSpeed itself joins all ranks, and the run dies in DeepSpeed's batch-size assertion. Naming gloo
+  (`cpu_deepspeed_backend`) makes both agree; this is how the CPU tests run real ZeRO ranks.
+And one that goes wrong at the very end: gloo ranks that exit right after their last collective can abort in C++
+(`leave_process_group`).
+Only launch plumbing reads the environment here; nothing in it decides how training behaves.
+"""
+
+import logging
+import os
+
+logger = logging.getLogger(__name__)
+
+
+def cpu_deepspeed_backend(has_accelerator: bool) -> str | None:
+    """'gloo' for a rank that accelerate launched with DeepSpeed on a machine without GPU, else None (accelerate's
+    own choice: nccl on GPUs)."""
+    launched_rank = os.environ.get("LOCAL_RANK") is not None
+    return "gloo" if launched_rank and _flag("ACCELERATE_USE_DEEPSPEED") and not has_accelerator else None
+
+
+def launch_problems(world_size: int, distributed_type: str, launcher_command: list[str] | None = None) -> list[str]:
+    """Why this process's distributed layout is not the one the launch asked for; empty when it is.
+
+    `launcher_command` defaults to the parent's command line when the parent is `accelerate launch`."""
+    if launcher_command is None:
+        launcher_command = _launcher_command()
+    problems = []
+    launched_world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if launched_world > 1 and world_size == 1:
+        problems.append(
+            f"the launcher started {launched_world} processes (WORLD_SIZE={launched_world}) but this one trains "
+            "alone (world size 1): every process trains its own copy on the whole dataset"
+        )
+    if "WORLD_SIZE" not in os.environ and os.environ.get("MASTER_ADDR") and _flag("ACCELERATE_USE_CPU"):
+        problems.append(
+            "`accelerate launch --cpu` was asked for several processes but started this one alone (world size 1): "
+            "--cpu ignores --num_processes and DeepSpeed"
+        )
+    deepspeed_named = _flag("ACCELERATE_USE_DEEPSPEED") or _names_deepspeed_config(launcher_command)
+    if deepspeed_named and distributed_type != "DEEPSPEED":
+        problems.append(
+            f"a DeepSpeed config was named but DeepSpeed is not active (distributed type {distributed_type}); "
+            "`accelerate launch --cpu` turns it off: launch without --cpu (CPU ranks use gloo on their own)"
+        )
+    return problems
+
+
+def warn_about_launch(training_args) -> list[str]:
+    """Log a loud banner for every launch problem of this process; returns the problems (for run_config.json)."""
+    state = training_args.distributed_state
+    distributed_type = str(state.distributed_type).split(".")[-1] if state is not None else "NO"
+    problems = launch_problems(training_args.world_size, distributed_type)
+    if problems:
+        bar = "!" * 100
+        lines = "\n".join(f"!!! {problem}" for problem in problems)
+        logger.warning(
+            "\n%s\n!!! LAUNCH MISMATCH: this run is not distributed the way it was launched\n%s\n%s",
+            bar,
+            lines,
+            bar,
+        )
+    return problems
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "false").strip().lower() in ("1", "true", "yes")
+
+
+def _launcher_command() -> list[str]:
+    """The parent's command line when the parent is `accelerate launch` (the only trace `--cpu` leaves)."""
+    try:
+        import psutil
+
+        parent = psutil.Process().parent()
+        command, folder = parent.cmdline(), parent.cwd()
+    except Exception:  # no psutil, no permission, no parent: the check is best effort
+        return []
+    # `accelerate launch ...`, `python .../accelerate launch ...` or `python -m accelerate.commands.launch ...`
+    head = command[:3]
+    if not any("accelerate" in part for part in head) or not any(part.endswith("launch") for part in head):
+        return []
+    # A relative --config_file is relative to where the launcher ran.
+    return [os.path.join(folder, arg) if arg.endswith((".yaml", ".yml")) else arg for arg in command]
+
+
+def _names_deepspeed_config(command: list[str]) -> bool:
+    """True when an `accelerate launch` command line names DeepSpeed: a flag, or a config file whose type is it."""
+    if any(arg in ("--use_deepspeed", "--deepspeed_config_file") for arg in command):
+        return True
+    for index, arg in enumerate(command):
+        path = arg.split("=", 1)[1] if arg.startswith("--config_file=") else None
+        if arg == "--config_file" and index + 1 < len(command):
+            path = command[index + 1]
+        if path:
+            try:
+                import yaml
+
+                with open(path) as handle:
+                    config = yaml.safe_load(handle) or {}
+            except (OSError, ValueError, ImportError):
+                return False
+            return str(config.get("distributed_type", "")).upper() == "DEEPSPEED"
+    return False
+
+
+def leave_process_group(accelerator, settle_seconds: float = 1.0) -> None:
+    """End a run on every rank together, and leave no collective's clean-up behind for the interpreter's exit.
+
+    gloo (CPU ranks) marks a collective done before its worker thread drops the work, and dropping it releases tensors
+    that need the GIL. A rank that reaches interpreter shutdown first aborts in C++ ("terminate called without an
+    active exception", `ProcessGroupGloo::runLoop` -> `decref_pyobject` -> `PyThread_exit_thread`) after a finished
+    run, and the launcher reports the run as failed: one CPU ZeRO-3 run in four on a busy 2-core machine. So: one last
+    barrier (a barrier holds no tensors), a pause with the GIL released for the worker threads to finish, then the
+    process groups are closed. NCCL ranks need none of the pause."""
+    import time
+
+    import torch
+
+    accelerator.wait_for_everyone()
+    if torch.distributed.is_initialized() and torch.distributed.get_backend() == "gloo":
+        time.sleep(settle_seconds)
+    accelerator.end_training()
