@@ -125,6 +125,15 @@ class GKDConfig(TrainingArguments):
             "dataset's responses (sequence-level KD)."
         },
     )
+    objective: str = field(
+        default="gkd",
+        metadata={
+            "help": "'gkd': the generalized JSD to the teacher (the method). 'sft': cross-entropy on the completions "
+            "trained on, the teacher's distribution unused; with --seq_kd --lmbda 0 it is SFT on teacher responses, "
+            "the baseline scripts/compare_objectives.py compares against.",
+            "choices": ["gkd", "sft"],
+        },
+    )
     temperature: float = field(
         default=0.9,
         metadata={"help": "Sampling temperature of student and teacher completions. It does not change the loss."},
@@ -206,6 +215,8 @@ class GKDConfig(TrainingArguments):
             raise ConfigError(f"--lmbda must be in [0, 1], got {self.lmbda}")
         if not 0.0 <= self.beta <= 1.0:
             raise ConfigError(f"--beta must be in [0, 1], got {self.beta}")
+        if self.objective not in ("gkd", "sft"):
+            raise ConfigError(f"--objective must be gkd or sft, got {self.objective!r}")
         if self.temperature <= 0:
             raise ConfigError(f"--temperature must be > 0, got {self.temperature}")
         if self.loss_temperature <= 0:

@@ -194,6 +194,8 @@ class GKDTrainer(Trainer):
         mask = inputs["completion_mask"].bool()
         # Logits at column prompt_width - 1 + t predict completion token t.
         columns = slice(prompt_width - 1, prompt_width - 1 + completion_width)
+        if self.args.objective == "sft":
+            return self._nll_sum(model, input_ids, attention_mask, inputs["completion_ids"], mask)
         unwrapped = self.accelerator.unwrap_model(model)
         if self._use_chunked_loss(unwrapped):
             # Calling the backbones directly bypasses the autocast that accelerate wraps around `model.forward`
@@ -209,6 +211,13 @@ class GKDTrainer(Trainer):
             student_logits, teacher_logits, beta=self.args.beta, temperature=self.args.loss_temperature
         )
         return losses.masked_sum(per_token, mask)
+
+    def _nll_sum(self, model, input_ids, attention_mask, completion_ids, mask) -> torch.Tensor:
+        """The SFT baseline: cross-entropy of the completion tokens, the teacher unused (see --objective)."""
+        keep = completion_ids.shape[1] + 1
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits[:, :-1]
+        nll = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), completion_ids, reduction="none")
+        return losses.masked_sum(nll, mask)
 
     def _chunked_divergence_sum(self, model, unwrapped, input_ids, attention_mask, columns, mask) -> torch.Tensor:
         """The chunked loss from hidden states, under the run's mixed-precision autocast (teacher without autograd)."""
