@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from gkd import losses
 from gkd.batching import pad_batch
+from gkd.cli import run
 from gkd.errors import GKDError
 
 logger = logging.getLogger(__name__)
@@ -254,8 +255,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except GKDError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    run(main)

@@ -15,11 +15,9 @@ if __name__ == "__main__" and not __package__:
     # `import gkd` works without an install and gkd's modules cannot shadow installed packages.
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
-import json
 import logging
-import os
 
-from gkd.errors import GKDError
+from gkd.cli import run
 
 logger = logging.getLogger("gkd")
 
@@ -119,14 +117,5 @@ def _encode(conversations, tokenizer, training_args, stop_ids, name):
     return Dataset.from_list(samples)
 
 
-def cli() -> None:
-    """Entry point: user errors become one line on stderr and exit code 2, never a traceback."""
-    try:
-        main()
-    except GKDError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
-
-
 if __name__ == "__main__":
-    cli()
+    run(main)

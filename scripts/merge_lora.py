@@ -6,7 +6,6 @@ The base model defaults to the one recorded in the adapter (or the run's run_con
 """
 
 import sys
-import warnings
 from pathlib import Path
 
 try:
@@ -16,19 +15,8 @@ except ImportError:  # run as a file without installing gkd: sys.path[0] is scri
 
 from transformers import HfArgumentParser  # the argument parser only: torch loads later, after the cheap checks
 
-from gkd.errors import GKDError
+from gkd.cli import quiet_libraries, run
 from gkd.merge import MergeConfig, merge_lora
-
-
-def quiet_libraries() -> None:
-    """Keep stderr for our one-line errors: no progress bars or library warnings (this CLI logs its own steps)."""
-    import transformers
-    from huggingface_hub.utils import disable_progress_bars
-
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
-    disable_progress_bars()
-    warnings.filterwarnings("ignore", category=FutureWarning)  # deprecations between peft and transformers
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,9 +25,6 @@ def main(argv: list[str] | None = None) -> int:
         (config,) = parser.parse_args_into_dataclasses(args=argv)
         quiet_libraries()
         merge_lora(config)
-    except GKDError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:  # the partial output was already removed on the way out of merge_lora
         print("error: interrupted; the output folder was left as it was", file=sys.stderr)
         return 130
@@ -47,4 +32,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run(main)

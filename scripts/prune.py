@@ -17,34 +17,20 @@ except ImportError:  # run as a file without installing gkd: sys.path[0] is scri
 
 from transformers import HfArgumentParser
 
-from gkd.errors import GKDError
+from gkd.cli import quiet_libraries, run
 from gkd.pruning import PruneConfig, prune
-
-
-def quiet_libraries() -> None:
-    """Keep stderr for our one-line errors: no progress bars (this CLI logs its own steps, to stdout)."""
-    import transformers
-    from huggingface_hub.utils import disable_progress_bars
-
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
-    disable_progress_bars()
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = HfArgumentParser(PruneConfig, description=__doc__.splitlines()[0])
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
-    try:
-        (config,) = parser.parse_args_into_dataclasses(args=argv)
-        quiet_libraries()
-        report = prune(config)
-    except GKDError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    (config,) = parser.parse_args_into_dataclasses(args=argv)
+    quiet_libraries()
+    report = prune(config)
     depth = report["depth"]
     print(f"saved {depth['num_layers_after']}-layer student to {config.output_dir} (dropped {depth['dropped_layers']})")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run(main)
