@@ -70,6 +70,8 @@ def main() -> None:
     output_dir = Path(args.output_dir).resolve()
     config = Path(args.config) if Path(args.config).exists() else REPO / args.config
 
+    if output_dir.exists():
+        print(f"replacing the previous demo run in {output_dir} (pass --output_dir to keep it)", flush=True)
     print("\n== distilling (progress bar and ETA below) ==", flush=True)
     command = [
         sys.executable, str(REPO / "gkd/train.py"), "--config", str(config.resolve()),
