@@ -37,19 +37,6 @@ def prepare_student(teacher: Path, cache_dir: Path) -> Path:
     return student
 
 
-def evaluate(students: dict, teacher: Path, val_data: Path, max_records: int, max_new_tokens: int) -> dict:
-    from gkd import data, models
-    from gkd.evaluate import evaluate_students
-
-    tokenizer = models.load_tokenizer(str(teacher))
-    stop_ids = models.stop_token_ids(tokenizer, str(teacher))
-    teacher_model = models.load_teacher(str(teacher), "float32", False, None)
-    loaded = {name: models.load_teacher(str(path), "float32", False, None) for name, path in students.items()}
-    loaded["teacher"] = teacher_model
-    conversations = data.load_conversations(val_data)[:max_records]
-    return evaluate_students(loaded, teacher_model, tokenizer, conversations, stop_ids, max_new_tokens)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cache_dir", default="~/.cache/gkd", help="Where the converted teacher and student live.")
@@ -61,7 +48,8 @@ def main() -> None:
     args, train_overrides = parser.parse_known_args()
 
     from gkd.embedded import prepare_teacher
-    from gkd.evaluate import markdown_table, plot_run, write_report
+    from gkd.data import load_conversations
+    from gkd.evaluate import evaluate_folders, markdown_table, plot_run, write_report
 
     started = time.time()
     cache_dir = Path(args.cache_dir).expanduser()
@@ -84,9 +72,9 @@ def main() -> None:
         raise SystemExit(result.returncode)
 
     print("\n== evaluating before / after / teacher ==", flush=True)
-    report = evaluate(
-        {"before": student, "after": output_dir}, teacher, REPO / args.val_data, args.eval_records,
-        args.eval_max_new_tokens,
+    conversations = load_conversations(REPO / args.val_data)[: args.eval_records]
+    report = evaluate_folders(
+        {"before": student, "after": output_dir}, teacher, conversations, args.eval_max_new_tokens
     )
     write_report(report, output_dir)
     plot_run(output_dir)

@@ -152,6 +152,24 @@ def evaluate_students(
     return report
 
 
+def evaluate_folders(
+    student_paths: dict, teacher_path, conversations, max_new_tokens=48, batch_size=8, seed=0
+) -> dict:
+    """`evaluate_students` for model folders: each named student, then the teacher itself as the reference row."""
+    from gkd import models
+
+    teacher_path = str(teacher_path)
+    for path in student_paths.values():
+        models.check_same_vocabulary(str(path), teacher_path)
+    tokenizer = models.load_tokenizer(teacher_path)
+    stop_ids = models.stop_token_ids(tokenizer, teacher_path)
+    # Students are evaluated frozen and in eval mode, exactly as the teacher is loaded.
+    students = {name: models.load_teacher(str(path), "float32", False, None) for name, path in student_paths.items()}
+    teacher = models.load_teacher(teacher_path, "float32", False, None)
+    students["teacher"] = teacher
+    return evaluate_students(students, teacher, tokenizer, conversations, stop_ids, max_new_tokens, batch_size, seed)
+
+
 METRICS = [
     ("reverse_kl", "reverse KL (student samples)", "lower"),
     ("jsd", "JSD (student samples)", "lower"),
@@ -233,23 +251,14 @@ def main(argv=None) -> None:
     if not (args.student and args.teacher and args.dataset_name and args.output_dir):
         parser.error("--student, --teacher, --dataset_name and --output_dir are required (or --plot_run)")
 
-    from gkd import data, models
+    from gkd import data
 
     conversations = data.load_conversations(args.dataset_name)[: args.max_records]
     named = dict(item.split("=", 1) if "=" in item else (Path(item).name, item) for item in args.student)
     for path in list(named.values()) + [args.teacher]:
         if not Path(path).is_dir():
             raise GKDError(f"no model folder at {path}")
-    tokenizer = models.load_tokenizer(args.teacher)
-    for path in named.values():
-        models.check_same_vocabulary(path, args.teacher)
-    stop_ids = models.stop_token_ids(tokenizer, args.teacher)
-    teacher = models.load_teacher(args.teacher, "float32", False, None)
-    students = {name: models.load_teacher(path, "float32", False, None) for name, path in named.items()}
-    students["teacher"] = teacher
-    report = evaluate_students(
-        students, teacher, tokenizer, conversations, stop_ids, args.max_new_tokens, args.batch_size, args.seed
-    )
+    report = evaluate_folders(named, args.teacher, conversations, args.max_new_tokens, args.batch_size, args.seed)
     print(markdown_table(report))
     print(f"wrote {write_report(report, args.output_dir)}")
 

@@ -95,22 +95,16 @@ def main() -> None:
         if not Path(path).is_dir():
             raise GKDError(f"{flag}: no model folder at {path}")
 
-    from gkd import data, models
-    from gkd.evaluate import evaluate_students, markdown_table
+    from gkd import data
+    from gkd.evaluate import evaluate_folders, markdown_table
 
     conversations = data.load_conversations(args.val_data)[: args.eval_records]  # validate before training
     trained, seconds = {}, {}
     for name in runs:
         trained[name], seconds[name] = train(name, args, train_overrides)
 
-    tokenizer = models.load_tokenizer(args.teacher)
-    stop_ids = models.stop_token_ids(tokenizer, args.teacher)
-    teacher = models.load_teacher(args.teacher, "float32", False, None)
-    students = {"start": models.load_teacher(args.student, "float32", False, None)}
-    students.update({name: models.load_teacher(str(path), "float32", False, None) for name, path in trained.items()})
-    students["teacher"] = teacher
-    report = evaluate_students(
-        students, teacher, tokenizer, conversations, stop_ids, args.eval_max_new_tokens, seed=args.seed
+    report = evaluate_folders(
+        {"start": args.student, **trained}, args.teacher, conversations, args.eval_max_new_tokens, seed=args.seed
     )
     report["train_seconds"] = seconds
     report["command"] = sys.argv
