@@ -156,7 +156,7 @@ class BenchArguments:
     )
     generation_backend: str = field(
         default="auto",
-        metadata={"help": "gkd's --generation_backend.", "choices": ["auto", "plain", "compiled"]},
+        metadata={"help": "gkd's --generation_backend.", "choices": ["auto", "plain", "static", "compiled"]},
     )
     seed: int = field(default=0, metadata={"help": "Seed of the models, the prompts and the trainers."})
     threads: int | None = field(

@@ -148,11 +148,12 @@ class GKDConfig(TrainingArguments):
         default="auto",
         metadata={
             "help": "How student and teacher completions are sampled. 'plain': transformers' generate with a dynamic "
-            "KV cache, on the model as it trains (the reference path; fastest on CPU). 'compiled': a static KV cache "
-            "sized for max_length and a torch.compile'd decode step (CUDA graphs on GPU), built once in the first "
-            "step (tens of seconds), with LoRA adapters merged into a generation copy of the adapted weights. "
-            "'auto': compiled on a CUDA GPU unless DeepSpeed ZeRO-3 shards the weights, plain otherwise.",
-            "choices": ["auto", "plain", "compiled"],
+            "KV cache (the reference path). 'static': gkd's own decode loop over a static KV cache sized for "
+            "max_length, LoRA adapters merged into generation copies of the adapted weights (faster than plain on "
+            "CPU). 'compiled': that loop with its decode step torch.compile'd (CUDA graphs on GPU), built in the first "
+            "on-policy step; if compiling fails the run warns and goes on uncompiled. 'auto': compiled on a CUDA GPU, "
+            "static elsewhere; DeepSpeed ZeRO-3 always uses plain.",
+            "choices": ["auto", "plain", "static", "compiled"],
         },
     )
     ds3_gather_for_generation: bool = field(
@@ -225,8 +226,10 @@ class GKDConfig(TrainingArguments):
             raise ConfigError(f"--top_p must be in (0, 1], got {self.top_p}")
         if self.max_new_tokens <= 0:
             raise ConfigError(f"--max_new_tokens must be > 0, got {self.max_new_tokens}")
-        if self.generation_backend not in ("auto", "plain", "compiled"):
-            raise ConfigError(f"--generation_backend must be auto, plain or compiled, got {self.generation_backend!r}")
+        if self.generation_backend not in ("auto", "plain", "static", "compiled"):
+            raise ConfigError(
+                f"--generation_backend must be auto, plain, static or compiled, got {self.generation_backend!r}"
+            )
         if self.max_length <= self.max_new_tokens:
             raise ConfigError(
                 f"--max_length ({self.max_length}) must exceed --max_new_tokens ({self.max_new_tokens}) "

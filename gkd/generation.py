@@ -3,20 +3,24 @@
 Always with a KV cache: TRL 1.16's GKDTrainer passes `use_cache=False` whenever gradient checkpointing is on, which
 re-runs the whole prefix for every new token.
 
-Two backends, the same samples (greedy outputs agree, tests/test_generation.py):
+Three backends, the same samples (greedy outputs agree, tests/test_generation.py):
 - "plain": transformers' `generate` with a dynamic KV cache, on the model as it trains (LoRA adapters unmerged). The
-  reference path, and the fast one on CPU.
-- "compiled": a static KV cache sized once for the run (`max_cache_len`, the longest prompt plus `max_new_tokens`), so
-  the decode step always sees the same shapes and transformers' `torch.compile`d decode (CUDA graphs on GPU) is built
-  once, whatever the prompt widths; no prompt bucketing is needed for that. LoRA layers are swapped for plain Linears
-  holding W + scale * B @ A during generation (`MergedLoraCopies`), so decoding pays nothing for the adapter.
+  reference path, and the one DeepSpeed ZeRO-3 uses (its ranks step together through `synced_gpus`).
+- "static": gkd's own decode loop over a static KV cache (`gkd/decoding.py`), uncompiled. Faster than "plain" on CPU.
+- "compiled": the same loop with its decode step captured by `torch.compile` (CUDA graphs on GPU), built once in the
+  first call.
+With "static" and "compiled", LoRA layers are swapped for plain Linears holding W + scale * B @ A during generation
+(`MergedLoraCopies`), so decoding pays nothing for the adapter.
 """
 
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 
 import torch
 
 from .batching import mask_after_stop
+from .decoding import StaticDecoder
+
+BACKENDS = ("plain", "static", "compiled")
 
 
 @torch.no_grad()
@@ -32,58 +36,76 @@ def generate(
     top_p: float = 1.0,
     backend: str = "plain",
     max_cache_len: int | None = None,
+    decoder: StaticDecoder | None = None,
     lora_copies: "MergedLoraCopies | None" = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One completion per prompt, sampled at `temperature` (None = greedy).
 
-    `backend` is "plain" or "compiled" (module docstring); the compiled one sizes its static cache for
-    `max_cache_len` tokens (default: this batch's prompt width + `max_new_tokens`) and, given `lora_copies`, decodes
-    on merged LoRA weights. Returns completion ids [B, C] and a mask that keeps each row's first stop token and
-    nothing after it."""
-    sampling = {"do_sample": False} if temperature is None else {
-        "do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0
-    }
-    if backend not in ("plain", "compiled"):
-        raise ValueError(f"generation backend must be 'plain' or 'compiled', got {backend!r}")
-    merged = nullcontext()
-    if backend == "compiled":
-        sampling["cache_implementation"] = "static"
-        sampling["max_cache_len"] = max(max_cache_len or 0, prompt_ids.shape[1] + max_new_tokens)
-        sampling["compile_config"] = compile_config(prompt_ids.device)
-        if lora_copies is not None:
-            merged = lora_copies.swapped_in(model)
+    `backend` is one of `BACKENDS` (module docstring). "static" and "compiled" size their cache for `max_cache_len`
+    tokens (default: this batch's prompt width + `max_new_tokens`); pass the same `decoder` and `lora_copies` on every
+    call of a run so cache, decode graph and merged copies are built once. Both read `min_new_tokens` and
+    `suppress_tokens` from the model's generation config, as transformers' `generate` does. Returns completion ids
+    [B, C] and a mask that keeps each row's first stop token and nothing after it; ids after it are `pad_token_id`."""
+    if backend not in BACKENDS:
+        raise ValueError(f"generation backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     was_training = model.training
     model.eval()
     try:
-        with merged:
-            sequences = model.generate(
-                input_ids=prompt_ids,
-                attention_mask=prompt_mask,
-                max_new_tokens=max_new_tokens,
-                eos_token_id=stop_token_ids,
-                pad_token_id=pad_token_id,
-                use_cache=True,
-                **sampling,
+        if backend == "plain":
+            completion_ids = _transformers_generate(
+                model, prompt_ids, prompt_mask, max_new_tokens, stop_token_ids, pad_token_id, temperature, top_p
             )
+        else:
+            if decoder is None:
+                decoder = StaticDecoder(default_compile_options(prompt_ids.device) if backend == "compiled" else None)
+            config = _generation_config(model)
+            with (lora_copies or MergedLoraCopies()).swapped_in(model):
+                completion_ids = decoder.generate(
+                    model,
+                    prompt_ids,
+                    prompt_mask,
+                    max_new_tokens=max_new_tokens,
+                    max_cache_len=max_cache_len or 0,
+                    stop_token_ids=stop_token_ids,
+                    temperature=temperature,
+                    top_p=top_p,
+                    min_new_tokens=config.min_new_tokens or 0,
+                    suppress_ids=config.suppress_tokens,
+                )
     finally:
         model.train(was_training)
-    completion_ids = sequences[:, prompt_ids.shape[1] :]
     if completion_ids.shape[1] == 0:  # nothing generated: keep one masked column so shapes stay valid
         completion_ids = torch.full_like(prompt_ids[:, :1], pad_token_id)
         return completion_ids, torch.zeros_like(completion_ids)
     completion_mask = mask_after_stop(completion_ids, torch.ones_like(completion_ids), stop_token_ids)
-    return completion_ids, completion_mask
+    return completion_ids.masked_fill(completion_mask == 0, pad_token_id), completion_mask
 
 
-def compile_config(device: torch.device):
-    """How transformers compiles the decode step: CUDA graphs on GPU ("reduce-overhead"), plain inductor elsewhere.
+def _transformers_generate(model, prompt_ids, prompt_mask, max_new_tokens, stop_token_ids, pad_token_id, temperature,
+                           top_p) -> torch.Tensor:
+    sampling = {"do_sample": False} if temperature is None else {
+        "do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0
+    }
+    sequences = model.generate(
+        input_ids=prompt_ids,
+        attention_mask=prompt_mask,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=stop_token_ids,
+        pad_token_id=pad_token_id,
+        use_cache=True,
+        **sampling,
+    )
+    return sequences[:, prompt_ids.shape[1] :]
 
-    transformers only auto-compiles on accelerators; `_compile_all_devices` honours an explicit "compiled" on CPU."""
-    from transformers import CompileConfig
 
-    config = CompileConfig(fullgraph=False, mode="reduce-overhead" if device.type == "cuda" else "default")
-    config._compile_all_devices = True
-    return config
+def _generation_config(model):
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT generates with the base
+    return base.generation_config
+
+
+def default_compile_options(device: torch.device) -> dict:
+    """CUDA graphs on GPU ("reduce-overhead": one graph replay per token); inductor's default mode elsewhere."""
+    return {"mode": "reduce-overhead"} if device.type == "cuda" else {"mode": "default"}
 
 
 class MergedLoraCopies:

@@ -2,7 +2,7 @@
 
 Phases are exclusive wall times per optimizer step: entering a phase pauses the one it is nested in, so the phases
 add up to the step. `Probe` installs the timers without touching the trainers' code: `GenerationMixin.generate`
-(every `generate` call, whoever makes it), forward hooks on the teacher and its backbone, a wrapper around the
+(every `generate` call, whoever makes it, and gkd's own decode loop), forward hooks on the teacher and its backbone, a wrapper around the
 trainer's `training_step`, and a callback around `optimizer.step()` and at each step's end.
 """
 
@@ -95,6 +95,20 @@ class Probe:
 
         GenerationMixin.generate = timed_generate
 
+        # gkd's static and compiled backends decode in their own loop, not through `generate`.
+        from .decoding import StaticDecoder
+
+        self._static_generate = StaticDecoder.generate
+        original_static_generate = self._static_generate
+
+        def timed_static_generate(decoder, *args, **kwargs):
+            with clock.phase("generation"):
+                completion_ids = original_static_generate(decoder, *args, **kwargs)
+            widths.append(completion_ids.shape[1])
+            return completion_ids
+
+        StaticDecoder.generate = timed_static_generate
+
         depth = [0]
 
         def before(*_):
@@ -139,7 +153,10 @@ class Probe:
     def remove(self) -> None:
         from transformers.generation.utils import GenerationMixin
 
+        from .decoding import StaticDecoder
+
         GenerationMixin.generate = self._generate
+        StaticDecoder.generate = self._static_generate
         for hook in self.hooks:
             hook.remove()
 

@@ -22,7 +22,8 @@ from trl.models.utils import _ForwardRedirection, unwrap_model_for_generation
 
 from . import losses, reliability
 from .batching import left_pad_prompts, pad_batch
-from .generation import MergedLoraCopies, generate
+from .decoding import StaticDecoder
+from .generation import MergedLoraCopies, default_compile_options, generate
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +98,11 @@ class GKDTrainer(Trainer):
         self._metrics = defaultdict(list)
         self._forward_redirection = _ForwardRedirection()
         self.generation_backend = self._resolve_generation_backend(args.generation_backend)
-        self._lora_copies = MergedLoraCopies()  # generation copies of LoRA layers, used by the compiled backend
+        # Built once per run and reused by every generation, so the static caches, the decode graph and the merged
+        # LoRA copies keep their addresses (CUDA graphs replay on fixed addresses): one decoder per sampling model.
+        compile_options = default_compile_options(args.device) if self.generation_backend == "compiled" else None
+        self._decoders = {STUDENT: StaticDecoder(compile_options), TEACHER: StaticDecoder(compile_options)}
+        self._lora_copies = MergedLoraCopies()  # generation copies of the student's LoRA layers
         # Samples may only hold ids that both models embed and the tokenizer knows. A padded embedding's extra rows
         # (the teacher's or the student's) are untrained and get sampled now and then; the other model's forward
         # then indexes past its embedding. TRL's GKD samples from the whole padded vocabulary.
@@ -112,7 +117,7 @@ class GKDTrainer(Trainer):
         args = self.args
         source = completion_source(args.seed, self.state.global_step, args.lmbda, args.seq_kd)
         if source != DATASET:
-            batches = self._sample_window(batches, self.model_wrapped if source == STUDENT else self.teacher)
+            batches = self._sample_window(batches, source)
         local_tokens = sum(batch["completion_mask"].sum() for batch in batches).to(device)
         window_tokens = self.accelerator.gather(local_tokens.reshape(1)).sum()
         rows = torch.tensor([sum(batch["completion_mask"].shape[0] for batch in batches)], device=device)
@@ -122,9 +127,10 @@ class GKDTrainer(Trainer):
         self._metrics["completion_tokens"].append(window_tokens.item() / max(window_rows.item(), 1))
         return batches, window_tokens
 
-    def _sample_window(self, batches: list[dict], model) -> list[dict]:
+    def _sample_window(self, batches: list[dict], source: str) -> list[dict]:
         """One batched decode for every prompt of the window; each micro-batch keeps its prompts and rows."""
         device = self.args.device
+        model = self.model_wrapped if source == STUDENT else self.teacher
         prompt_ids, prompt_mask = left_pad_prompts(batches, self.pad_token_id)
         # Seeded from the step, not drawn from the global RNG: a resumed run samples what the first run did.
         seeded = reliability.sampling_rng(self.args.seed, self.state.global_step, self.args.process_index, device)
@@ -147,7 +153,8 @@ class GKDTrainer(Trainer):
                 pad_token_id=self.pad_token_id,
                 backend=self.generation_backend,
                 max_cache_len=self.args.max_length,
-                lora_copies=self._lora_copies,
+                decoder=self._decoders[source],
+                lora_copies=self._lora_copies if source == STUDENT else None,
             )
         sampled, start = [], 0
         for batch in batches:
@@ -165,13 +172,13 @@ class GKDTrainer(Trainer):
         return sampled
 
     def _resolve_generation_backend(self, requested: str) -> str:
-        """'auto' -> compiled on CUDA, plain elsewhere; never compiled on ZeRO-3 shards, which are gathered afresh
-        (new addresses) for every generation and would re-capture the CUDA graphs each step."""
+        """'auto' -> compiled on CUDA, static elsewhere. Always plain under ZeRO-3: the ranks must step through the
+        decode together (`synced_gpus`) and the gathered weights get new addresses every generation."""
         zero3 = self.is_deepspeed_enabled and _zero_stage(self.accelerator) == 3
-        if requested == "compiled" and zero3:
-            logger.warning("--generation_backend compiled is not supported under DeepSpeed ZeRO-3; using plain")
+        if requested in ("static", "compiled") and zero3:
+            logger.warning("--generation_backend %s is not supported under DeepSpeed ZeRO-3; using plain", requested)
         if requested == "auto":
-            requested = "compiled" if self.args.device.type == "cuda" else "plain"
+            requested = "compiled" if self.args.device.type == "cuda" else "static"
         return "plain" if zero3 else requested
 
     # ---- the loss ----

@@ -1,35 +1,38 @@
-"""The compiled generation backend against the plain one: same greedy tokens, one decode graph, LoRA merged safely.
+"""gkd's own decode loop (static and compiled backends) against transformers' `generate` (plain): same greedy tokens,
+one decode graph for a whole run, the same sampling distribution, LoRA merged safely, a compiler failure survived.
 
-What runs here: transformers' static-cache decode captured by TorchDynamo with the "eager" compile backend, so the
-static cache, the run-wide cache length, the graph capture and the LoRA swap are exercised exactly as on GPU, without
-inductor's C++ code generation (about a minute per graph on this project's 2-core CPUs). Inductor and CUDA graphs
-themselves are left to `scripts/bench.py` on a GPU.
+What runs here: the decode step captured by TorchDynamo with the "eager" compile backend and `fullgraph=True`, so the
+static cache, the run-wide cache length, batch padding, in-graph sampling and the LoRA swap are exercised as on a GPU,
+and any graph break fails the test, without inductor's C++ code generation (about a minute per graph on this
+project's 2-core CPUs). Inductor and CUDA graphs themselves are left to `scripts/bench.py` on a GPU.
 """
+
+import logging
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, CompileConfig
+from transformers import AutoModelForCausalLM
+from transformers.generation.logits_process import TopPLogitsWarper
 
-from gkd import generation
+from gkd.decoding import StaticDecoder, logit_bias, sample_next, top_p_filter
 from gkd.generation import MergedLoraCopies, generate
 
 MAX_NEW_TOKENS = 6
+STOP = 2  # <|im_end|>: eos and pad of the tiny tokenizer
 
 
 @pytest.fixture
-def eager_compile(monkeypatch):
-    """Dynamo capture without inductor; counts the graphs it builds."""
-
-    def config(device):
-        compile_config = CompileConfig(backend="eager", mode="default")
-        compile_config._compile_all_devices = True
-        return compile_config
-
-    monkeypatch.setattr(generation, "compile_config", config)
+def graphs():
+    """Counts the graphs TorchDynamo captures while the test runs."""
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     yield lambda: torch._dynamo.utils.counters["stats"]["unique_graphs"]
     torch._dynamo.reset()
+
+
+def eager_capture() -> StaticDecoder:
+    """A compiled decoder whose decode step must be captured whole (no graph break), without code generation."""
+    return StaticDecoder({"backend": "eager", "fullgraph": True})
 
 
 @pytest.fixture(scope="module")
@@ -44,45 +47,159 @@ def left_padded_prompts(width: int, rows: int = 3, seed: int = 0) -> tuple[torch
     ids = torch.randint(5, 300, (rows, width), generator=generator)
     mask = torch.ones_like(ids)
     mask[0, : width // 3] = 0
-    ids[mask == 0] = 2
+    ids[mask == 0] = STOP
     return ids, mask
 
 
-def greedy(model, prompt_ids, prompt_mask, **backend):
+def greedy(model, prompt_ids, prompt_mask, max_new_tokens=MAX_NEW_TOKENS, **backend):
     return generate(
         model,
         prompt_ids,
         prompt_mask,
-        max_new_tokens=MAX_NEW_TOKENS,
-        stop_token_ids=[2],
-        pad_token_id=2,
+        max_new_tokens=max_new_tokens,
+        stop_token_ids=[STOP],
+        pad_token_id=STOP,
         temperature=None,
         **backend,
     )
 
 
-def test_compiled_greedy_matches_plain_and_builds_one_decode_graph(student, eager_compile):
-    """Prompt widths change from call to call; the cache length does not, so the decode graph is built once."""
-    for width in (9, 9, 17, 30):
-        prompt_ids, prompt_mask = left_padded_prompts(width)
+# ---------------------------------------------------------------- the decode loop against transformers' generate
+
+
+@pytest.mark.parametrize("backend", ["static", "compiled"])
+def test_greedy_matches_plain_and_the_decode_graph_is_built_once(student, graphs, backend):
+    """Prompt widths and batch sizes change from call to call; the decode graph is captured once for all of them."""
+    decoder = eager_capture() if backend == "compiled" else StaticDecoder()
+    for width, rows in ((9, 3), (9, 3), (17, 3), (30, 2), (12, 1)):
+        prompt_ids, prompt_mask = left_padded_prompts(width, rows)
         plain_ids, plain_mask = greedy(student, prompt_ids, prompt_mask)
-        compiled_ids, compiled_mask = greedy(student, prompt_ids, prompt_mask, backend="compiled", max_cache_len=64)
-        assert torch.equal(compiled_ids, plain_ids), width
-        assert torch.equal(compiled_mask, plain_mask), width
-    assert eager_compile() == 1
+        ours_ids, ours_mask = greedy(student, prompt_ids, prompt_mask, backend=backend, max_cache_len=64,
+                                     decoder=decoder)
+        assert torch.equal(ours_ids, plain_ids), (width, rows)
+        assert torch.equal(ours_mask, plain_mask), (width, rows)
+    assert list(decoder.caches) == [(3, 64)]  # smaller batches were padded into the first cache
+    assert graphs() == (1 if backend == "compiled" else 0)
 
 
-def test_compiled_backend_without_max_cache_len_sizes_the_cache_for_the_call(student, eager_compile):
-    prompt_ids, prompt_mask = left_padded_prompts(12)
-    assert torch.equal(
-        greedy(student, prompt_ids, prompt_mask, backend="compiled")[0], greedy(student, prompt_ids, prompt_mask)[0]
-    )
+def test_rows_that_stop_early_are_masked_and_padded_like_plain(student):
+    """Stop ids taken from the greedy output itself, so rows stop at different steps: later ids are pad, masks agree."""
+    prompt_ids, prompt_mask = left_padded_prompts(9)
+    free_run, _ = greedy(student, prompt_ids, prompt_mask, max_new_tokens=24)
+    stops = [STOP, int(free_run[0, 3]), int(free_run[1, 7])]
+    run = dict(max_new_tokens=24, stop_token_ids=stops, pad_token_id=STOP, temperature=None)
+    plain_ids, plain_mask = generate(student, prompt_ids, prompt_mask, **run)
+    assert plain_mask.sum(dim=1).min() <= 4, "the test needs a row that stops early"
+    ours_ids, ours_mask = generate(student, prompt_ids, prompt_mask, backend="static", **run)
+    width = plain_ids.shape[1]
+    assert torch.equal(ours_ids[:, :width], plain_ids) and torch.equal(ours_mask[:, :width], plain_mask)
+    assert not ours_mask[:, width:].any() and (ours_ids[:, width:] == STOP).all()
+
+
+def test_stop_check_ends_the_loop_once_every_row_has_stopped(student):
+    """Every row stops at once when the stop token is the only allowed id: the loop ends at the next check."""
+    prompt_ids, prompt_mask = left_padded_prompts(9)
+    vocab = student.config.vocab_size
+    student.generation_config.suppress_tokens = [token for token in range(vocab) if token != STOP]
+    try:
+        decoder = StaticDecoder(check_stop_every=4)
+        completion_ids = decoder.generate(
+            student, prompt_ids, prompt_mask, max_new_tokens=30, max_cache_len=64, stop_token_ids=[STOP],
+            temperature=1.0, suppress_ids=student.generation_config.suppress_tokens,
+        )
+    finally:
+        student.generation_config.suppress_tokens = None
+    assert completion_ids.shape[1] == 4 and (completion_ids == STOP).all()
+
+
+def test_min_new_tokens_and_suppressed_ids_are_honoured(student):
+    """The generation config's `min_new_tokens` and `suppress_tokens` (how the trainer keeps samples inside the
+    vocabulary both models share) hold for the static loop as for transformers' generate."""
+    prompt_ids, prompt_mask = left_padded_prompts(9)
+    student.generation_config.min_new_tokens = 20
+    student.generation_config.suppress_tokens = list(range(100, 300))
+    try:
+        torch.manual_seed(0)
+        completion_ids, completion_mask = generate(
+            student, prompt_ids, prompt_mask, max_new_tokens=20, stop_token_ids=[STOP], pad_token_id=STOP,
+            temperature=1.0, backend="static",
+        )
+    finally:
+        student.generation_config.min_new_tokens = None
+        student.generation_config.suppress_tokens = None
+    assert completion_mask.all() and completion_ids.shape == (3, 20)
+    assert not (completion_ids == STOP).any() and (completion_ids < 100).all()
 
 
 def test_unknown_backend_is_refused(student):
     prompt_ids, prompt_mask = left_padded_prompts(5)
-    with pytest.raises(ValueError, match="plain"):
+    with pytest.raises(ValueError, match="plain, static, compiled"):
         greedy(student, prompt_ids, prompt_mask, backend="vllm")
+
+
+def test_a_compiler_failure_warns_once_and_decodes_uncompiled(student, caplog):
+    """A compile backend that does not exist fails inside torch.compile: the decoder must go on, not the run die."""
+    prompt_ids, prompt_mask = left_padded_prompts(9)
+    decoder = StaticDecoder({"backend": "no_such_compiler_backend"})
+    with caplog.at_level(logging.WARNING, logger="gkd.decoding"):
+        ours_ids, _ = greedy(student, prompt_ids, prompt_mask, backend="compiled", decoder=decoder)
+        again_ids, _ = greedy(student, prompt_ids, prompt_mask, backend="compiled", decoder=decoder)
+    plain_ids, _ = greedy(student, prompt_ids, prompt_mask)
+    assert torch.equal(ours_ids, plain_ids) and torch.equal(again_ids, plain_ids)
+    warnings = [record for record in caplog.records if "compiling the decode step failed" in record.message]
+    assert len(warnings) == 1 and not decoder.compiled
+
+
+# ---------------------------------------------------------------- sampling inside the graph
+
+
+def test_top_p_filter_equals_transformers_warper():
+    generator = torch.Generator().manual_seed(0)
+    logits = 3 * torch.randn(5, 50, generator=generator)
+    for top_p in (0.1, 0.5, 0.9, 0.99):
+        expected = TopPLogitsWarper(top_p=top_p)(None, logits.clone())
+        assert torch.equal(top_p_filter(logits, top_p), expected), top_p
+
+
+def test_sampling_draws_from_the_tempered_distribution():
+    """argmax(p / Exp(1)) is a draw from p: frequencies over 40,000 draws match softmax(logits / T) (4 sigma)."""
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, 0.5, -3.0]])
+    bias = torch.zeros(6)
+    bias[5] = float("-inf")  # a suppressed id is never drawn
+    temperature, draws = 0.7, 40_000
+    torch.manual_seed(0)
+    tokens = sample_next(logits.expand(draws, -1), bias, temperature, top_p=1.0)
+    frequencies = torch.bincount(tokens, minlength=6).double() / draws
+    expected = torch.softmax((logits[0] + bias).double() / temperature, dim=-1)
+    sigma = (expected * (1 - expected) / draws).sqrt()
+    assert frequencies[5] == 0
+    assert ((frequencies - expected).abs() <= 4 * sigma + 1e-12).all(), (frequencies, expected)
+
+
+def test_greedy_sampling_is_argmax_after_the_bias():
+    logits = torch.tensor([[0.0, 5.0, 1.0], [3.0, 0.0, 1.0]])
+    bias = torch.tensor([0.0, float("-inf"), 0.0])
+    assert sample_next(logits, bias, None, 1.0).tolist() == [2, 0]
+
+
+def test_logit_bias_holds_stops_back_only_before_min_new_tokens():
+    early, always = logit_bias(8, suppress_ids=[6, 7, 99], stop_ids=[2, 3])
+    assert torch.isinf(early).nonzero().flatten().tolist() == [2, 3, 6, 7]
+    assert torch.isinf(always).nonzero().flatten().tolist() == [6, 7]
+
+
+def test_sampled_completions_are_reproducible_from_the_seed(student):
+    prompt_ids, prompt_mask = left_padded_prompts(9)
+
+    def sample():
+        torch.manual_seed(123)
+        return generate(student, prompt_ids, prompt_mask, max_new_tokens=12, stop_token_ids=[STOP],
+                        pad_token_id=STOP, temperature=1.0, backend="static")[0]
+
+    assert torch.equal(sample(), sample())
+
+
+# ---------------------------------------------------------------- LoRA: decoding on merged copies
 
 
 @pytest.fixture
@@ -100,7 +217,7 @@ def lora_student(tiny_models):
     return model
 
 
-def test_lora_generates_on_merged_copies_without_touching_the_base_weights(lora_student, eager_compile):
+def test_lora_generates_on_merged_copies_without_touching_the_base_weights(lora_student, graphs):
     prompt_ids, prompt_mask = left_padded_prompts(11)
     base_before = {name: p.clone() for name, p in lora_student.named_parameters() if "lora_" not in name}
     layers_before = dict(lora_student.named_modules())
@@ -109,12 +226,12 @@ def test_lora_generates_on_merged_copies_without_touching_the_base_weights(lora_
     plain_ids, _ = greedy(lora_student, prompt_ids, prompt_mask)
     assert not torch.equal(plain_ids, base_only_ids)  # the adapter matters to the tokens
 
-    copies = MergedLoraCopies()
+    copies, decoder = MergedLoraCopies(), eager_capture()
+    backend = dict(backend="compiled", max_cache_len=32, decoder=decoder, lora_copies=copies)
     for _ in range(2):  # the second call refills the same copies
-        compiled_ids, _ = greedy(
-            lora_student, prompt_ids, prompt_mask, backend="compiled", max_cache_len=32, lora_copies=copies
-        )
+        compiled_ids, _ = greedy(lora_student, prompt_ids, prompt_mask, **backend)
         assert torch.equal(compiled_ids, plain_ids)
+    assert graphs() == 1
     assert len(copies.copies) == sum(name.endswith(".lora_A") for name in layers_before)
     calls = {"copies": 0, "lora": 0}
     hooks = [
@@ -122,30 +239,28 @@ def test_lora_generates_on_merged_copies_without_touching_the_base_weights(lora_
         for copy in copies.copies.values()
     ]
     hooks += [layer.register_forward_hook(lambda *_: calls.update(lora=calls["lora"] + 1)) for layer in copies.copies]
-    greedy(lora_student, prompt_ids, prompt_mask, backend="compiled", max_cache_len=32, lora_copies=copies)
+    greedy(lora_student, prompt_ids, prompt_mask, backend="static", max_cache_len=32, lora_copies=copies)
     for hook in hooks:
         hook.remove()
-    assert calls["copies"] > 0 and calls["lora"] == 0  # prefill (eager) ran on the copies only
+    assert calls["copies"] > 0 and calls["lora"] == 0  # prefill and decode ran on the copies only
     assert dict(lora_student.named_modules()).keys() == layers_before.keys()  # every LoRA layer is back
     for name, parameter in lora_student.named_parameters():
         if "lora_" not in name:
             assert torch.equal(parameter, base_before[name]), name
     lora_student.train()  # generation runs in eval mode and gives the training mode back
-    greedy(lora_student, prompt_ids, prompt_mask, backend="compiled", max_cache_len=32, lora_copies=copies)
+    greedy(lora_student, prompt_ids, prompt_mask, **backend)
     assert lora_student.training
 
 
-def test_merged_copies_follow_the_adapter_after_an_update(lora_student, eager_compile):
+def test_merged_copies_follow_the_adapter_after_an_update(lora_student, graphs):
     """After an optimizer step the copies hold the new W + scale * B @ A, not the weights of the first call."""
     prompt_ids, prompt_mask = left_padded_prompts(11)
-    copies = MergedLoraCopies()
-    greedy(lora_student, prompt_ids, prompt_mask, backend="compiled", max_cache_len=32, lora_copies=copies)
+    backend = dict(backend="compiled", max_cache_len=32, decoder=eager_capture(), lora_copies=MergedLoraCopies())
+    greedy(lora_student, prompt_ids, prompt_mask, **backend)
     with torch.no_grad():
         for name, parameter in lora_student.named_parameters():
             if "lora_B" in name:
                 parameter.mul_(-1.5)
     plain_ids, _ = greedy(lora_student, prompt_ids, prompt_mask)
-    compiled_ids, _ = greedy(
-        lora_student, prompt_ids, prompt_mask, backend="compiled", max_cache_len=32, lora_copies=copies
-    )
-    assert torch.equal(compiled_ids, plain_ids)
+    assert torch.equal(greedy(lora_student, prompt_ids, prompt_mask, **backend)[0], plain_ids)
+    assert graphs() == 1  # same copies, same addresses: no new capture after the update
