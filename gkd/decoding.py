@@ -12,8 +12,10 @@ once per run. On an accelerator, stops are checked every 8 tokens (each check is
 token; on CPU, where a check costs nothing, after every token.
 
 The prefill (the prompt's forward) runs uncompiled: its width changes from step to step and it runs once per call.
-The loop is also the fastest path on CPU without compiling (about 20% less time than transformers' `generate` on the
-cpu-tiny bench shapes), because it skips that per-token Python. `generation.generate(backend="plain")` stays as the
+Uncompiled (the "static" backend, the default on CPU), the cache is sized to the call instead (prompt width plus new
+tokens, rounded up to 32), since no graph needs fixed shapes and attending over a long empty cache costs time; there
+the loop is as fast as transformers' `generate` or faster (docs/performance.md), and it runs in CI the code the
+compiled path captures. `generation.generate(backend="plain")` stays as the
 reference; tests check both give the same greedy tokens.
 
 What it does not do: logits processors other than temperature, top-p and the bias (suppressed ids, stop ids held back
@@ -26,6 +28,8 @@ import logging
 import torch
 
 logger = logging.getLogger(__name__)
+
+CACHE_LENGTH_BUCKET = 32  # uncompiled decoding sizes its cache to the call, rounded up to a multiple of this
 
 
 def logit_bias(vocab_size: int, suppress_ids, stop_ids) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,7 +135,11 @@ class StaticDecoder:
                   top_p, min_new_tokens, suppress_ids):
         rows, prompt_width = prompt_ids.shape
         device = prompt_ids.device
-        cache_len = max(max_cache_len, prompt_width + max_new_tokens)
+        needed = prompt_width + max_new_tokens
+        if self.compiled:  # one cache length for the run, so the decode graph never changes shape
+            cache_len = max(max_cache_len, needed)
+        else:  # no graph to keep: attend over what this call needs, rounded so caches are reused
+            cache_len = -(-needed // CACHE_LENGTH_BUCKET) * CACHE_LENGTH_BUCKET
         batch, cache = self._cache(model, rows, cache_len)
         if batch > rows:  # pad with copies of the last prompt: the decode graph keeps its batch size
             extra = batch - rows
@@ -189,6 +197,8 @@ class StaticDecoder:
             return batch, self.caches[(batch, cache_len)]
         from transformers import StaticCache
 
+        if not self.compiled:  # uncompiled, nothing holds on to a cache's addresses: keep one at a time
+            self.caches.clear()
         cache = StaticCache(config=model.config, max_cache_len=cache_len)
         self.caches[(rows, cache_len)] = cache
         return rows, cache
