@@ -50,3 +50,27 @@ def test_h100_preset_builds_without_allocating(tmp_path):
     assert abs(report["models"]["student"]["parameters"] / 494e6 - 1) < 0.01
     assert abs(report["models"]["teacher"]["parameters"] / 1.544e9 - 1) < 0.01
     assert set(report["systems"]) == SYSTEMS
+
+
+def test_generation_bench_times_each_backend_at_the_forced_length(tmp_path):
+    """scripts/bench_generation.py on the smoke preset: every completion is forced to the full length, or it fails."""
+    output = tmp_path / "generation.json"
+    result = run_cli(
+        ["scripts/bench_generation.py", "--preset", "smoke", "--backends", "plain", "static", "--repeats", "2",
+         "--threads", "1", "--output_json", output],
+        timeout=240,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = json.loads(output.read_text())
+    assert [row["backend"] for row in report["results"]] == ["plain", "static"]
+    assert report["completion_length"] == 8 and report["batch_size"] == 2
+    for row in report["results"]:
+        assert len(row["times_s"]) == 2 and all(positive(value) for value in row["times_s"]), row
+        assert positive(row["s_per_call"]) and positive(row["new_tokens_per_s"]), row
+    assert "| static |" in result.stdout
+
+
+def test_generation_bench_refuses_an_unknown_backend():
+    result = run_cli(["scripts/bench_generation.py", "--preset", "smoke", "--backends", "vllm"], timeout=120)
+    assert result.returncode != 0 and "unknown backends ['vllm']" in result.stderr
+    assert "Traceback" not in result.stderr
