@@ -74,3 +74,19 @@ def test_generation_bench_refuses_an_unknown_backend():
     result = run_cli(["scripts/bench_generation.py", "--preset", "smoke", "--backends", "vllm"], timeout=120)
     assert result.returncode != 0 and "unknown backends ['vllm']" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_loss_bench_runs_both_variants_and_they_agree(tmp_path):
+    """scripts/bench_loss.py at a toy size: both variants report a time and a memory peak, and the same loss value."""
+    output = tmp_path / "loss.json"
+    result = run_cli(
+        ["scripts/bench_loss.py", "--rows", "64", "--vocab", "2000", "--hidden_student", "32", "--hidden_teacher",
+         "48", "--chunk_size", "16", "--repeats", "2", "--output_json", output],
+        timeout=240,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    rows = {row["variant"]: row for row in json.loads(output.read_text())["results"]}
+    assert set(rows) == {"reference", "chunked"}
+    for row in rows.values():
+        assert "error" not in row and positive(row["seconds_per_call"]) and row["peak_memory_mib"] >= 0, row
+    assert math.isclose(rows["chunked"]["loss"], rows["reference"]["loss"], rel_tol=1e-5)

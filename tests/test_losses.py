@@ -1,23 +1,40 @@
 """Tests for gkd.losses, in the Liger-Kernel style: a float64 reference written from the paper's sums, odd shapes,
 beta across [0, 1] including the endpoint jump, dtypes, masks, gradcheck, chunked vs full logits, and split invariance.
+The chunked loss computes its gradients analytically in forward (`jsd_and_logit_grad`), so its value and gradients are
+checked against autograd through the reference, under bf16 weights and bf16 autocast too; dispatch modes count its
+matmuls (only the needed ones run) and the tensors it keeps (never more than a few chunks of logits).
 
 Tolerances: fp32 against the fp64 reference rtol=1e-5, atol=1e-6 (fp32 log_softmax over <= 127 logits of scale ~2);
-fp32 against fp32 (TRL, chunked vs full) rtol=1e-5, atol=1e-6 (only the summation order differs).
+fp32 against fp32 (TRL; the same bf16 logits in both paths) rtol=1e-5, atol=1e-6 (only the summation order differs).
+Gradients of the fused chunked path in fp32 against fp64: rtol=1e-5, atol=1e-5. The reverse-KL gradient
+p_S (s - t - KL) rounds s - t, an absolute error of ~eps * |log p| per logit (fp32 autograd errs as much: up to 4e-6
+here on gradients of size ~5). bf16 gradients against the bf16 autograd path: rtol=atol=2e-2, a few bf16 ulps (2^-8):
+the fused path rounds each chunk's weight-gradient product to bf16 and sums in fp32, autograd rounds one product.
 """
 
 import warnings
+import weakref
 
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from gkd.losses import align_vocab, chunked_generalized_jsd, count_tokens, generalized_jsd, masked_sum
+from gkd.losses import (
+    align_vocab,
+    chunked_generalized_jsd,
+    count_tokens,
+    generalized_jsd,
+    jsd_and_logit_grad,
+    masked_sum,
+)
 
 BETAS = [0.0, 0.1, 0.5, 0.9, 1.0]
 TEMPERATURES = [1.0, 0.7, 2.0]
 SHAPES = [(3, 7, 33), (1, 1, 5), (2, 5, 127)]
 FP32_VS_FP64 = dict(rtol=1e-5, atol=1e-6)
 FP32_VS_FP32 = dict(rtol=1e-5, atol=1e-6)
+FP32_GRAD_VS_FP64 = dict(rtol=1e-5, atol=1e-5)
+BF16_GRAD = dict(rtol=2e-2, atol=2e-2)
 
 
 def random_logits(shape, seed, scale=2.0, dtype=torch.float32):
@@ -204,15 +221,16 @@ def test_nan_and_inf_at_masked_positions_do_not_leak():
 # ---------------------------------------------------------------- gradcheck in float64
 
 
-@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("beta", BETAS)
 def test_gradcheck_generalized_jsd_student_side(beta):
     student = random_logits((2, 3, 7), 19, dtype=torch.float64).requires_grad_()
     teacher = random_logits((2, 3, 7), 20, dtype=torch.float64)
     assert torch.autograd.gradcheck(lambda logits: generalized_jsd(logits, teacher, beta, 0.7), (student,))
 
 
-@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("beta", BETAS)
 def test_gradcheck_chunked_generalized_jsd(beta):
+    """The fused path's hand-written gradients (hidden, weight, bias) against finite differences, across 3 chunks."""
     n, hidden_s, hidden_t, vocab_s, vocab_t = 5, 4, 3, 9, 11
     student_hidden = random_logits((n, hidden_s), 21, 1.0, torch.float64).requires_grad_()
     student_weight = random_logits((vocab_s, hidden_s), 22, 1.0, torch.float64).requires_grad_()
@@ -226,6 +244,34 @@ def test_gradcheck_chunked_generalized_jsd(beta):
         )
 
     assert torch.autograd.gradcheck(loss, (student_hidden, student_weight, student_bias))
+
+
+# ---------------------------------------------------------------- the analytic gradient w.r.t. the student logits
+
+
+@pytest.mark.parametrize("temperature", TEMPERATURES)
+@pytest.mark.parametrize("beta", BETAS + [1e-4, 1 - 1e-4])
+def test_analytic_logit_grad_matches_autograd(beta, temperature):
+    """`jsd_and_logit_grad` is what the fused path's gradients rest on: its closed forms against autograd through the
+    float64 reference (tight: both are float64), and its fp32 version against that (FP32_VS_FP64). Both sides of the
+    endpoint jumps: beta = 0 and 1 have their own formulas, beta = 1e-4 and 1 - 1e-4 use the mixture's."""
+    student = random_logits((7, 33), 26, dtype=torch.float64).requires_grad_()
+    teacher = random_logits((7, 33), 27, dtype=torch.float64)
+    expected = reference_jsd(student, teacher, beta, temperature)
+    expected.sum().backward()
+
+    per_row, logit_grad = jsd_and_logit_grad(student.detach(), teacher, beta, temperature)
+    torch.testing.assert_close(per_row, expected.detach(), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(logit_grad, student.grad, rtol=1e-10, atol=1e-14)
+    value_only, no_grad = jsd_and_logit_grad(student.detach(), teacher, beta, temperature, with_grad=False)
+    assert no_grad is None and torch.equal(value_only, per_row)
+
+    per_row_32, logit_grad_32 = jsd_and_logit_grad(student.detach().float(), teacher.float(), beta, temperature)
+    assert per_row_32.dtype == logit_grad_32.dtype == torch.float32
+    torch.testing.assert_close(per_row_32.double(), expected.detach(), **FP32_VS_FP64)
+    torch.testing.assert_close(logit_grad_32.double(), student.grad, **FP32_VS_FP64)
+    per_row_bf16, logit_grad_bf16 = jsd_and_logit_grad(student.detach().bfloat16(), teacher.bfloat16(), beta, 1.0)
+    assert per_row_bf16.dtype == logit_grad_bf16.dtype == torch.float32  # bf16 logits, fp32 math
 
 
 # ---------------------------------------------------------------- chunked path against the full-logits path
@@ -246,49 +292,222 @@ def lm_head_case(n, vocab_s, vocab_t, seed, dtype=torch.float32, bias=False):
     return {name: tensor.requires_grad_() for name, tensor in tensors.items()}
 
 
-def full_logits_sum(case, beta, temperature):
+def copy_case(case, dtype=None):
+    """Fresh leaves with the same values (optionally cast), so a reference path gets its own .grad."""
+    return {name: tensor.detach().to(dtype or tensor.dtype).requires_grad_() for name, tensor in case.items()}
+
+
+def full_logits_sum(case, beta, temperature, divergence=generalized_jsd):
+    """The plain autograd path: full [N, V] logits from F.linear, then the divergence."""
     linear = torch.nn.functional.linear
     student_logits = linear(case["student_hidden"], case["student_weight"], case.get("student_bias"))
     teacher_logits = linear(case["teacher_hidden"], case["teacher_weight"], case.get("teacher_bias"))
-    return generalized_jsd(student_logits, teacher_logits.detach(), beta, temperature).sum()
+    student_logits, teacher_logits = align_vocab(student_logits, teacher_logits.detach())
+    return divergence(student_logits, teacher_logits, beta, temperature).sum()
 
 
 STUDENT_SIDE = ["student_hidden", "student_weight", "student_bias"]
+TEACHER_SIDE = ["teacher_hidden", "teacher_weight", "teacher_bias"]
 
 
-@pytest.mark.parametrize("vocab_s, vocab_t", [(13, 13), (13, 16), (16, 13)])
-@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
-def test_chunked_matches_full_logits_value_and_gradients(beta, vocab_s, vocab_t):
-    n, temperature = 10, 0.7
-    reference_case = lm_head_case(n, vocab_s, vocab_t, seed=30, bias=True)
-    expected = full_logits_sum(reference_case, beta, temperature)
+@pytest.mark.parametrize("vocab_s, vocab_t", [(13, 13), (13, 16), (17, 13)])
+@pytest.mark.parametrize("temperature", TEMPERATURES)
+@pytest.mark.parametrize("beta", BETAS)
+def test_chunked_matches_fp64_reference_value_and_gradients(beta, temperature, vocab_s, vocab_t):
+    """fp32 fused path against the float64 paper-sum reference on full logits, chunk sizes 1, 3, N and > N."""
+    n = 11
+    case = lm_head_case(n, vocab_s, vocab_t, seed=30, bias=True)
+    reference = copy_case(case, torch.float64)
+    expected = full_logits_sum(reference, beta, temperature, divergence=reference_jsd)
     expected.backward()
     for chunk_size in [1, 3, n, n + 5]:
-        case = lm_head_case(n, vocab_s, vocab_t, seed=30, bias=True)
+        case = copy_case(case)
         ours = chunked_generalized_jsd(beta=beta, temperature=temperature, chunk_size=chunk_size, **case)
         assert ours.dtype == torch.float32 and ours.dim() == 0
-        torch.testing.assert_close(ours, expected, **FP32_VS_FP32)
+        torch.testing.assert_close(ours.double(), expected, **FP32_VS_FP64)
         ours.backward()
         for name in STUDENT_SIDE:
-            torch.testing.assert_close(case[name].grad, reference_case[name].grad, **FP32_VS_FP32)
-        for name in ["teacher_hidden", "teacher_weight", "teacher_bias"]:
+            assert case[name].grad.dtype == torch.float32 and case[name].grad.shape == case[name].shape
+            torch.testing.assert_close(case[name].grad.double(), reference[name].grad, **FP32_GRAD_VS_FP64)
+        for name in TEACHER_SIDE:
             assert case[name].grad is None, f"{name} received a gradient"
 
 
-def test_chunked_with_bf16_weights_returns_fp32():
-    case = lm_head_case(7, 13, 16, seed=40, dtype=torch.bfloat16)
-    ours = chunked_generalized_jsd(beta=0.5, chunk_size=3, **case)
-    assert ours.dtype == torch.float32 and ours.item() >= 0
+def test_chunked_float64_inputs_stay_float64():
+    case = lm_head_case(6, 13, 16, seed=35, dtype=torch.float64, bias=True)
+    reference = copy_case(case)
+    expected = full_logits_sum(reference, 0.5, 0.7, divergence=reference_jsd)
+    expected.backward()
+    ours = chunked_generalized_jsd(beta=0.5, temperature=0.7, chunk_size=4, **case)
+    assert ours.dtype == torch.float64
+    torch.testing.assert_close(ours, expected, rtol=1e-12, atol=1e-12)
     ours.backward()
-    assert case["student_weight"].grad.dtype == torch.bfloat16
+    for name in STUDENT_SIDE:
+        torch.testing.assert_close(case[name].grad, reference[name].grad, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("beta", BETAS)
+def test_chunked_with_bf16_weights_matches_autograd_path(beta):
+    """bf16 lm_heads: bf16 logits as the model's own lm_head, fp32 divergence, bf16 gradients (BF16_GRAD)."""
+    case = lm_head_case(9, 13, 16, seed=40, dtype=torch.bfloat16, bias=True)
+    reference = copy_case(case)
+    expected = full_logits_sum(reference, beta, 0.7)
+    expected.backward()
+    ours = chunked_generalized_jsd(beta=beta, temperature=0.7, chunk_size=4, **case)
+    assert ours.dtype == torch.float32 and ours.item() >= 0
+    torch.testing.assert_close(ours, expected, **FP32_VS_FP32)  # the same bf16 logits, the same fp32 math
+    ours.backward()
+    for name in STUDENT_SIDE:
+        assert case[name].grad.dtype == torch.bfloat16
+        torch.testing.assert_close(case[name].grad.float(), reference[name].grad.float(), **BF16_GRAD)
+
+
+@pytest.mark.parametrize("hidden_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("beta", BETAS)
+def test_chunked_under_bf16_autocast_matches_autograd_path(beta, hidden_dtype):
+    """What the trainer does with --bf16 and fp32 weights: the chunked loss inside a bf16 autocast, on hidden states
+    that are fp32 or, as a backbone under autocast usually returns them, bf16. Like F.linear there, the projections
+    run in bf16 (the fp32 value differs by far more than the tolerance, so this is checked), and each gradient comes
+    back in its input's dtype."""
+    case = lm_head_case(9, 13, 16, seed=45, bias=True)
+    for name in ["student_hidden", "teacher_hidden"]:
+        case[name] = case[name].detach().to(hidden_dtype).requires_grad_()
+    reference = copy_case(case)
+    fp32_value = chunked_generalized_jsd(beta=beta, temperature=0.7, chunk_size=4, **copy_case(case, torch.float32))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = full_logits_sum(reference, beta, 0.7)
+        ours = chunked_generalized_jsd(beta=beta, temperature=0.7, chunk_size=4, **case)
+    assert ours.dtype == torch.float32
+    torch.testing.assert_close(ours, expected, **FP32_VS_FP32)
+    assert abs(fp32_value.item() - expected.item()) > 10 * FP32_VS_FP32["rtol"] * expected.item()
+    (expected / 3).backward()  # as the trainer divides by the token count
+    (ours / 3).backward()
+    for name in STUDENT_SIDE:
+        assert case[name].grad.dtype == case[name].dtype
+        torch.testing.assert_close(case[name].grad, reference[name].grad, **BF16_GRAD)
+
+
+@pytest.mark.parametrize("beta", BETAS)
+def test_chunked_identical_student_and_teacher_give_zero_and_zero_gradients(beta):
+    case = lm_head_case(7, 13, 13, seed=51, bias=True)
+    case |= {name.replace("student", "teacher"): case[name].detach() for name in STUDENT_SIDE}
+    case |= {name: case[name].detach().clone().requires_grad_() for name in STUDENT_SIDE}
+    ours = chunked_generalized_jsd(beta=beta, temperature=0.7, chunk_size=3, **case)
+    torch.testing.assert_close(ours, torch.zeros(()), rtol=0, atol=1e-5)
+    ours.backward()
+    for name in STUDENT_SIDE:
+        torch.testing.assert_close(case[name].grad, torch.zeros_like(case[name]), rtol=0, atol=1e-6)
 
 
 def test_chunked_with_no_rows_is_zero_and_backpropagates():
-    case = lm_head_case(0, 13, 13, seed=50)
+    case = lm_head_case(0, 13, 13, seed=50, bias=True)
     ours = chunked_generalized_jsd(beta=0.5, **case)
     assert ours.item() == 0.0
     ours.backward()
-    assert (case["student_weight"].grad == 0).all()
+    assert case["student_hidden"].grad.shape == (0, 6)
+    assert (case["student_weight"].grad == 0).all() and (case["student_bias"].grad == 0).all()
+
+
+def test_chunked_backward_scales_by_grad_output_and_can_run_twice():
+    """Backward multiplies the stored gradients out of place: a retained graph gives the same gradients again."""
+    case = lm_head_case(7, 13, 13, seed=52, bias=True)
+    reference = copy_case(case)
+    full_logits_sum(reference, 0.5, 1.0).backward()
+    loss = 2.5 * chunked_generalized_jsd(beta=0.5, chunk_size=3, **case)
+    loss.backward(retain_graph=True)
+    loss.backward()
+    for name in STUDENT_SIDE:
+        torch.testing.assert_close(case[name].grad, 5.0 * reference[name].grad, **FP32_GRAD_VS_FP64)
+
+
+def test_tied_embedding_gets_both_gradients():
+    """An lm_head tied to the input embedding: the loss's weight gradient adds to the embedding lookup's."""
+    generator = torch.Generator().manual_seed(54)
+    token_ids = torch.randint(0, 13, (8,), generator=generator)
+    teacher_hidden, teacher_weight = random_logits((8, 5), 55, 1.0), random_logits((13, 5), 56, 1.0)
+    embedding = random_logits((13, 6), 57, 1.0).requires_grad_()
+    reference = embedding.detach().clone().requires_grad_()
+
+    def loss(weight, fused):
+        hidden = torch.tanh(weight[token_ids])  # stands in for the transformer between embedding and lm_head
+        if fused:
+            return chunked_generalized_jsd(hidden, weight, teacher_hidden, teacher_weight, 0.5, chunk_size=3)
+        return generalized_jsd(hidden @ weight.T, teacher_hidden @ teacher_weight.T, 0.5).sum()
+
+    loss(embedding, fused=True).backward()
+    loss(reference, fused=False).backward()
+    torch.testing.assert_close(embedding.grad, reference.grad, **FP32_GRAD_VS_FP64)
+
+
+# ---------------------------------------------------------------- only the needed work: matmul counts
+
+
+class MatmulShapes(TorchDispatchMode):
+    """Records the output shape of every matrix multiply (F.linear reaches the dispatcher as mm or addmm; an
+    accumulating product as addmm_)."""
+
+    MATMULS = {torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_, torch.ops.aten.bmm}
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket in self.MATMULS:
+            self.shapes.append(tuple(out.shape))
+        return out
+
+
+def chunk_rows(n, chunk_size):
+    return [min(chunk_size, n - start) for start in range(0, n, chunk_size)]
+
+
+def test_four_vocabulary_matmuls_per_chunk_all_in_forward():
+    """Per chunk: student and teacher logits [rows, V], hidden gradient [rows, H], weight gradient [V, H]; backward
+    does no matmul at all (the checkpointed design recomputed both projections there: 6 per chunk)."""
+    n, vocab, hidden, chunk_size = 10, 13, 6, 4
+    case = lm_head_case(n, vocab, vocab, seed=60, bias=True)
+    with MatmulShapes() as forward:
+        loss = chunked_generalized_jsd(beta=0.5, chunk_size=chunk_size, **case)
+    with MatmulShapes() as backward:
+        loss.backward()
+    per_chunk = [[(rows, vocab), (rows, vocab), (rows, hidden), (vocab, hidden)] for rows in chunk_rows(n, chunk_size)]
+    assert forward.shapes == [shape for shapes in per_chunk for shape in shapes]
+    assert backward.shapes == []
+
+
+def test_frozen_lm_head_skips_the_weight_gradient():
+    """LoRA freezes the lm_head: no [V, H] gradient matmul, no weight gradient, the hidden gradient unchanged."""
+    n, vocab, hidden, chunk_size = 10, 13, 6, 4
+    case = lm_head_case(n, vocab, vocab, seed=62, bias=True)
+    case["student_weight"].requires_grad_(False)
+    case["student_bias"].requires_grad_(False)
+    reference = copy_case(case)
+    full_logits_sum(reference, 0.5, 1.0).backward()
+    with MatmulShapes() as matmuls:
+        chunked_generalized_jsd(beta=0.5, chunk_size=chunk_size, **case).backward()
+    assert case["student_weight"].grad is None and case["student_bias"].grad is None
+    torch.testing.assert_close(case["student_hidden"].grad, reference["student_hidden"].grad, **FP32_GRAD_VS_FP64)
+    expected = [shape for rows in chunk_rows(n, chunk_size) for shape in [(rows, vocab), (rows, vocab), (rows, hidden)]]
+    assert matmuls.shapes == expected
+
+
+def test_no_grad_and_nothing_to_differentiate_compute_the_value_only():
+    """Evaluation: two projections per chunk and nothing else, the same value as the training path."""
+    n, vocab, chunk_size = 10, 13, 4
+    case = lm_head_case(n, vocab, vocab, seed=64)
+    training_value = chunked_generalized_jsd(beta=0.5, chunk_size=chunk_size, **case)
+    projections_only = [(rows, vocab) for rows in chunk_rows(n, chunk_size) for _ in range(2)]
+    with torch.no_grad(), MatmulShapes() as matmuls:
+        value = chunked_generalized_jsd(beta=0.5, chunk_size=chunk_size, **case)
+    assert not value.requires_grad and torch.equal(value, training_value.detach())
+    assert matmuls.shapes == projections_only
+    detached = {name: tensor.detach() for name, tensor in case.items()}
+    with MatmulShapes() as matmuls:  # grad mode on, but no student tensor requires grad
+        value = chunked_generalized_jsd(beta=0.5, chunk_size=chunk_size, **detached)
+    assert not value.requires_grad and torch.equal(value, training_value.detach())
+    assert matmuls.shapes == projections_only
 
 
 # ---------------------------------------------------------------- split invariance of the normalisation contract
@@ -357,7 +576,7 @@ def test_split_invariance_chunked_path():
 
 
 class LargestTensor(TorchDispatchMode):
-    """Records the numel of the largest tensor any operator produces (forward, recomputation and backward alike)."""
+    """Records the numel of the largest tensor any operator produces (forward and backward alike)."""
 
     def __init__(self):
         super().__init__()
@@ -388,9 +607,9 @@ def numel_saved_for_backward(compute_loss):
 def test_chunked_never_holds_full_logits():
     """Not a timing test: counts tensor sizes. N=32 rows, V=20000, chunk 8 -> at most [8, V] logits exist.
 
-    hidden=4 < chunk_size keeps the lm_head weight [V, 4] smaller than one chunk's logits, so the largest tensor
-    anywhere is exactly one chunk of logits: this proves both that the counter sees the logits and that they are
-    never bigger than a chunk, in forward, in backward, and in the backward recomputation.
+    hidden=4 < chunk_size keeps the lm_head weight [V, 4] (and its gradient) smaller than one chunk's logits, so the
+    largest tensor anywhere is exactly one chunk of logits: this proves both that the counter sees the logits and that
+    they are never bigger than a chunk, in forward and in backward.
     """
     n, vocab, hidden, chunk_size = 32, 20_000, 4, 8
     student_hidden = random_logits((n, hidden), 80, 1.0).requires_grad_()
@@ -405,15 +624,69 @@ def test_chunked_never_holds_full_logits():
             student_hidden, student_weight, teacher_hidden, teacher_weight, 0.5, chunk_size=chunk_size
         )
 
-    # Control: the hook does see the [N, V] tensors the plain path saves for backward. Chunking without
-    # checkpointing fails too: each chunk's logits would be saved, N x V in total. The checkpointed path saves only
-    # its inputs: the hidden states and the [V, H] weights, which are alive anyway.
+    # Control: the hook does see the [N, V] tensors the plain path saves for backward. Chunking under plain autograd
+    # fails too: each chunk's logits and softmax intermediates would be saved, several N x V in total. The fused path
+    # saves exactly its two gradients, [N, H] and [V, H], computed in forward.
     _, reference_saved = numel_saved_for_backward(full_logits)
     assert reference_saved >= n * vocab
     loss, chunked_saved = numel_saved_for_backward(chunked)
-    assert chunked_saved < n * vocab
+    assert chunked_saved == n * hidden + vocab * hidden
     loss.backward()
 
     with LargestTensor() as largest:
         chunked().backward()
     assert largest.numel == chunk_size * vocab
+
+
+class PeakBytesAlive(TorchDispatchMode):
+    """Peak bytes held by tensors that operators create: each new storage counts from the op that makes it until the
+    last tensor viewing it is garbage (CPython frees it at once). Views of `inputs` (a detach, a slice) do not count."""
+
+    def __init__(self, *inputs):
+        super().__init__()
+        self.alive, self.peak = 0, 0
+        self.views = {}  # storage pointer -> [number of live tensors viewing it, bytes]
+        self.seen = set()  # ids of tensor objects already counted (in-place ops return their input)
+        self.inputs = {tensor.untyped_storage().data_ptr() for tensor in inputs}
+
+    def _release(self, pointer, tensor_id):
+        self.seen.discard(tensor_id)
+        entry = self.views[pointer]
+        entry[0] -= 1
+        if entry[0] == 0:
+            self.alive -= entry[1]
+            del self.views[pointer]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in out if isinstance(out, (tuple, list)) else [out]:
+            if not isinstance(tensor, torch.Tensor) or id(tensor) in self.seen:
+                continue
+            storage = tensor.untyped_storage()
+            if storage.data_ptr() in self.inputs:
+                continue
+            if storage.data_ptr() not in self.views:
+                self.views[storage.data_ptr()] = [0, storage.nbytes()]
+                self.alive += storage.nbytes()
+            self.views[storage.data_ptr()][0] += 1
+            self.seen.add(id(tensor))
+            weakref.finalize(tensor, self._release, storage.data_ptr(), id(tensor))
+            self.peak = max(self.peak, self.alive)
+        return out
+
+
+@pytest.mark.parametrize("beta", BETAS)
+def test_chunked_working_memory_is_four_chunks_of_logits(beta):
+    """Forward and backward together: at most 4 fp32 [chunk, V] buffers besides the [V, H] weight gradient (and the
+    [N, H] one). Written with out-of-place formulas, one chunk needs about 9, and forgetting to drop the last chunk's
+    gradient before the next chunk's projections makes 5."""
+    n, vocab, hidden, chunk_size = 40, 4000, 4, 16
+    student_hidden = random_logits((n, hidden), 84, 1.0).requires_grad_()
+    student_weight = random_logits((vocab, hidden), 85, 0.5).requires_grad_()
+    teacher_hidden, teacher_weight = random_logits((n, hidden), 86, 1.0), random_logits((vocab, hidden), 87, 0.5)
+    inputs = (student_hidden, student_weight, teacher_hidden, teacher_weight)
+    with PeakBytesAlive(*inputs) as memory:
+        chunked_generalized_jsd(*inputs, beta, 0.7, chunk_size=chunk_size).backward()
+    chunk_buffer, gradients = chunk_size * vocab * 4, (vocab + n) * hidden * 4
+    assert memory.peak <= 4 * chunk_buffer + gradients + 1024  # 1 KiB: per-row sums and scalars
+    assert memory.peak > 3 * chunk_buffer  # the counter does see the chunk's buffers
