@@ -229,9 +229,8 @@ class GKDTrainer(Trainer):
     def _chunked_divergence_sum(self, model, unwrapped, input_ids, attention_mask, columns, mask) -> torch.Tensor:
         """The chunked loss from hidden states, under the run's mixed-precision autocast (teacher without autograd)."""
         with self.accelerator.autocast():
-            student_hidden = self._forward_redirection(
-                model, unwrapped, _last_hidden_state, unwrapped, input_ids, attention_mask
-            )[:, columns][mask]
+            student_hidden = self._redirected_hidden_state(model, unwrapped, input_ids, attention_mask)
+            student_hidden = student_hidden[:, columns][mask]
             teacher_model = self.accelerator.unwrap_model(self.teacher)
             with torch.no_grad():
                 teacher_hidden = _last_hidden_state(teacher_model, input_ids, attention_mask)[:, columns][mask]
@@ -248,6 +247,19 @@ class GKDTrainer(Trainer):
                 student_bias=student_head.bias,
                 teacher_bias=teacher_head.bias,
             )
+
+    def _redirected_hidden_state(self, model, unwrapped, input_ids, attention_mask):
+        """The student backbone's output, called through the wrapper's forward (DDP/DeepSpeed hooks run).
+
+        TRL's `_ForwardRedirection` restores `forward` by assigning the bound method to the instance, which leaves a
+        `forward` entry in the module's `__dict__` for good; the compiled decode step guards on that dict and would be
+        captured a second time after the first training step. So the entry is removed again unless it was there."""
+        had_instance_forward = "forward" in vars(unwrapped)
+        try:
+            return self._forward_redirection(model, unwrapped, _last_hidden_state, unwrapped, input_ids, attention_mask)
+        finally:
+            if not had_instance_forward:
+                vars(unwrapped).pop("forward", None)
 
     def _use_chunked_loss(self, unwrapped) -> bool:
         """The chunked loss reads lm_head weights directly, so only where they are whole, plain, unscaled Linears.

@@ -268,3 +268,37 @@ def test_merged_copies_follow_the_adapter_after_an_update(lora_student, graphs):
     plain_ids, _ = greedy(lora_student, prompt_ids, prompt_mask)
     assert torch.equal(greedy(lora_student, prompt_ids, prompt_mask, **backend)[0], plain_ids)
     assert graphs() == 1  # same copies, same addresses: no new capture after the update
+
+
+# ---------------------------------------------------------------- in the trainer: one decode graph for the whole run
+
+
+def test_on_policy_training_captures_the_decode_step_once(tiny_models, tmp_path, graphs):
+    """Regression: TRL's forward redirection left `forward` in the student's `__dict__` after the first training
+    step, a guard of the compiled decode step failed, and the step was captured again (a second CUDA graph on GPU)."""
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+
+    from gkd.config import GKDConfig
+    from gkd.trainer import STUDENT, GKDTrainer
+
+    student_path, teacher_path = tiny_models
+    tokenizer = AutoTokenizer.from_pretrained(student_path)
+    student = AutoModelForCausalLM.from_pretrained(student_path, dtype=torch.float32)
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_path, dtype=torch.float32).eval().requires_grad_(False)
+    args = GKDConfig(
+        output_dir=str(tmp_path), lmbda=1.0, max_new_tokens=5, max_length=24, per_device_train_batch_size=2,
+        max_steps=3, report_to="none", save_strategy="no", logging_strategy="no", generation_backend="compiled",
+        disable_tqdm=True,
+    )
+    samples = [{"prompt_ids": [5, 6, 7 + row, 8], "completion_ids": [9, 10, 2]} for row in range(6)]
+    trainer = GKDTrainer(
+        model=student, teacher=teacher, args=args, stop_token_ids=[STOP], processing_class=tokenizer,
+        train_dataset=Dataset.from_list(samples),
+    )
+    assert trainer.generation_backend == "compiled"
+    trainer._decoders[STUDENT] = eager_capture()  # dynamo's capture without inductor's minute of code generation
+    trainer.train()
+    assert trainer.state.global_step == 3 and trainer._decoders[STUDENT].compiled
+    assert graphs() == 1
+    assert "forward" not in vars(student)
