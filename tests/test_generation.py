@@ -192,6 +192,20 @@ def test_logit_bias_holds_stops_back_only_before_min_new_tokens():
     assert torch.isinf(always).nonzero().flatten().tolist() == [6, 7]
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_sampled_completions_equal_transformers_generate_from_the_same_seed(student, temperature):
+    """On CPU, torch's one-sample `multinomial` is the same exponential race as `sample_next`, drawing from the global
+    RNG in the same order: from one seed, the static loop samples exactly the tokens transformers' `generate` does."""
+    prompt_ids, prompt_mask = left_padded_prompts(9)
+    samples = {}
+    for backend in ("plain", "static"):
+        torch.manual_seed(7)
+        samples[backend] = generate(student, prompt_ids, prompt_mask, max_new_tokens=12, stop_token_ids=[STOP],
+                                    pad_token_id=STOP, temperature=temperature, backend=backend)
+    assert torch.equal(samples["static"][0], samples["plain"][0])
+    assert torch.equal(samples["static"][1], samples["plain"][1])
+
+
 def test_sampled_completions_are_reproducible_from_the_seed(student):
     prompt_ids, prompt_mask = left_padded_prompts(9)
 
