@@ -42,6 +42,7 @@ import traceback
 import warnings
 from dataclasses import asdict, dataclass, field, replace
 
+from .config import GENERATION_BACKENDS
 from .profiling import PHASES, Probe
 
 
@@ -156,7 +157,7 @@ class BenchArguments:
     )
     generation_backend: str = field(
         default="auto",
-        metadata={"help": "gkd's --generation_backend.", "choices": ["auto", "plain", "static", "compiled"]},
+        metadata={"help": "gkd's --generation_backend.", "choices": GENERATION_BACKENDS},
     )
     seed: int = field(default=0, metadata={"help": "Seed of the models, the prompts and the trainers."})
     threads: int | None = field(

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from . import losses
+from .profiling import proc_status_gib
 
 
 @dataclass
@@ -107,14 +108,6 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _proc_status_mib(key: str) -> float:
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) / 1024  # kB
-    raise KeyError(key)
-
-
 def _prepare(name: str, args: BenchLossArguments) -> Callable[[], float]:
     """Inputs built and one warm-up call made; returns the forward+backward call, which leaves no gradients behind."""
     device = torch.device(args.device)
@@ -157,9 +150,9 @@ def peak_memory(name: str, args: BenchLossArguments) -> dict:
     ctypes.CDLL("libc.so.6").malloc_trim(0)
     with open("/proc/self/clear_refs", "w") as handle:  # "5" resets VmHWM to the current RSS (Linux >= 4.0)
         handle.write("5")
-    before = _proc_status_mib("VmRSS")
+    before = proc_status_gib("VmRSS")
     call()
-    return {"peak_memory_mib": _proc_status_mib("VmHWM") - before}
+    return {"peak_memory_mib": (proc_status_gib("VmHWM") - before) * 1024}
 
 
 def _child(measurement: Callable, name: str, args: BenchLossArguments, connection) -> None:

@@ -13,11 +13,13 @@ from dataclasses import dataclass, field
 from transformers import TrainingArguments
 
 from .errors import ConfigError
+from .generation import BACKENDS
 from .launch import cpu_deepspeed_backend
 
 logger = logging.getLogger(__name__)
 
 DTYPES = ["auto", "bfloat16", "float16", "float32"]
+GENERATION_BACKENDS = ["auto", *BACKENDS]
 
 
 @dataclass
@@ -153,7 +155,7 @@ class GKDConfig(TrainingArguments):
             "CPU). 'compiled': that loop with its decode step torch.compile'd (CUDA graphs on GPU), built in the first "
             "on-policy step; if compiling fails the run warns and goes on uncompiled. 'auto': compiled on a CUDA GPU, "
             "static elsewhere; DeepSpeed ZeRO-3 always uses plain.",
-            "choices": ["auto", "plain", "static", "compiled"],
+            "choices": GENERATION_BACKENDS,
         },
     )
     ds3_gather_for_generation: bool = field(
@@ -226,9 +228,9 @@ class GKDConfig(TrainingArguments):
             raise ConfigError(f"--top_p must be in (0, 1], got {self.top_p}")
         if self.max_new_tokens <= 0:
             raise ConfigError(f"--max_new_tokens must be > 0, got {self.max_new_tokens}")
-        if self.generation_backend not in ("auto", "plain", "static", "compiled"):
+        if self.generation_backend not in GENERATION_BACKENDS:
             raise ConfigError(
-                f"--generation_backend must be auto, plain, static or compiled, got {self.generation_backend!r}"
+                f"--generation_backend must be one of {', '.join(GENERATION_BACKENDS)}, got {self.generation_backend!r}"
             )
         if self.max_length <= self.max_new_tokens:
             raise ConfigError(

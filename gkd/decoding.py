@@ -15,8 +15,8 @@ The prefill (the prompt's forward) runs uncompiled: its width changes from step 
 Uncompiled (the "static" backend, the default on CPU), the cache is sized to the call instead (prompt width plus new
 tokens, rounded up to 32), since no graph needs fixed shapes and attending over a long empty cache costs time; there
 the loop is as fast as transformers' `generate` or faster (docs/performance.md), and it runs in CI the code the
-compiled path captures. `generation.generate(backend="plain")` stays as the
-reference; tests check both give the same greedy tokens.
+compiled path captures. `generation.generate(backend="plain")` stays as the reference; tests check both give the
+same tokens.
 
 What it does not do: logits processors other than temperature, top-p and the bias (suppressed ids, stop ids held back
 until `min_new_tokens`), which are the ones gkd's sampling uses; beam search; models whose caches are not
@@ -24,6 +24,7 @@ until `min_new_tokens`), which are the ones gkd's sampling uses; beam search; mo
 """
 
 import logging
+from functools import partial
 
 import torch
 
@@ -117,10 +118,11 @@ class StaticDecoder:
     ) -> torch.Tensor:
         """Completion ids [B, C], C <= max_new_tokens (shorter when every row stopped early). Rows go on sampling
         after their first stop token; the caller masks from there (`batching.mask_after_stop`)."""
+        run = partial(self._generate, model, prompt_ids, prompt_mask, max_new_tokens, max_cache_len, stop_token_ids,
+                      temperature, top_p, min_new_tokens, suppress_ids)
         if self.compiled and not self._compiled_ok:
             try:
-                return self._generate(model, prompt_ids, prompt_mask, max_new_tokens, max_cache_len, stop_token_ids,
-                                      temperature, top_p, min_new_tokens, suppress_ids)
+                return run()
             except Exception as error:  # noqa: BLE001 -- any compiler failure; the eager loop is the same computation
                 logger.warning(
                     "compiling the decode step failed (%s: %s); sampling with the same loop uncompiled from now on",
@@ -128,8 +130,7 @@ class StaticDecoder:
                 )
                 self.compile_options, self._compiled_step = None, None
                 self.caches.clear()  # a failed capture may have left a cache half written
-        return self._generate(model, prompt_ids, prompt_mask, max_new_tokens, max_cache_len, stop_token_ids,
-                              temperature, top_p, min_new_tokens, suppress_ids)
+        return run()
 
     def _generate(self, model, prompt_ids, prompt_mask, max_new_tokens, max_cache_len, stop_token_ids, temperature,
                   top_p, min_new_tokens, suppress_ids):

@@ -41,9 +41,9 @@ def generate(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One completion per prompt, sampled at `temperature` (None = greedy).
 
-    `backend` is one of `BACKENDS` (module docstring). "static" and "compiled" size their cache for `max_cache_len`
-    tokens (default: this batch's prompt width + `max_new_tokens`); pass the same `decoder` and `lora_copies` on every
-    call of a run so cache, decode graph and merged copies are built once. Both read `min_new_tokens` and
+    `backend` is one of `BACKENDS` (module docstring). "compiled" sizes its cache for `max_cache_len` tokens (at least
+    this batch's prompt width + `max_new_tokens`), "static" for the call; pass the same `decoder` and `lora_copies` on
+    every call of a run so cache, decode graph and merged copies are built once. Both read `min_new_tokens` and
     `suppress_tokens` from the model's generation config, as transformers' `generate` does. Returns completion ids
     [B, C] and a mask that keeps each row's first stop token and nothing after it; ids after it are `pad_token_id`."""
     if backend not in BACKENDS:

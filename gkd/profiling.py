@@ -172,17 +172,17 @@ class Probe:
                 handle.write("5")
         except OSError:
             pass
-        return _proc_status_gib("VmRSS")
+        return proc_status_gib("VmRSS")
 
     def peak_memory(self) -> float:
         import torch
 
         if self.cuda:
             return torch.cuda.max_memory_allocated() / 2**30
-        return _proc_status_gib("VmHWM")
+        return proc_status_gib("VmHWM")
 
 
-def _proc_status_gib(key: str) -> float:
+def proc_status_gib(key: str) -> float:
     try:
         with open("/proc/self/status") as handle:
             for line in handle:

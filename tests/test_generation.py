@@ -291,15 +291,12 @@ def test_on_policy_training_captures_the_decode_step_once(tiny_models, tmp_path,
     """Regression: TRL's forward redirection left `forward` in the student's `__dict__` after the first training
     step, a guard of the compiled decode step failed, and the step was captured again (a second CUDA graph on GPU)."""
     from datasets import Dataset
-    from transformers import AutoTokenizer
+    from tiny import load_student_and_teacher
 
     from gkd.config import GKDConfig
     from gkd.trainer import STUDENT, GKDTrainer
 
-    student_path, teacher_path = tiny_models
-    tokenizer = AutoTokenizer.from_pretrained(student_path)
-    student = AutoModelForCausalLM.from_pretrained(student_path, dtype=torch.float32)
-    teacher = AutoModelForCausalLM.from_pretrained(teacher_path, dtype=torch.float32).eval().requires_grad_(False)
+    tokenizer, student, teacher = load_student_and_teacher(tiny_models)
     args = GKDConfig(
         output_dir=str(tmp_path), lmbda=1.0, max_new_tokens=5, max_length=24, per_device_train_batch_size=2,
         max_steps=3, report_to="none", save_strategy="no", logging_strategy="no", generation_backend="compiled",

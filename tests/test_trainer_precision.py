@@ -6,17 +6,14 @@ Regression: the chunked loss calls the backbones directly, which bypasses the au
 
 import torch
 from datasets import Dataset
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from tiny import load_student_and_teacher
 
 from gkd.config import GKDConfig
 from gkd.trainer import GKDTrainer
 
 
 def test_bf16_autocast_reaches_student_and_teacher_backbones(tiny_models, tmp_path):
-    student_path, teacher_path = tiny_models
-    tokenizer = AutoTokenizer.from_pretrained(student_path)
-    student = AutoModelForCausalLM.from_pretrained(student_path, dtype=torch.float32)
-    teacher = AutoModelForCausalLM.from_pretrained(teacher_path, dtype=torch.float32).eval().requires_grad_(False)
+    tokenizer, student, teacher = load_student_and_teacher(tiny_models)
     args = GKDConfig(
         output_dir=str(tmp_path), lmbda=0.0, max_new_tokens=4, max_length=16, per_device_train_batch_size=2,
         max_steps=1, report_to="none", save_strategy="no", logging_strategy="no", use_cpu=True,

@@ -94,6 +94,18 @@ def make_student_and_teacher(root: str | Path) -> tuple[Path, Path]:
     return student, teacher
 
 
+def load_student_and_teacher(folders: tuple[Path, Path]):
+    """(tokenizer, student, teacher) from `make_student_and_teacher`'s folders, in fp32, the teacher frozen as the
+    trainer keeps it: what in-process trainer tests start from."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    student_path, teacher_path = folders
+    tokenizer = AutoTokenizer.from_pretrained(student_path)
+    student = AutoModelForCausalLM.from_pretrained(student_path, dtype=torch.float32)
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_path, dtype=torch.float32).eval().requires_grad_(False)
+    return tokenizer, student, teacher
+
+
 if __name__ == "__main__":
     import sys
 
