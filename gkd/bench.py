@@ -30,7 +30,6 @@ process, so peaks, compile caches and patches never leak from one system to the 
 
 import json
 import math
-import multiprocessing
 import os
 import platform
 import shutil
@@ -38,12 +37,11 @@ import statistics
 import sys
 import tempfile
 import time
-import traceback
 import warnings
 from dataclasses import asdict, dataclass, field, replace
 
 from .config import GENERATION_BACKENDS
-from .profiling import PHASES, Probe
+from .profiling import PHASES, Probe, run_in_child
 
 
 @dataclass(frozen=True)
@@ -272,7 +270,7 @@ def common_args(preset: Preset, bench: BenchArguments, output_dir: str, cuda: bo
         "learning_rate": LEARNING_RATE,
         "optim": "adamw_torch_fused" if cuda else "adamw_torch",
         "bf16": preset.bf16 and cuda,
-        "gradient_checkpointing": bench.gradient_checkpointing,
+        "activation_checkpointing": bench.gradient_checkpointing,  # transformers 5.23 name; the old one warns
         "seed": bench.seed,
         "logging_strategy": "no",
         "save_strategy": "no",
@@ -442,34 +440,12 @@ def run_system(name: str, bench: BenchArguments) -> dict:
 def run_forked(name: str, bench: BenchArguments) -> dict:
     """`run_system` in a forked child: its own memory peak, compile cache and patches. The parent never touches CUDA
     or runs a torch kernel before forking, so the child starts clean."""
-    context = multiprocessing.get_context("fork")
-    receiver, sender = context.Pipe(duplex=False)
-    child = context.Process(target=_child, args=(sender, name, bench))
-    child.start()
-    sender.close()
-    try:
-        status, payload = receiver.recv()
-    except EOFError:
-        status, payload = "error", f"the process running {name} died (exit code {child.join() or child.exitcode})"
-    child.join()
+    status, payload = run_in_child(run_system, name, bench)
     if status == "error":
         raise RuntimeError(f"{name} failed:\n{payload}")
     if status == "out of memory":  # a result, not a failure: TRL's GKDTrainer does not fit batch 8 on an H100
         return {"system": name, **asdict(SYSTEMS[name]), "error": "out of memory", "detail": payload}
     return payload
-
-
-def _child(sender, name: str, bench: BenchArguments) -> None:
-    import torch
-
-    try:
-        sender.send(("ok", run_system(name, bench)))
-    except torch.OutOfMemoryError as error:
-        sender.send(("out of memory", str(error).splitlines()[0]))
-    except BaseException:  # the parent reports it; the child must not die silently
-        sender.send(("error", traceback.format_exc()))
-    finally:
-        sender.close()
 
 
 def compare(results: dict[str, dict]) -> list[dict]:

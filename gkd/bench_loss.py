@@ -18,8 +18,6 @@ On CPU every measurement of every variant runs in a process of its own.
 import ctypes
 import gc
 import json
-import multiprocessing
-import os
 import statistics
 import time
 from collections.abc import Callable
@@ -30,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from . import losses
-from .profiling import proc_status_gib
+from .profiling import proc_status_gib, run_in_child
 
 
 @dataclass
@@ -155,33 +153,19 @@ def peak_memory(name: str, args: BenchLossArguments) -> dict:
     return {"peak_memory_mib": (proc_status_gib("VmHWM") - before) * 1024}
 
 
-def _child(measurement: Callable, name: str, args: BenchLossArguments, connection) -> None:
-    try:
-        connection.send(measurement(name, args))
-    except BaseException as error:  # reported by the parent as this variant's result
-        connection.send({"error": f"{type(error).__name__}: {error}"})
-
-
-def _in_child(context_name: str, measurement: Callable, name: str, args: BenchLossArguments) -> dict:
-    context = multiprocessing.get_context(context_name)
-    receiver, sender = context.Pipe(duplex=False)
-    process = context.Process(target=_child, args=(measurement, name, args, sender))
-    process.start()
-    sender.close()
-    try:
-        result = receiver.recv()
-    except EOFError:  # killed, for example by the out-of-memory killer
-        result = {"error": f"process exited with code {process.exitcode}"}
-    process.join()
-    return result
-
-
 # glibc keeps freed heap blocks resident and, as large blocks are freed, raises its mmap threshold up to 32 MiB, so
 # even [chunk, V] buffers end up on the heap: the resident set then counts pages touched, not tensors alive
 # (fragmentation and reuse make it err either way). With a fixed threshold every block of 64 KiB or more is its own
 # mapping, returned on free. glibc reads this only at process start, hence a spawned process for memory; timing keeps
 # the default allocator.
 _MEMORY_CHILD_ENV = {"MALLOC_MMAP_THRESHOLD_": str(64 * 1024)}
+
+
+def _in_child(measurement: Callable, name: str, args: BenchLossArguments, **how) -> dict:
+    status, payload = run_in_child(measurement, name, args, **how)
+    if status == "ok":
+        return payload
+    return {"error": payload if status == "out of memory" else payload.strip().splitlines()[-1]}
 
 
 def run_variant(name: str, args: BenchLossArguments) -> dict:
@@ -191,17 +175,8 @@ def run_variant(name: str, args: BenchLossArguments) -> dict:
         result = {**time_calls(name, args), **peak_memory(name, args)}
         torch.cuda.empty_cache()
         return {"variant": name, **result}
-    timing = _in_child("fork", time_calls, name, args)
-    saved = {key: os.environ.get(key) for key in _MEMORY_CHILD_ENV}
-    os.environ.update(_MEMORY_CHILD_ENV)
-    try:
-        memory = _in_child("spawn", peak_memory, name, args)
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key)
-            else:
-                os.environ[key] = value
+    timing = _in_child(time_calls, name, args)
+    memory = _in_child(peak_memory, name, args, start_method="spawn", environment=_MEMORY_CHILD_ENV)
     errors = [result["error"] for result in (timing, memory) if "error" in result]
     return {"variant": name, **timing, **memory, **({"error": "; ".join(errors)} if errors else {})}
 

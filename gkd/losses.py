@@ -283,7 +283,7 @@ def chunked_generalized_jsd(
     teacher_weight: torch.Tensor,
     beta: float,
     temperature: float = 1.0,
-    chunk_size: int = 1024,
+    chunk_size: int = 512,
     student_bias: torch.Tensor | None = None,
     teacher_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:

@@ -6,7 +6,10 @@ add up to the step. `Probe` installs the timers without touching the trainers' c
 trainer's `training_step`, and a callback around `optimizer.step()` and at each step's end.
 """
 
+import multiprocessing
+import os
 import time
+import traceback
 from collections import defaultdict
 from contextlib import contextmanager
 
@@ -193,3 +196,46 @@ def proc_status_gib(key: str) -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB on Linux; whole-process peak
+
+
+def run_in_child(function, *args, start_method: str = "fork", environment: dict[str, str] | None = None):
+    """`function(*args)` in a process of its own, so its memory peak, compile caches and patches are its alone.
+
+    Returns ("ok", value), ("out of memory", the error's first line) or ("error", traceback text); a child that dies
+    without answering (the out-of-memory killer) is an "error". `environment` is added to the child's variables: a
+    spawned child reads them at start, which is how glibc's malloc settings reach it. A forked child must be forked
+    before the parent touches CUDA."""
+    context = multiprocessing.get_context(start_method)
+    receiver, sender = context.Pipe(duplex=False)
+    child = context.Process(target=_child_entry, args=(sender, function, args))
+    saved = {key: os.environ.get(key) for key in environment or {}}
+    os.environ.update(environment or {})
+    try:
+        child.start()
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key)
+            else:
+                os.environ[key] = value
+    sender.close()
+    try:
+        outcome = receiver.recv()
+    except EOFError:
+        child.join()
+        outcome = ("error", f"the process died (exit code {child.exitcode})")
+    child.join()
+    return outcome
+
+
+def _child_entry(sender, function, args) -> None:
+    import torch
+
+    try:
+        sender.send(("ok", function(*args)))
+    except torch.OutOfMemoryError as error:
+        sender.send(("out of memory", str(error).splitlines()[0]))
+    except BaseException:  # the parent reports it; the child must not die silently
+        sender.send(("error", traceback.format_exc()))
+    finally:
+        sender.close()

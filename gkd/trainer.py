@@ -100,8 +100,11 @@ class GKDTrainer(Trainer):
         self.generation_backend = self._resolve_generation_backend(args.generation_backend)
         # Built once per run and reused by every generation, so the static caches, the decode graph and the merged
         # LoRA copies keep their addresses (CUDA graphs replay on fixed addresses): one decoder per sampling model.
-        compile_options = default_compile_options(args.device) if self.generation_backend == "compiled" else None
-        self._decoders = {STUDENT: StaticDecoder(compile_options), TEACHER: StaticDecoder(compile_options)}
+        # The plain backend (transformers' generate) needs none.
+        self._decoders = {}
+        if self.generation_backend != "plain":
+            options = default_compile_options(args.device) if self.generation_backend == "compiled" else None
+            self._decoders = {STUDENT: StaticDecoder(options), TEACHER: StaticDecoder(options)}
         self._lora_copies = MergedLoraCopies()  # generation copies of the student's LoRA layers
         # Samples may only hold ids that both models embed and the tokenizer knows. A padded embedding's extra rows
         # (the teacher's or the student's) are untrained and get sampled now and then; the other model's forward
@@ -153,7 +156,7 @@ class GKDTrainer(Trainer):
                 pad_token_id=self.pad_token_id,
                 backend=self.generation_backend,
                 max_cache_len=self.args.max_length,
-                decoder=self._decoders[source],
+                decoder=self._decoders.get(source),
                 lora_copies=self._lora_copies if source == STUDENT else None,
             )
         sampled, start = [], 0

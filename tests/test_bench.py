@@ -90,3 +90,20 @@ def test_loss_bench_runs_both_variants_and_they_agree(tmp_path):
     for row in rows.values():
         assert "error" not in row and positive(row["seconds_per_call"]) and row["peak_memory_mib"] >= 0, row
     assert math.isclose(rows["chunked"]["loss"], rows["reference"]["loss"], rel_tol=1e-5)
+
+
+def test_child_runner_returns_values_errors_and_deaths():
+    """Both benches run each measurement through `run_in_child`; a failure must come back, not hang or vanish."""
+    import os
+
+    from gkd.profiling import run_in_child
+
+    assert run_in_child(divmod, 7, 2) == ("ok", (3, 1))
+    status, detail = run_in_child(int, "seven")
+    assert status == "error" and "ValueError: invalid literal" in detail and "Traceback" in detail
+    status, detail = run_in_child(os._exit, 3)
+    assert status == "error" and "exit code 3" in detail
+    # A spawned child gets the extra variables (read at its start, as glibc's malloc settings are); the parent keeps its.
+    key = "GKD_TEST_CHILD_VARIABLE"
+    assert run_in_child(os.getenv, key, start_method="spawn", environment={key: "set"}) == ("ok", "set")
+    assert key not in os.environ
