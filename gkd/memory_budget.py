@@ -4,20 +4,21 @@
     python scripts/memory_budget.py --preset h100 --gradient_checkpointing --lora
 
 Why: the issue's memory target is set on an H100, and the sessions that built gkd had none. Every part of the peak is
-either counted (weights, gradients, AdamW state, KV caches, merged LoRA copies: numbers of elements of models built on
-the meta device) or measured on CPU, where the kernels save what their CUDA counterparts save: the student's saved
-activations come from a real forward of a one-layer and a two-layer copy of it (same width, dtype, sequence length,
+either counted (weights, gradients, AdamW state, KV caches, merged LoRA copies: bytes of models built on the meta
+device) or measured on CPU, where the kernels save what their CUDA counterparts save: the student's saved activations
+come from a real forward of a one-layer and a two-layer copy of it (same width, dtype, autocast, sequence length,
 LoRA and dropout settings as the trainer's), counted through autograd's saved-tensor hooks and scaled to every layer
-and the whole batch. The loss's buffers follow `losses._fused_linear_jsd` (checked with scripts/bench_loss.py).
+and the whole batch. The loss's buffers follow `losses._fused_linear_jsd`. Checked against real runs: see
+docs/performance.md.
 
 Weights, optimizer state and caches are held for the whole step; on top of them the peak is the largest of four
 moments: the teacher's forward (no autograd: one layer's intermediates at a time, over the student's saved
 activations), the fused loss (its saved gradients and chunk buffers), the start of backward (the lm_head gradient is
-made while every activation is still alive) and its end (every gradient, no activation: backward frees them as it
-makes gradients, so the moments between lie under these two), which lasts through the optimizer step (fused AdamW,
-transformers' default, makes no temporaries). Gradient accumulation over several micro-batches keeps
-the gradients alive through the next forward too, which this does not add. Allocator slack and the CUDA context are
-not counted (`torch.cuda.max_memory_allocated` does not count them either).
+made while every activation is still alive) and its end (every gradient, no activation: backward frees activations
+as it makes gradients, so the moments between lie under these two), which lasts through the optimizer step (fused
+AdamW, transformers' default, makes no temporaries). Gradient accumulation over several micro-batches keeps the
+gradients alive through the next forward too, which this does not add. Allocator slack and the CUDA context are not
+counted (`torch.cuda.max_memory_allocated` does not count them either).
 """
 
 import json
@@ -47,22 +48,14 @@ class BudgetArguments:
     output_json: str | None = field(default=None, metadata={"help": "Also write the budget here."})
 
 
-def _element_bytes(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
-
-
-def _lora(model):
-    from peft import LoraConfig, get_peft_model
-
-    return get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **bench.LORA))
-
-
 def _student(preset: bench.Preset, device: str, lora: bool, num_layers: int | None = None):
     """The student as the trainer holds it: LoRA-wrapped if asked, dropout off (gkd's --disable_dropout default)."""
     shape = preset.student if num_layers is None else replace(preset.student, num_layers=num_layers)
     model = bench.build_model(shape, preset, seed=0, device=device)
     if lora:
-        model = _lora(model)
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **bench.LORA))
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
@@ -106,7 +99,7 @@ def estimate(args: BudgetArguments) -> dict:
     if args.batch_size is not None:
         preset = replace(preset, batch_size=args.batch_size)
     dtype = torch.bfloat16 if preset.bf16 else torch.float32
-    size = _element_bytes(dtype)
+    size = dtype.itemsize
     batch, width = preset.batch_size, preset.prompt_length + preset.completion_length
     student = _student(preset, "meta", args.lora)
     teacher = bench.build_model(preset.teacher, preset, seed=0, device="meta")

@@ -40,9 +40,10 @@ case $part in
 generation-loss)
     python3 scripts/bench_generation.py --preset h100 --backends plain hf-compiled static compiled \
         --output_json "$out/generation.json" 2>&1 | tee "$out/generation.log"
-    # The trainer's loss at the shapes: 8 x 256 completion rows, bf16 weights, Qwen2-1.5B's teacher width.
+    # The trainer's loss at the shapes: 8 x 256 completion rows, bf16 weights, Qwen2-1.5B's teacher width,
+    # gkd's default --loss_chunk_size.
     python3 scripts/bench_loss.py --device cuda --dtype bfloat16 --rows 2048 --hidden_student 896 \
-        --hidden_teacher 1536 --vocab 151936 --output_json "$out/loss.json" 2>&1 | tee "$out/loss.log"
+        --hidden_teacher 1536 --vocab 151936 --chunk_size 512 --output_json "$out/loss.json" 2>&1 | tee "$out/loss.log"
     ;;
 steps-gkd)
     python3 scripts/bench.py --preset h100 --systems gkd/lmbda0 gkd/lmbda1 gkd/lmbda1-lora \
