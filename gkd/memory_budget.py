@@ -50,15 +50,15 @@ class BudgetArguments:
 
 def _student(preset: bench.Preset, device: str, lora: bool, num_layers: int | None = None):
     """The student as the trainer holds it: LoRA-wrapped if asked, dropout off (gkd's --disable_dropout default)."""
+    from trl.trainer.utils import disable_dropout_in_model
+
     shape = preset.student if num_layers is None else replace(preset.student, num_layers=num_layers)
     model = bench.build_model(shape, preset, seed=0, device=device)
     if lora:
         from peft import LoraConfig, get_peft_model
 
         model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **bench.LORA))
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
+    disable_dropout_in_model(model)
     return model.train()
 
 
@@ -124,7 +124,7 @@ def estimate(args: BudgetArguments) -> dict:
     layers = preset.student.num_layers
     if args.gradient_checkpointing:  # each layer keeps its input; backward recomputes one layer at a time
         layer_inputs = layers * width * preset.student.hidden_size * size
-        activations = batch * (outside_layers + per_layer) + batch * layer_inputs
+        activations = batch * (outside_layers + layer_inputs + per_layer)
     else:
         activations = batch * (outside_layers + layers * per_layer)
 

@@ -2,8 +2,8 @@
 
 Phases are exclusive wall times per optimizer step: entering a phase pauses the one it is nested in, so the phases
 add up to the step. `Probe` installs the timers without touching the trainers' code: `GenerationMixin.generate`
-(every `generate` call, whoever makes it, and gkd's own decode loop), forward hooks on the teacher and its backbone, a wrapper around the
-trainer's `training_step`, and a callback around `optimizer.step()` and at each step's end.
+(every `generate` call, whoever makes it, and gkd's own decode loop), forward hooks on the teacher and its backbone,
+a wrapper around the trainer's `training_step`, and a callback around `optimizer.step()` and at each step's end.
 """
 
 import multiprocessing
@@ -12,6 +12,7 @@ import time
 import traceback
 from collections import defaultdict
 from contextlib import contextmanager
+from unittest import mock
 
 PHASES = ("generation", "teacher_forward", "student_forward_backward", "optimizer", "other")
 
@@ -208,24 +209,15 @@ def run_in_child(function, *args, start_method: str = "fork", environment: dict[
     context = multiprocessing.get_context(start_method)
     receiver, sender = context.Pipe(duplex=False)
     child = context.Process(target=_child_entry, args=(sender, function, args))
-    saved = {key: os.environ.get(key) for key in environment or {}}
-    os.environ.update(environment or {})
-    try:
+    with mock.patch.dict(os.environ, environment or {}):  # restored once the child has started
         child.start()
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key)
-            else:
-                os.environ[key] = value
     sender.close()
     try:
         outcome = receiver.recv()
     except EOFError:
-        child.join()
-        outcome = ("error", f"the process died (exit code {child.exitcode})")
+        outcome = None
     child.join()
-    return outcome
+    return outcome or ("error", f"the process died (exit code {child.exitcode})")
 
 
 def _child_entry(sender, function, args) -> None:

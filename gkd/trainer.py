@@ -19,6 +19,7 @@ from contextlib import contextmanager
 import torch
 from transformers import Trainer, TrainerCallback
 from trl.models.utils import _ForwardRedirection, unwrap_model_for_generation
+from trl.trainer.utils import disable_dropout_in_model
 
 from . import losses, reliability
 from .batching import left_pad_prompts, pad_batch
@@ -65,9 +66,7 @@ class GKDTrainer(Trainer):
                 model.enable_input_require_grads()
             model = get_peft_model(model, peft_config)
         if args.disable_dropout:
-            for module in model.modules():
-                if isinstance(module, torch.nn.Dropout):
-                    module.p = 0.0
+            disable_dropout_in_model(model)
         if args.gradient_checkpointing and args.gradient_checkpointing_kwargs is None:
             args.gradient_checkpointing_kwargs = {"use_reentrant": False}
         super().__init__(

@@ -2,7 +2,7 @@
 # The H100 measurements of docs/performance.md, for a session that is lent a GPU through the device tool.
 #
 # Here (with registry access):   bash scripts/gpu_bench.sh wheels
-#   downloads into .whl/ (git-ignored, about 18 MB) the pinned packages the GPU image lacks or has at other versions.
+#   downloads into .whl/ (git-ignored, about 16 MB) the pinned packages the GPU image lacks or has at other versions.
 # There, one device `run` per part, each with carry [".whl"] and well inside the 10-minute limit of a call:
 #   bash scripts/gpu_bench.sh generation-loss   # sampling backends + the loss alone (about 5 min)
 #   bash scripts/gpu_bench.sh steps-gkd         # gkd's three systems at the shapes

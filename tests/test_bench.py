@@ -103,7 +103,7 @@ def test_child_runner_returns_values_errors_and_deaths():
     assert status == "error" and "ValueError: invalid literal" in detail and "Traceback" in detail
     status, detail = run_in_child(os._exit, 3)
     assert status == "error" and "exit code 3" in detail
-    # A spawned child gets the extra variables (read at its start, as glibc's malloc settings are); the parent keeps its.
+    # A spawned child gets the extra variables (read at start, as glibc's malloc settings are); the parent keeps its.
     key = "GKD_TEST_CHILD_VARIABLE"
     assert run_in_child(os.getenv, key, start_method="spawn", environment={key: "set"}) == ("ok", "set")
     assert key not in os.environ
