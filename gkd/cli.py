@@ -27,3 +27,9 @@ def quiet_libraries() -> None:
     transformers.logging.disable_progress_bar()
     disable_progress_bars()
     warnings.filterwarnings("ignore", category=FutureWarning)  # deprecations between peft and transformers
+
+
+def hide_checkpointing_deprecations() -> None:
+    """peft 0.21.2 and trl 1.16.0 still call transformers 5.23's deprecated `gradient_checkpointing*` aliases, which
+    work; their FutureWarnings tell a gkd user nothing they can act on."""
+    warnings.filterwarnings("ignore", message=r"`(is_)?gradient_checkpointing\w*` is deprecated", category=FutureWarning)

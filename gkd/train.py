@@ -17,7 +17,7 @@ if __name__ == "__main__" and not __package__:
 
 import logging
 
-from gkd.cli import run
+from gkd.cli import hide_checkpointing_deprecations, run
 
 logger = logging.getLogger("gkd")
 
@@ -36,6 +36,7 @@ def parse_args(argv: list[str] | None = None):
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    hide_checkpointing_deprecations()
     script_args, model_args, training_args = parse_args(argv)
 
     from gkd import data, launch, models

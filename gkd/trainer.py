@@ -62,13 +62,11 @@ class GKDTrainer(Trainer):
         if peft_config is not None:
             from peft import get_peft_model
 
-            if args.gradient_checkpointing:
+            if args.activation_checkpointing:
                 model.enable_input_require_grads()
             model = get_peft_model(model, peft_config)
         if args.disable_dropout:
             disable_dropout_in_model(model)
-        if args.gradient_checkpointing and args.gradient_checkpointing_kwargs is None:
-            args.gradient_checkpointing_kwargs = {"use_reentrant": False}
         super().__init__(
             model=model,
             args=args,
@@ -142,7 +140,7 @@ class GKDTrainer(Trainer):
             model,
             self.accelerator,
             gather_deepspeed3_params=self.args.ds3_gather_for_generation,
-            gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
+            gradient_checkpointing_kwargs=self.args.activation_checkpointing_kwargs,
         ) as generator, seeded, _sampling_below(generator, self.shared_vocab_size):
             completion_ids, completion_mask = generate(
                 generator,
