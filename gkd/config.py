@@ -245,12 +245,13 @@ class GKDConfig(TrainingArguments):
         if not self.output_dir:
             raise ConfigError("--output_dir is required")
         self.remove_unused_columns = False
-        if (self.bf16 or self.fp16) and not _has_accelerator():
+        has_accelerator = _has_accelerator()
+        if (self.bf16 or self.fp16) and not has_accelerator:
             # LLM-Dojo commands carry --bf16; TrainingArguments refuses it without a GPU unless use_cpu is set, and
             # use_cpu would break DeepSpeed on CPU ranks. Train in fp32 instead and say so.
             logger.warning("--bf16/--fp16 ignored: no GPU on this machine, training in float32")
             self.bf16 = self.fp16 = False
-        if not _has_accelerator():
+        if not has_accelerator:
             self.dataloader_pin_memory = False  # pinning needs an accelerator; torch warns on every dataloader
         # LLM-Dojo's --gradient_checkpointing is a gkd flag like any other: hand it to transformers 5.23 under its new
         # name, which it would otherwise take with a FutureWarning.
@@ -261,7 +262,7 @@ class GKDConfig(TrainingArguments):
             setattr(self, old, None)
         if self.ddp_backend is None:
             # Must be set before TrainingArguments sets up the devices: see gkd/launch.py.
-            self.ddp_backend = cpu_deepspeed_backend(_has_accelerator())
+            self.ddp_backend = cpu_deepspeed_backend(has_accelerator)
         super().__post_init__()
 
 
