@@ -30,6 +30,7 @@ def quiet_libraries() -> None:
 
 
 def hide_checkpointing_deprecations() -> None:
-    """peft 0.21.2 and trl 1.16.0 still call transformers 5.23's deprecated `gradient_checkpointing*` aliases, which
-    work; their FutureWarnings tell a gkd user nothing they can act on."""
+    """transformers 5.23 resolves its deprecated `gradient_checkpointing*` aliases itself, and warns each time: for
+    LLM-Dojo's `--gradient_checkpointing`, which gkd keeps as a flag of its own, and for the calls peft 0.21.2 and
+    trl 1.16.0 still make. None of these FutureWarnings is something a gkd user can act on."""
     warnings.filterwarnings("ignore", message=r"`(is_)?gradient_checkpointing\w*` is deprecated", category=FutureWarning)

@@ -253,13 +253,6 @@ class GKDConfig(TrainingArguments):
             self.bf16 = self.fp16 = False
         if not has_accelerator:
             self.dataloader_pin_memory = False  # pinning needs an accelerator; torch warns on every dataloader
-        # LLM-Dojo's --gradient_checkpointing is a gkd flag like any other: hand it to transformers 5.23 under its new
-        # name, which it would otherwise take with a FutureWarning.
-        for old, new in (("gradient_checkpointing", "activation_checkpointing"),
-                         ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs")):
-            if getattr(self, new) is None:
-                setattr(self, new, getattr(self, old))
-            setattr(self, old, None)
         if self.ddp_backend is None:
             # Must be set before TrainingArguments sets up the devices: see gkd/launch.py.
             self.ddp_backend = cpu_deepspeed_backend(has_accelerator)
