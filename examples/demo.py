@@ -11,21 +11,21 @@
 """
 
 import argparse
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from gkd.cli import run
 
-from gkd.cli import run  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 STUDENT_LAYERS = 22
 
 
 def prepare_student(teacher: Path, cache_dir: Path) -> Path:
-    from gkd.pruning import PruneConfig, prune
+    from gkd.tools.prune import PruneConfig, prune
 
     student = cache_dir / f"smollm2-135m-pruned-{STUDENT_LAYERS}l"
     if (student / "pruning.json").exists():  # written last: its presence means the pruning finished
@@ -35,6 +35,18 @@ def prepare_student(teacher: Path, cache_dir: Path) -> Path:
     prune(PruneConfig(model_name_or_path=str(teacher), output_dir=str(student), num_layers=STUDENT_LAYERS,
                       overwrite=True, sample_max_new_tokens=0))
     return student
+
+
+def _remove_previous_demo(output_dir: Path, config: Path) -> None:
+    """The demo replaces its own previous run, and nothing else: a folder some other run wrote is refused."""
+    from gkd.errors import ConfigError
+
+    run_config = output_dir / "run_config.json"
+    ours = not any(output_dir.iterdir()) or (run_config.is_file() and config.name in run_config.read_text())
+    if not ours:
+        raise ConfigError(f"--output_dir {output_dir} holds something other than a previous demo run; choose another")
+    print(f"removing the previous demo run in {output_dir} (pass --output_dir to keep it)", flush=True)
+    shutil.rmtree(output_dir)
 
 
 def main() -> None:
@@ -47,9 +59,10 @@ def main() -> None:
     parser.add_argument("--eval_max_new_tokens", type=int, default=32)
     args, train_overrides = parser.parse_known_args()
 
-    from gkd.embedded import prepare_teacher
+    from embedded import prepare_teacher  # examples/embedded.py, beside this file
+
     from gkd.data import load_conversations
-    from gkd.evaluate import evaluate_folders, markdown_table, plot_run, write_report
+    from gkd.tools.evaluate import evaluate_folders, markdown_table, plot_run, write_report
 
     started = time.time()
     cache_dir = Path(args.cache_dir).expanduser()
@@ -59,12 +72,12 @@ def main() -> None:
     config = Path(args.config) if Path(args.config).exists() else REPO / args.config
 
     if output_dir.exists():
-        print(f"replacing the previous demo run in {output_dir} (pass --output_dir to keep it)", flush=True)
+        _remove_previous_demo(output_dir, config)
     print("\n== distilling (progress bar and ETA below) ==", flush=True)
     command = [
         sys.executable, str(REPO / "gkd/train.py"), "--config", str(config.resolve()),
         "--model_name_or_path", str(student), "--teacher_model_name_or_path", str(teacher),
-        "--output_dir", str(output_dir), "--overwrite_output_dir", *train_overrides,
+        "--output_dir", str(output_dir), *train_overrides,
     ]
     print(" ".join(command), flush=True)
     result = subprocess.run(command, cwd=REPO)

@@ -43,17 +43,6 @@ def mask_after_stop(completion_ids: torch.Tensor, valid: torch.Tensor, stop_toke
     return (valid.bool() & (stops_before == 0)).long()
 
 
-def pad_completions(rows: list[torch.Tensor], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad 1-D completion tensors into ids and a length-based mask (at least one column)."""
-    width = max(1, max(row.numel() for row in rows))
-    ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long, device=rows[0].device)
-    mask = torch.zeros((len(rows), width), dtype=torch.long, device=rows[0].device)
-    for index, row in enumerate(rows):
-        ids[index, : row.numel()] = row
-        mask[index, : row.numel()] = 1
-    return ids, mask
-
-
 def left_pad_prompts(batches: list[dict], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Stack the prompts of several micro-batches (different widths) into one left-padded batch."""
     width = max(batch["prompt_ids"].shape[1] for batch in batches)

@@ -1,13 +1,15 @@
 """Every option of a gkd run: one dataclass field each, with help text, parsed from the CLI or a YAML `--config`.
 
 Three groups, as TRL's scripts have them: what to read (`ScriptArguments`), which models (`ModelArguments`), and how
-to train (`GKDConfig`, a `transformers.TrainingArguments`). Names follow TRL's GKD and LLM-Dojo's `train_gkd.py`, so
-their command lines keep working; legacy spellings are aliases, not second fields.
+to train (`GKDConfig`, a `transformers.TrainingArguments`). Names follow TRL and LLM-Dojo's `train_gkd.py`, so their
+command lines keep working; legacy spellings are aliases, not second fields. Each group checks its own values in
+`__post_init__`; `check_together` checks what spans groups. All of it runs before any model or dataset loads.
 """
 
+import dataclasses
 import importlib.util
 import logging
-import os
+import math
 from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
@@ -15,11 +17,20 @@ from transformers import TrainingArguments
 from .errors import ConfigError
 from .generation import BACKENDS
 from .launch import cpu_deepspeed_backend
+from .steps import LMBDA_SCHEDULES
 
 logger = logging.getLogger(__name__)
 
 DTYPES = ["auto", "bfloat16", "float16", "float32"]
 GENERATION_BACKENDS = ["auto", *BACKENDS]
+
+
+def check_finite(options) -> None:
+    """NaN passes every range check (`nan <= 0` is False), and inf most: refuse both in every float option."""
+    for option in dataclasses.fields(options):
+        value = getattr(options, option.name, None)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"--{option.name} must be a finite number, got {value}")
 
 
 @dataclass
@@ -29,28 +40,39 @@ class ScriptArguments:
     dataset_name: str | None = field(
         default=None,
         metadata={
-            "help": "Training data: a JSON file (list of records), a JSONL file, a folder of such files, or a folder "
-            "written by `datasets.save_to_disk`. Records are chat conversations (`messages`), LLM-Dojo records "
-            "(`prompt` list + `messages` with an empty assistant turn) or `prompt`/`completion` pairs."
+            "help": "Training data: a JSON, JSONL or Parquet file, a folder of them, a folder written by "
+            "`datasets.save_to_disk`, or a Hugging Face Hub dataset id. Records: chat `messages`, LLM-Dojo's "
+            "`prompt` list, `prompt`/`completion` pairs, Alpaca, ShareGPT or plain `text` (README, Data)."
         },
+    )
+    dataset_config: str | None = field(
+        default=None, metadata={"help": "Configuration name of a Hub dataset (the `name` of `load_dataset`)."}
+    )
+    dataset_train_split: str = field(default="train", metadata={"help": "Split to train on (Hub and saved datasets)."})
+    dataset_test_split: str = field(
+        default="test",
+        metadata={"help": "Split to evaluate on when --eval_strategy is set and no --eval_dataset_name is given."},
     )
     eval_dataset_name: str | None = field(
         default=None,
-        metadata={"help": "Optional validation data in the same formats; evaluated every `eval_steps`."},
+        metadata={"help": "Optional validation data in the same forms; evaluated every `eval_steps`."},
+    )
+    dataset_num_proc: int | None = field(
+        default=None, metadata={"help": "Processes that tokenize the data (`datasets.map`); default: one."}
     )
     dataset_batch_size: int | None = field(
         default=None,
-        metadata={"help": "Accepted for LLM-Dojo compatibility; has no effect (tokenization is not batched)."},
+        metadata={"help": "Records tokenized per batch (LLM-Dojo's and TRL's name); default 1000."},
     )
 
     def __post_init__(self):
+        check_finite(self)
         if not self.dataset_name:
-            raise ConfigError("--dataset_name is required: a JSON/JSONL file or folder of chat records")
-        for name in (self.dataset_name, self.eval_dataset_name):
-            if name and not os.path.exists(name):
-                raise ConfigError(f"dataset not found: {name}")
-        if self.dataset_batch_size is not None:
-            logger.warning("--dataset_batch_size is accepted for LLM-Dojo compatibility and has no effect")
+            raise ConfigError("--dataset_name is required: a JSON/JSONL/Parquet file or folder, or a Hub dataset id")
+        if self.dataset_num_proc is not None and self.dataset_num_proc < 1:
+            raise ConfigError(f"--dataset_num_proc must be at least 1, got {self.dataset_num_proc}")
+        if self.dataset_batch_size is not None and self.dataset_batch_size < 1:
+            raise ConfigError(f"--dataset_batch_size must be at least 1, got {self.dataset_batch_size}")
 
 
 @dataclass
@@ -58,11 +80,42 @@ class ModelArguments:
     """Which student and teacher, in which precision, with or without LoRA."""
 
     model_name_or_path: str | None = field(
-        default=None, metadata={"help": "The student: a local Hugging Face model folder. It is the model trained."}
+        default=None,
+        metadata={"help": "The student, the model trained: a Hugging Face model folder or a Hub model id."},
+    )
+    model_revision: str = field(
+        default="main", metadata={"help": "Branch, tag or commit of a Hub student (ignored for folders)."}
     )
     teacher_model_name_or_path: str | None = field(
         default=None,
-        metadata={"help": "The teacher: a local Hugging Face model folder sharing the student's vocabulary. Frozen."},
+        metadata={
+            "help": "The teacher, frozen, sharing the student's vocabulary: a model folder or a Hub model id. "
+            "Not needed with --teacher_logits_path or --teacher_server_url."
+        },
+    )
+    teacher_model_revision: str = field(
+        default="main", metadata={"help": "Branch, tag or commit of a Hub teacher (ignored for folders)."}
+    )
+    teacher_logits_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Train from a cache of the teacher's top-K log-probabilities (scripts/cache_teacher_logits.py) "
+            "instead of a live teacher: the teacher never loads. Dataset steps only (--lmbda 0, no --seq_kd)."
+        },
+    )
+    teacher_server_url: str | None = field(
+        default=None,
+        metadata={
+            "help": "A teacher served on its own machines through vLLM's OpenAI-compatible API (e.g. "
+            "http://host:8000): gkd sends token ids and reads the teacher's top-K log-probabilities."
+        },
+    )
+    teacher_tokenizer_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "With --teacher_server_url: the tokenizer to check the served model's vocabulary against the "
+            "student's. Default: the model the server reports (`root` of /v1/models)."
+        },
     )
     dtype: str = field(
         default="auto",
@@ -73,7 +126,7 @@ class ModelArguments:
         },
     )
     trust_remote_code: bool = field(
-        default=False, metadata={"help": "Allow model folders that ship their own modelling code."}
+        default=False, metadata={"help": "Allow models that ship their own modelling code."}
     )
     attn_implementation: str | None = field(
         default=None, metadata={"help": "Attention kernel passed to `from_pretrained` (e.g. sdpa, eager)."}
@@ -88,18 +141,34 @@ class ModelArguments:
     )
 
     def __post_init__(self):
-        for flag, path in (
-            ("--model_name_or_path", self.model_name_or_path),
+        check_finite(self)
+        if not self.model_name_or_path:
+            raise ConfigError("--model_name_or_path is required: the student's model folder or Hub id")
+        teachers = [flag for flag, value in (
             ("--teacher_model_name_or_path", self.teacher_model_name_or_path),
-        ):
-            if not path:
-                raise ConfigError(f"{flag} is required: a local Hugging Face model folder")
-            if not os.path.isdir(path):
-                raise ConfigError(f"{flag}: no model folder at {path} (models are local folders; the Hub is not used)")
+            ("--teacher_logits_path", self.teacher_logits_path),
+            ("--teacher_server_url", self.teacher_server_url),
+        ) if value]
+        if not teachers:
+            raise ConfigError("a teacher is required: --teacher_model_name_or_path (a model folder or Hub id), "
+                              "--teacher_logits_path (a top-K cache) or --teacher_server_url (a served teacher)")
+        if len(teachers) > 1:
+            raise ConfigError(f"give one teacher, not {' and '.join(teachers)}")
+        if self.teacher_server_url and not self.teacher_server_url.startswith(("http://", "https://")):
+            raise ConfigError(f"--teacher_server_url must start with http:// or https://, got {self.teacher_server_url}")
         if self.lora_r <= 0 or self.lora_alpha <= 0:
             raise ConfigError("--lora_r and --lora_alpha must be positive")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ConfigError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.lora_target_modules is not None and not self.lora_target_modules:
+            raise ConfigError("--lora_target_modules needs at least one module name")
+
+    @property
+    def teacher_kind(self) -> str:
+        """'live' (a model beside the student), 'cache' (top-K log-probabilities on disk) or 'server' (HTTP)."""
+        if self.teacher_logits_path:
+            return "cache"
+        return "server" if self.teacher_server_url else "live"
 
 
 @dataclass
@@ -110,8 +179,24 @@ class GKDConfig(TrainingArguments):
         default=0.5,
         metadata={
             "help": "Share of optimizer steps trained on completions the student samples itself (on-policy). The "
-            "draw is made once per optimizer step from the seed and the step, identically on every rank."
+            "draw is made once per optimizer step from the seed and the step, identically on every rank. With a "
+            "schedule, the share reached after --lmbda_warmup_steps."
         },
+    )
+    lmbda_schedule: str = field(
+        default="constant",
+        metadata={
+            "help": "How the on-policy share moves over the run. 'constant': --lmbda throughout. 'linear': from "
+            "--lmbda_start to --lmbda over --lmbda_warmup_steps optimizer steps. 'step': --lmbda_start (off-policy) "
+            "for --lmbda_warmup_steps steps, then --lmbda.",
+            "choices": list(LMBDA_SCHEDULES),
+        },
+    )
+    lmbda_warmup_steps: int = field(
+        default=0, metadata={"help": "Optimizer steps the 'linear' or 'step' lmbda schedule takes to reach --lmbda."}
+    )
+    lmbda_start: float = field(
+        default=0.0, metadata={"help": "On-policy share at step 0 of a 'linear' or 'step' lmbda schedule."}
     )
     beta: float = field(
         default=0.5,
@@ -130,11 +215,52 @@ class GKDConfig(TrainingArguments):
     objective: str = field(
         default="gkd",
         metadata={
-            "help": "'gkd': the generalized JSD to the teacher (the method). 'sft': cross-entropy on the completions "
-            "trained on, the teacher's distribution unused; with --seq_kd --lmbda 0 it is SFT on teacher responses, "
-            "the baseline scripts/compare_objectives.py compares against.",
+            "help": "'gkd': the generalized JSD to the teacher (the method). 'sft': shorthand for --kd_loss_weight 0 "
+            "--sft_loss_weight 1, cross-entropy only; with --seq_kd --lmbda 0 it is SFT on teacher responses.",
             "choices": ["gkd", "sft"],
         },
+    )
+    kd_loss_weight: float = field(
+        default=1.0, metadata={"help": "Weight of the distillation term (NeMo-Aligner's kd_loss_weight)."}
+    )
+    sft_loss_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weight of a cross-entropy term on the completions (NeMo-Aligner's sft_loss_weight), applied on "
+            "steps whose completions come from the dataset or the teacher, never on the student's own samples."
+        },
+    )
+    kd_ratio: float | None = field(
+        default=None,
+        metadata={"help": "torchtune's shorthand: --kd_loss_weight r --sft_loss_weight 1-r."},
+    )
+    teacher_top_k: int | None = field(
+        default=None,
+        metadata={
+            "help": "Distil on the teacher's K most likely tokens plus one bucket for the rest (a sparse generalized "
+            "JSD). Default: the full vocabulary with a live teacher, the cache's K with --teacher_logits_path; "
+            "required with --teacher_server_url. K = 1 with --beta 1 uses the sampled token (tinker's estimator)."
+        },
+    )
+    topk_renormalize: bool = field(
+        default=False,
+        metadata={
+            "help": "NeMo-Aligner's top-K loss instead: both distributions renormalised over the teacher's top-K, "
+            "no tail bucket (forward KL at --beta 0)."
+        },
+    )
+    teacher_server_timeout: float = field(
+        default=120.0, metadata={"help": "Seconds one request to --teacher_server_url may take."}
+    )
+    teacher_server_retries: int = field(
+        default=5,
+        metadata={
+            "help": "Retries of a failed teacher request, with exponential backoff; then the run saves a checkpoint "
+            "and stops."
+        },
+    )
+    teacher_server_concurrency: int = field(
+        default=8, metadata={"help": "Requests in flight to --teacher_server_url at once, per rank."}
     )
     temperature: float = field(
         default=0.9,
@@ -150,11 +276,10 @@ class GKDConfig(TrainingArguments):
         default="auto",
         metadata={
             "help": "How student and teacher completions are sampled. 'plain': transformers' generate with a dynamic "
-            "KV cache (the reference path). 'static': gkd's own decode loop over a static KV cache sized for "
-            "max_length, LoRA adapters merged into generation copies of the adapted weights (faster than plain on "
-            "CPU). 'compiled': that loop with its decode step torch.compile'd (CUDA graphs on GPU), built in the first "
-            "on-policy step; if compiling fails the run warns and goes on uncompiled. 'auto': compiled on a CUDA GPU, "
-            "static elsewhere; DeepSpeed ZeRO-3 always uses plain.",
+            "KV cache (the reference path). 'static': gkd's own decode loop over a static KV cache, LoRA adapters "
+            "merged into generation copies of the adapted weights (faster than plain on CPU). 'compiled': that loop "
+            "with its decode step torch.compile'd (CUDA graphs on GPU); if compiling fails the run warns and goes on "
+            "uncompiled. 'auto': compiled on a CUDA GPU, static elsewhere; DeepSpeed ZeRO-3 always uses plain.",
             "choices": GENERATION_BACKENDS,
         },
     )
@@ -171,7 +296,15 @@ class GKDConfig(TrainingArguments):
         default=1024,
         metadata={
             "help": "Longest prompt + completion in tokens. Prompts keep `max_length - max_new_tokens` tokens at "
-            "most: older turns are dropped first, the system message and the latest turns survive."
+            "most: older turns are dropped first, the system message and the latest turns survive. Plain text is "
+            "split into windows of this many tokens."
+        },
+    )
+    text_prompt_tokens: int | None = field(
+        default=None,
+        metadata={
+            "help": "Plain-text data on on-policy steps: the first N tokens of a window are the prompt the student "
+            "continues. Required for --lmbda > 0 with plain text."
         },
     )
     disable_dropout: bool = field(default=True, metadata={"help": "Turn off dropout in the student."})
@@ -185,7 +318,10 @@ class GKDConfig(TrainingArguments):
     )
     overwrite_output_dir: bool = field(
         default=False,
-        metadata={"help": "Allow writing into an output_dir that already holds a run's results."},
+        metadata={
+            "help": "Start anew in an output_dir that holds a run's results: the old folder is moved aside to "
+            "<output_dir>.replaced-N, not deleted."
+        },
     )
     resume_from_checkpoint: str | None = field(
         default=None,
@@ -213,14 +349,62 @@ class GKDConfig(TrainingArguments):
     )
 
     def __post_init__(self):
+        check_finite(self)
         if self.report_to == "auto" or self.report_to == ["auto"]:
             self.report_to = "tensorboard" if importlib.util.find_spec("tensorboard") else "none"
-        if not 0.0 <= self.lmbda <= 1.0:
-            raise ConfigError(f"--lmbda must be in [0, 1], got {self.lmbda}")
-        if not 0.0 <= self.beta <= 1.0:
-            raise ConfigError(f"--beta must be in [0, 1], got {self.beta}")
+        self._check_objective()
+        self._check_sampling()
+        self._check_steps()
+        if not self.output_dir:
+            raise ConfigError("--output_dir is required")
+        self.remove_unused_columns = False
+        has_accelerator = _has_accelerator()
+        if (self.bf16 or self.fp16) and not has_accelerator:
+            # LLM-Dojo commands carry --bf16; TrainingArguments refuses it without a GPU unless use_cpu is set, and
+            # use_cpu would break DeepSpeed on CPU ranks. Train in fp32 instead and say so.
+            logger.warning("--bf16/--fp16 ignored: no GPU on this machine, training in float32")
+            self.bf16 = self.fp16 = False
+        if not has_accelerator:
+            self.dataloader_pin_memory = False  # pinning needs an accelerator; torch warns on every dataloader
+        if self.ddp_backend is None:
+            # Must be set before TrainingArguments sets up the devices: see gkd/launch.py.
+            self.ddp_backend = cpu_deepspeed_backend(has_accelerator)
+        try:
+            super().__post_init__()
+        except ValueError as error:  # TrainingArguments' own checks: one line, like ours
+            raise ConfigError(" ".join(str(error).split())) from None
+
+    def _check_objective(self):
+        for name in ("lmbda", "lmbda_start", "beta"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"--{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.lmbda_schedule not in LMBDA_SCHEDULES:
+            raise ConfigError(f"--lmbda_schedule must be one of {', '.join(LMBDA_SCHEDULES)}, got {self.lmbda_schedule!r}")
+        if self.lmbda_warmup_steps < 0:
+            raise ConfigError(f"--lmbda_warmup_steps must be >= 0, got {self.lmbda_warmup_steps}")
+        if self.lmbda_schedule != "constant" and self.lmbda_warmup_steps == 0:
+            raise ConfigError(f"--lmbda_schedule {self.lmbda_schedule} needs --lmbda_warmup_steps > 0")
         if self.objective not in ("gkd", "sft"):
             raise ConfigError(f"--objective must be gkd or sft, got {self.objective!r}")
+        if self.kd_ratio is not None:
+            if not 0.0 <= self.kd_ratio <= 1.0:
+                raise ConfigError(f"--kd_ratio must be in [0, 1], got {self.kd_ratio}")
+            self.kd_loss_weight, self.sft_loss_weight = self.kd_ratio, 1.0 - self.kd_ratio
+        if self.objective == "sft":
+            self.kd_loss_weight, self.sft_loss_weight = 0.0, 1.0
+        if self.kd_loss_weight < 0 or self.sft_loss_weight < 0:
+            raise ConfigError("--kd_loss_weight and --sft_loss_weight must be >= 0")
+        if self.kd_loss_weight == 0 and self.sft_loss_weight == 0:
+            raise ConfigError("--kd_loss_weight and --sft_loss_weight are both 0: the run would train on nothing")
+        if self.kd_loss_weight == 0 and (self.lmbda > 0 or self.lmbda_start > 0):
+            raise ConfigError(
+                "on-policy steps train only the distillation term (the SFT term never trains on the student's own "
+                "samples), and --kd_loss_weight is 0: set --lmbda 0, or give the KD term a weight"
+            )
+        if self.teacher_top_k is not None and self.teacher_top_k < 1:
+            raise ConfigError(f"--teacher_top_k must be at least 1, got {self.teacher_top_k}")
+
+    def _check_sampling(self):
         if self.temperature <= 0:
             raise ConfigError(f"--temperature must be > 0, got {self.temperature}")
         if self.loss_temperature <= 0:
@@ -238,25 +422,55 @@ class GKDConfig(TrainingArguments):
                 f"--max_length ({self.max_length}) must exceed --max_new_tokens ({self.max_new_tokens}) "
                 "to leave room for the prompt"
             )
+        if self.text_prompt_tokens is not None and not 1 <= self.text_prompt_tokens < self.max_length:
+            raise ConfigError(f"--text_prompt_tokens must be in [1, max_length), got {self.text_prompt_tokens}")
+        if self.teacher_server_timeout <= 0 or self.teacher_server_retries < 0 or self.teacher_server_concurrency < 1:
+            raise ConfigError("--teacher_server_timeout must be > 0, --teacher_server_retries >= 0 and "
+                              "--teacher_server_concurrency >= 1")
+
+    def _check_steps(self):
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        if self.seed < 0:
+            raise ConfigError(f"--seed must be >= 0, got {self.seed}")
+        if self.max_steps <= 0 and self.num_train_epochs <= 0:
+            raise ConfigError("--num_train_epochs is not positive and --max_steps is not set: the run would train on "
+                              "nothing")
+        if self.learning_rate < 0:
+            raise ConfigError(f"--learning_rate must be >= 0, got {self.learning_rate}")
         if self.loss_chunk_size < 0:
             raise ConfigError(f"--loss_chunk_size must be >= 0, got {self.loss_chunk_size}")
         if self.max_nonfinite_steps < 1:
             raise ConfigError(f"--max_nonfinite_steps must be >= 1, got {self.max_nonfinite_steps}")
-        if not self.output_dir:
-            raise ConfigError("--output_dir is required")
-        self.remove_unused_columns = False
-        has_accelerator = _has_accelerator()
-        if (self.bf16 or self.fp16) and not has_accelerator:
-            # LLM-Dojo commands carry --bf16; TrainingArguments refuses it without a GPU unless use_cpu is set, and
-            # use_cpu would break DeepSpeed on CPU ranks. Train in fp32 instead and say so.
-            logger.warning("--bf16/--fp16 ignored: no GPU on this machine, training in float32")
-            self.bf16 = self.fp16 = False
-        if not has_accelerator:
-            self.dataloader_pin_memory = False  # pinning needs an accelerator; torch warns on every dataloader
-        if self.ddp_backend is None:
-            # Must be set before TrainingArguments sets up the devices: see gkd/launch.py.
-            self.ddp_backend = cpu_deepspeed_backend(has_accelerator)
-        super().__post_init__()
+
+
+def check_together(script_args: ScriptArguments, model_args: ModelArguments, training_args: GKDConfig) -> None:
+    """What no single group can check: the options that depend on each other across groups."""
+    kind = model_args.teacher_kind
+    evaluates = str(training_args.eval_strategy).split(".")[-1].lower() != "no"
+    if evaluates and not script_args.eval_dataset_name and _is_local(script_args.dataset_name):
+        raise ConfigError(f"--eval_strategy {training_args.eval_strategy} needs evaluation data: give "
+                          "--eval_dataset_name")
+    if kind == "cache":
+        if training_args.lmbda > 0 or training_args.lmbda_start > 0 or training_args.seq_kd:
+            raise ConfigError(
+                "--teacher_logits_path holds the teacher's view of the dataset's responses only: it cannot score the "
+                "student's samples (--lmbda > 0) or write completions (--seq_kd); use a live teacher or a server"
+            )
+    if kind in ("cache", "server") and training_args.loss_temperature != 1.0:
+        raise ConfigError(f"--loss_temperature must be 1 with a {kind} teacher: its top-K log-probabilities are "
+                          "at temperature 1, and the rest of its distribution is unknown")
+    if kind == "server" and training_args.teacher_top_k is None and training_args.kd_loss_weight > 0:
+        raise ConfigError("--teacher_server_url needs --teacher_top_k K: how many log-probabilities to ask for")
+    if training_args.topk_renormalize and training_args.teacher_top_k is None and kind == "live":
+        raise ConfigError("--topk_renormalize needs --teacher_top_k with a live teacher")
+
+
+def _is_local(name: str | None) -> bool:
+    import os
+
+    return bool(name) and os.path.exists(name)
 
 
 def _has_accelerator() -> bool:

@@ -86,12 +86,12 @@ def _read_records(path: Path) -> Iterator[tuple[_Location, Any]]:
         if any((path / marker).exists() for marker in SAVED_DATASET_MARKERS):
             yield from _read_saved_dataset(path)
             return
-        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in (".json", ".jsonl"))
+        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in (".json", ".jsonl"))
         if not files:
             raise DataError(path, "empty folder: expected .json or .jsonl files, or a folder written by save_to_disk")
         for file in files:
             yield from _read_file(file)
-    elif path.suffix in (".json", ".jsonl"):
+    elif path.suffix.lower() in (".json", ".jsonl"):
         yield from _read_file(path)
     else:
         raise DataError(path, "expected a .json or .jsonl file, a folder of them, or a folder written by save_to_disk")
@@ -104,7 +104,7 @@ def _read_file(file: Path) -> Iterator[tuple[_Location, Any]]:
         raise DataError(file, f"cannot read the file as UTF-8 text: {error}") from None
     if not text.strip():
         raise DataError(file, "empty file: no records")
-    if file.suffix == ".jsonl":
+    if file.suffix.lower() == ".jsonl":
         yield from _parse_json_lines(file, text)
         return
     try:
@@ -204,13 +204,23 @@ def _messages(value: Any, field: str, where: _Location) -> list[dict]:
             raise where.error(f"{field}[{i}]", f"{expected_message}, got {_kind(message)}")
         role, content = message.get("role"), message.get("content")
         if role not in ROLES:
-            got = "it is missing" if role is None else f"got {role!r}"
+            got = "it is missing" if "role" not in message else f"got {_kind(role) if role is None else repr(role)}"
             raise where.error(f"{field}[{i}].role", f"expected one of {', '.join(ROLES)}, {got}")
         if not isinstance(content, str):
-            got = "it is missing" if content is None else f"got {_kind(content)}"
+            got = "it is missing" if "content" not in message else f"got {_kind(content)}"
             raise where.error(f"{field}[{i}].content", f"expected a string, {got}")
+        _check_text(content, f"{field}[{i}].content", where)
         messages.append({"role": role, "content": content})
     return messages
+
+
+def _check_text(text: str, field: str, where: _Location) -> None:
+    """JSON allows escaped lone surrogates ("\\ud800"); no tokenizer can encode them."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise where.error(field, f"contains an unpaired surrogate {text[error.start]!r} at character {error.start}, "
+                                 "which is not valid Unicode text") from None
 
 
 def _check_prompt(prompt: list[dict], field: str, where: _Location) -> None:
@@ -225,6 +235,7 @@ def _check_prompt(prompt: list[dict], field: str, where: _Location) -> None:
 
 def _pair_completion(value: Any, where: _Location) -> str:
     if isinstance(value, str):
+        _check_text(value, "completion", where)
         return value
     expected = 'expected a string or a list with one assistant message [{"role": "assistant", "content": ...}]'
     if not isinstance(value, list) or len(value) != 1:
@@ -394,3 +405,23 @@ def _fit_prompt(chat: _ChatEncoder, prompt: list[dict], prompt_ids: list[int], b
         else:
             high = middle - 1
     return best, True
+
+
+def encode_for_training(conversations: list[Conversation], tokenizer, training_args, stop_token_ids: list[int],
+                        name: str):
+    """The encoded `datasets.Dataset` a run trains on, with its statistics logged and what they imply said."""
+    import logging
+
+    from datasets import Dataset
+
+    logger = logging.getLogger(__name__)
+    samples, stats = encode_conversations(
+        conversations, tokenizer, training_args.max_length, training_args.max_new_tokens, stop_token_ids
+    )
+    logger.info("%s: %d records (%d prompt-only), %d cut to fit max_length=%d", name, stats.num_records,
+                stats.num_prompt_only, stats.num_truncated, training_args.max_length)
+    if stats.num_prompt_only and training_args.lmbda < 1 and not training_args.seq_kd:
+        logger.warning("%d prompt-only records have no response: they train only on on-policy steps (lmbda=%s); "
+                       "add --seq_kd to have the teacher answer them on the other steps",
+                       stats.num_prompt_only, training_args.lmbda)
+    return Dataset.from_list(samples), stats

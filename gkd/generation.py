@@ -38,27 +38,31 @@ def generate(
     max_cache_len: int | None = None,
     decoder: StaticDecoder | None = None,
     lora_copies: "MergedLoraCopies | None" = None,
+    suppress_ids: list[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One completion per prompt, sampled at `temperature` (None = greedy).
 
     `backend` is one of `BACKENDS` (module docstring). "compiled" sizes its cache for `max_cache_len` tokens (at least
     this batch's prompt width + `max_new_tokens`), "static" for the call; pass the same `decoder` and `lora_copies` on
-    every call of a run so cache, decode graph and merged copies are built once. Both read `min_new_tokens` and
-    `suppress_tokens` from the model's generation config, as transformers' `generate` does. Returns completion ids
-    [B, C] and a mask that keeps each row's first stop token and nothing after it; ids after it are `pad_token_id`."""
+    every call of a run so cache, decode graph and merged copies are built once. `suppress_ids` are never sampled, besides
+    the generation config's own `suppress_tokens`; `min_new_tokens` comes from the generation config, as transformers'
+    `generate` reads it. Returns completion ids [B, C] and a mask that keeps each row's first stop token and nothing
+    after it; ids after it are `pad_token_id`."""
     if backend not in BACKENDS:
         raise ValueError(f"generation backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     was_training = model.training
     model.eval()
+    config = _generation_config(model)
+    suppressed = sorted(set(config.suppress_tokens or ()) | set(suppress_ids or ()))
     try:
         if backend == "plain":
             completion_ids = _transformers_generate(
-                model, prompt_ids, prompt_mask, max_new_tokens, stop_token_ids, pad_token_id, temperature, top_p
+                model, prompt_ids, prompt_mask, max_new_tokens, stop_token_ids, pad_token_id, temperature, top_p,
+                suppressed,
             )
         else:
             if decoder is None:
                 decoder = StaticDecoder(default_compile_options(prompt_ids.device) if backend == "compiled" else None)
-            config = _generation_config(model)
             with (lora_copies or MergedLoraCopies()).swapped_in(model):
                 completion_ids = decoder.generate(
                     model,
@@ -70,7 +74,7 @@ def generate(
                     temperature=temperature,
                     top_p=top_p,
                     min_new_tokens=config.min_new_tokens or 0,
-                    suppress_ids=config.suppress_tokens,
+                    suppress_ids=suppressed,
                 )
     finally:
         model.train(was_training)
@@ -82,7 +86,7 @@ def generate(
 
 
 def _transformers_generate(model, prompt_ids, prompt_mask, max_new_tokens, stop_token_ids, pad_token_id, temperature,
-                           top_p) -> torch.Tensor:
+                           top_p, suppressed) -> torch.Tensor:
     sampling = {"do_sample": False} if temperature is None else {
         "do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0
     }
@@ -93,6 +97,7 @@ def _transformers_generate(model, prompt_ids, prompt_mask, max_new_tokens, stop_
         eos_token_id=stop_token_ids,
         pad_token_id=pad_token_id,
         use_cache=True,
+        suppress_tokens=suppressed or None,
         **sampling,
     )
     return sequences[:, prompt_ids.shape[1] :]
@@ -101,6 +106,14 @@ def _transformers_generate(model, prompt_ids, prompt_mask, max_new_tokens, stop_
 def _generation_config(model):
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT generates with the base
     return base.generation_config
+
+
+def resolve_backend(requested: str, device: torch.device, zero3: bool) -> str:
+    """The run's one decision: 'auto' -> compiled on CUDA, static elsewhere. Always plain under ZeRO-3: the ranks must
+    step through the decode together (`synced_gpus`) and the gathered weights get new addresses every generation."""
+    if requested == "auto":
+        requested = "compiled" if device.type == "cuda" else "static"
+    return "plain" if zero3 else requested
 
 
 def default_compile_options(device: torch.device) -> dict:

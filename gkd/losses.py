@@ -106,11 +106,6 @@ def masked_sum(per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask.bool(), per_token, torch.zeros((), dtype=per_token.dtype, device=per_token.device)).sum()
 
 
-def count_tokens(mask: torch.Tensor) -> torch.Tensor:
-    """Number of true entries (int64 tensor): the caller sums it over the whole accumulation window as normaliser."""
-    return mask.bool().sum()
-
-
 def jsd_and_logit_grad(
     student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta: float, temperature: float, with_grad: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor | None]:

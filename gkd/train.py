@@ -3,8 +3,8 @@
     accelerate launch gkd/train.py --model_name_or_path S --teacher_model_name_or_path T \\
         --dataset_name data.jsonl --lmbda 0.5 --beta 0.5 --use_peft --output_dir runs/x
 
-Reads top to bottom: parse config -> load and validate data -> check the models -> load them -> train -> save.
-Everything a user can get wrong is checked before the first model weight is read.
+Reads top to bottom: parse config -> check the output folder and the models -> load and validate data -> load the
+models -> train -> save. Everything a user can get wrong is checked before the first model weight is read.
 """
 
 import sys
@@ -17,20 +17,16 @@ if __name__ == "__main__" and not __package__:
 
 import logging
 
-from gkd.cli import hide_checkpointing_deprecations, run
+from gkd.cli import hide_checkpointing_deprecations, parse, run
 
 logger = logging.getLogger("gkd")
 
 
 def parse_args(argv: list[str] | None = None):
-    from trl import TrlParser
+    from gkd.config import GKDConfig, ModelArguments, ScriptArguments, check_together
 
-    from gkd.config import GKDConfig, ModelArguments, ScriptArguments
-
-    parser = TrlParser((ScriptArguments, ModelArguments, GKDConfig))
-    # TrlParser reads --config itself before argparse sees the arguments; this entry only documents it in --help.
-    parser.add_argument("--config", help="A YAML file of the options below; command-line flags override it.")
-    script_args, model_args, training_args = parser.parse_args_and_config(argv)[:3]
+    script_args, model_args, training_args = parse((ScriptArguments, ModelArguments, GKDConfig), argv)
+    check_together(script_args, model_args, training_args)
     return script_args, model_args, training_args
 
 
@@ -39,40 +35,46 @@ def main(argv: list[str] | None = None) -> None:
     hide_checkpointing_deprecations()
     script_args, model_args, training_args = parse_args(argv)
 
-    from gkd import data, launch, models
-    from gkd.outputs import check_output_dir, write_run_config
-    from gkd.reliability import resolve_resume, stopped_early
+    from gkd import data, launch, models, run_folder
 
     launch.warn_about_launch(training_args)  # a DeepSpeed config that is not active, ranks that came up alone
-    check_output_dir(training_args)
-    training_args.resume_from_checkpoint = resolve_resume(training_args)  # `last` -> the newest complete checkpoint
-    conversations = data.load_conversations(script_args.dataset_name)
-    eval_conversations = (
-        data.load_conversations(script_args.eval_dataset_name) if script_args.eval_dataset_name else None
-    )
-    tokenizer = models.load_tokenizer(model_args.model_name_or_path, model_args.trust_remote_code)
+    training_args.resume_from_checkpoint = run_folder.resolve_resume(training_args, model_args.use_peft)
+    run_folder.check(training_args)
+    student_ref = models.ModelRef(model_args.model_name_or_path, model_args.model_revision,
+                                  model_args.trust_remote_code, "--model_name_or_path")
+    teacher_ref = models.ModelRef(model_args.teacher_model_name_or_path, model_args.teacher_model_revision,
+                                  model_args.trust_remote_code, "--teacher_model_name_or_path")
+    models.check_model(student_ref)
+    models.check_model(teacher_ref)
+    tokenizer = models.load_tokenizer(student_ref)
     models.check_same_vocabulary(
-        model_args.model_name_or_path, model_args.teacher_model_name_or_path, model_args.trust_remote_code
+        tokenizer, models.load_tokenizer(teacher_ref), teacher_ref.name,
+        {student_ref.name: models.embedding_size(student_ref), teacher_ref.name: models.embedding_size(teacher_ref)},
     )
-    stop_ids = models.stop_token_ids(tokenizer, model_args.model_name_or_path)
-    train_dataset = _encode(conversations, tokenizer, training_args, stop_ids, script_args.dataset_name)
-    eval_dataset = (
-        _encode(eval_conversations, tokenizer, training_args, stop_ids, script_args.eval_dataset_name)
-        if eval_conversations
-        else None
+    if model_args.use_peft:
+        models.check_lora_targets(student_ref, model_args.lora_target_modules)
+    stop_ids = models.stop_token_ids(tokenizer, student_ref)
+
+    conversations = data.load_conversations(script_args.dataset_name)
+    train_dataset, stats = data.encode_for_training(
+        conversations, tokenizer, training_args, stop_ids, script_args.dataset_name
     )
+    _refuse_training_on_nothing(stats, training_args, script_args.dataset_name)
+    eval_dataset = None
+    if script_args.eval_dataset_name:
+        eval_conversations = data.load_conversations(script_args.eval_dataset_name)
+        eval_dataset, _ = data.encode_for_training(
+            eval_conversations, tokenizer, training_args, stop_ids, script_args.eval_dataset_name
+        )
+
+    if training_args.process_index == 0:
+        run_folder.prepare(training_args)  # lock it; move an overwritten run aside; clear a failed start's files
+    training_args.distributed_state.wait_for_everyone()
 
     from gkd.trainer import GKDTrainer
 
-    student = models.load_causal_lm(
-        model_args.model_name_or_path, model_args.dtype, model_args.trust_remote_code, model_args.attn_implementation
-    )
-    teacher = models.load_teacher(
-        model_args.teacher_model_name_or_path,
-        model_args.dtype,
-        model_args.trust_remote_code,
-        model_args.attn_implementation,
-    )
+    student = models.load_causal_lm(student_ref, model_args.dtype, model_args.attn_implementation)
+    teacher = models.load_frozen(teacher_ref, model_args.dtype, model_args.attn_implementation)
     trainer = GKDTrainer(
         model=student,
         teacher=teacher,
@@ -83,40 +85,45 @@ def main(argv: list[str] | None = None) -> None:
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
     )
-    write_run_config(trainer, script_args, model_args, training_args)
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    if not stopped_early(trainer):  # SIGTERM/SIGINT: the checkpoint is the result; too many NaN steps raise instead
-        trainer.save_model(training_args.output_dir)
-        if trainer.accelerator.is_main_process:
-            logger.info("saved the %s to %s", "adapter" if model_args.use_peft else "model", training_args.output_dir)
+    run_folder.write_run_config(trainer, script_args, model_args, training_args)
+    signals = trainer.stop_on_signal
+    try:
+        trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+        from gkd.guards import raise_if_tripped
+
+        raise_if_tripped(trainer)  # too many non-finite steps: the checkpoint is saved, the run is an error
+        if not signals.stopped_by_signal():  # SIGTERM/SIGINT: the checkpoint is the result
+            run_folder.save_final_model(trainer, training_args.output_dir)
+            if trainer.accelerator.is_main_process:
+                kind = "adapter" if model_args.use_peft else "model"
+                logger.info("saved the %s to %s", kind, training_args.output_dir)
+    finally:
+        signals.release()
+    signals.report_after_save()
     launch.leave_process_group(trainer.accelerator)  # all ranks together, no gloo clean-up left for exit
 
 
-def _encode(conversations, tokenizer, training_args, stop_ids, name):
-    from datasets import Dataset
+def _refuse_training_on_nothing(stats, training_args, name: str) -> None:
+    """Steps without a single completion token train nothing: refuse a run made of them before any model loads."""
+    from gkd.errors import ConfigError
+    from gkd.steps import lmbda_at
 
-    from gkd import data
-
-    samples, stats = data.encode_conversations(
-        conversations, tokenizer, training_args.max_length, training_args.max_new_tokens, stop_ids
-    )
-    logger.info(
-        "%s: %d records (%d prompt-only), %d cut to fit max_length=%d",
-        name,
-        stats.num_records,
-        stats.num_prompt_only,
-        stats.num_truncated,
-        training_args.max_length,
-    )
-    if stats.num_prompt_only and training_args.lmbda < 1 and not training_args.seq_kd:
-        logger.warning(
-            "%d prompt-only records have no response: they train only on on-policy steps (lmbda=%s); "
-            "add --seq_kd to have the teacher answer them on the other steps",
-            stats.num_prompt_only,
-            training_args.lmbda,
+    if stats.num_prompt_only < stats.num_records or training_args.seq_kd:
+        return
+    first = lmbda_at(0, training_args.lmbda, training_args.lmbda_schedule, training_args.lmbda_warmup_steps,
+                     training_args.lmbda_start)
+    if first == 0 or training_args.lmbda == 0:
+        raise ConfigError(
+            f"{name}: every record is prompt-only (no response to train on), and "
+            + ("--lmbda is 0" if training_args.lmbda == 0 else "the lmbda schedule starts at 0")
+            + ": the run would train on nothing; add --seq_kd (the teacher answers) or raise --lmbda/--lmbda_start"
         )
-    return Dataset.from_list(samples)
+
+
+def cli() -> None:
+    """The `gkd-train` console script."""
+    run(main)
 
 
 if __name__ == "__main__":
-    run(main)
+    cli()

@@ -10,33 +10,25 @@ Where and why this differs from TRL 1.16's experimental `GKDTrainer`:
 - The divergence is computed in fp32, from hidden states projected chunk by chunk, never as [batch, length, vocab].
 """
 
-import json
 import logging
-import os
 from collections import defaultdict
-from contextlib import contextmanager
 
 import torch
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer
 from trl.models.utils import _ForwardRedirection, unwrap_model_for_generation
 from trl.trainer.utils import disable_dropout_in_model
 
-from . import losses, reliability
+from . import losses
 from .batching import left_pad_prompts, pad_batch
+from .checkpoints import complete_checkpoint
 from .decoding import StaticDecoder
-from .generation import MergedLoraCopies, default_compile_options, generate
+from .generation import MergedLoraCopies, default_compile_options, generate, resolve_backend
+from .guards import NonFiniteGuard
+from .run_folder import MetricsFileCallback
+from .signals import StopOnSignal
+from .steps import DATASET, STUDENT, TEACHER, completion_source, lmbda_at, sampling_rng
 
 logger = logging.getLogger(__name__)
-
-STUDENT, TEACHER, DATASET = "student", "teacher", "dataset"
-
-
-def completion_source(seed: int, step: int, lmbda: float, seq_kd: bool) -> str:
-    """Who writes the completions of optimizer step `step`: a pure function of seed and step, same on every rank."""
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
-    if torch.rand(1, generator=generator).item() < lmbda:
-        return STUDENT
-    return TEACHER if seq_kd else DATASET
 
 
 class PromptCompletionCollator:
@@ -47,20 +39,13 @@ class PromptCompletionCollator:
         return pad_batch(samples, self.pad_token_id)
 
 
-class MetricsFileCallback(TrainerCallback):
-    """Every log line also goes to output_dir/metrics.jsonl: one JSON object per line, easy to plot or tail."""
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if state.is_world_process_zero and logs:
-            os.makedirs(args.output_dir, exist_ok=True)
-            with open(os.path.join(args.output_dir, "metrics.jsonl"), "a") as handle:
-                handle.write(json.dumps({"step": state.global_step, **logs}) + "\n")
-
-
 class GKDTrainer(Trainer):
     def __init__(self, model, teacher, args, stop_token_ids, processing_class, peft_config=None, **kwargs):
         if peft_config is not None:
             from peft import get_peft_model
+            from transformers import set_seed
+
+            set_seed(args.seed)  # LoRA's initial A matrices are random: the same seed must give the same adapter
 
             if args.activation_checkpointing:
                 model.enable_input_require_grads()
@@ -75,9 +60,9 @@ class GKDTrainer(Trainer):
             **kwargs,
         )
         self.add_callback(MetricsFileCallback())
-        # Preemption, non-finite steps, complete checkpoints: see gkd/reliability.py.
-        self.nonfinite_guard = reliability.NonFiniteGuard(self)
-        self.stop_on_signal = reliability.StopOnSignal(self)
+        # Preemption, non-finite steps, complete checkpoints: gkd/signals.py, gkd/guards.py, gkd/checkpoints.py.
+        self.nonfinite_guard = NonFiniteGuard(self)
+        self.stop_on_signal = StopOnSignal(self)
         self.add_callback(self.nonfinite_guard)
         self.add_callback(self.stop_on_signal)
         # Our compute_loss divides by the window's token count itself; Trainer must not divide again by the number
@@ -94,7 +79,11 @@ class GKDTrainer(Trainer):
         self.teacher.eval()
         self._metrics = defaultdict(list)
         self._forward_redirection = _ForwardRedirection()
-        self.generation_backend = self._resolve_generation_backend(args.generation_backend)
+        zero3 = self.is_deepspeed_enabled and _zero_stage(self.accelerator) == 3
+        if args.generation_backend in ("static", "compiled") and zero3:
+            logger.warning("--generation_backend %s is not supported under DeepSpeed ZeRO-3; using plain",
+                           args.generation_backend)
+        self.generation_backend = resolve_backend(args.generation_backend, args.device, zero3)
         # Built once per run and reused by every generation, so the static caches, the decode graph and the merged
         # LoRA copies keep their addresses (CUDA graphs replay on fixed addresses): one decoder per sampling model.
         # The plain backend (transformers' generate) needs none.
@@ -115,13 +104,16 @@ class GKDTrainer(Trainer):
         if not batches:
             return batches, None
         args = self.args
-        source = completion_source(args.seed, self.state.global_step, args.lmbda, args.seq_kd)
+        step = self.state.global_step
+        lmbda = lmbda_at(step, args.lmbda, args.lmbda_schedule, args.lmbda_warmup_steps, args.lmbda_start)
+        source = completion_source(args.seed, step, lmbda, args.seq_kd)
         if source != DATASET:
             batches = self._sample_window(batches, source)
         local_tokens = sum(batch["completion_mask"].sum() for batch in batches).to(device)
         window_tokens = self.accelerator.gather(local_tokens.reshape(1)).sum()
         rows = torch.tensor([sum(batch["completion_mask"].shape[0] for batch in batches)], device=device)
         window_rows = self.accelerator.gather(rows).sum()
+        self._metrics["lmbda"].append(lmbda)
         self._metrics["on_policy"].append(float(source == STUDENT))
         self._metrics["teacher_generated"].append(float(source == TEACHER))
         self._metrics["completion_tokens"].append(window_tokens.item() / max(window_rows.item(), 1))
@@ -133,7 +125,7 @@ class GKDTrainer(Trainer):
         model = self.model_wrapped if source == STUDENT else self.teacher
         prompt_ids, prompt_mask = left_pad_prompts(batches, self.pad_token_id)
         # Seeded from the step, not drawn from the global RNG: a resumed run samples what the first run did.
-        seeded = reliability.sampling_rng(self.args.seed, self.state.global_step, self.args.process_index, device)
+        seeded = sampling_rng(self.args.seed, self.state.global_step, self.args.process_index, device)
         # Under ZeRO-3 every rank runs this (the draw is the same on all ranks), and transformers' generate keeps them
         # in step (`synced_gpus`) until the longest completion of any rank ends, gathered or not.
         with unwrap_model_for_generation(
@@ -141,7 +133,7 @@ class GKDTrainer(Trainer):
             self.accelerator,
             gather_deepspeed3_params=self.args.ds3_gather_for_generation,
             gradient_checkpointing_kwargs=self.args.activation_checkpointing_kwargs,
-        ) as generator, seeded, _sampling_below(generator, self.shared_vocab_size):
+        ) as generator, seeded:
             completion_ids, completion_mask = generate(
                 generator,
                 prompt_ids.to(device),
@@ -155,6 +147,7 @@ class GKDTrainer(Trainer):
                 max_cache_len=self.args.max_length,
                 decoder=self._decoders.get(source),
                 lora_copies=self._lora_copies if source == STUDENT else None,
+                suppress_ids=_ids_beyond(generator, self.shared_vocab_size),
             )
         sampled, start = [], 0
         for batch in batches:
@@ -170,16 +163,6 @@ class GKDTrainer(Trainer):
                 }
             )
         return sampled
-
-    def _resolve_generation_backend(self, requested: str) -> str:
-        """'auto' -> compiled on CUDA, static elsewhere. Always plain under ZeRO-3: the ranks must step through the
-        decode together (`synced_gpus`) and the gathered weights get new addresses every generation."""
-        zero3 = self.is_deepspeed_enabled and _zero_stage(self.accelerator) == 3
-        if requested in ("static", "compiled") and zero3:
-            logger.warning("--generation_backend %s is not supported under DeepSpeed ZeRO-3; using plain", requested)
-        if requested == "auto":
-            requested = "compiled" if self.args.device.type == "cuda" else "static"
-        return "plain" if zero3 else requested
 
     # ---- the loss ----
 
@@ -292,7 +275,7 @@ class GKDTrainer(Trainer):
         return loss
 
     def _save_checkpoint(self, model, trial):
-        with reliability.complete_checkpoint(self, trial):  # a marker written last says the checkpoint is whole
+        with complete_checkpoint(self, trial):  # a marker written last says the checkpoint is whole
             super()._save_checkpoint(model, trial)
 
     def log(self, logs: dict, start_time: float | None = None) -> None:
@@ -323,19 +306,10 @@ def _vocab_size(model) -> int:
     return model.config.get_text_config().vocab_size
 
 
-@contextmanager
-def _sampling_below(model, vocab_size: int):
-    """While `model` generates, ids from `vocab_size` up to its embedding size are suppressed (never sampled)."""
+def _ids_beyond(model, vocab_size: int) -> list[int]:
+    """Ids from `vocab_size` up to the model's embedding size: a padded embedding's untrained rows, never sampled."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT generates with the base
-    padded = list(range(vocab_size, _vocab_size(base)))
-    config = base.generation_config
-    previous = config.suppress_tokens
-    if padded:
-        config.suppress_tokens = list(previous or []) + padded
-    try:
-        yield
-    finally:
-        config.suppress_tokens = previous
+    return list(range(vocab_size, _vocab_size(base)))
 
 
 def _zero_stage(accelerator) -> int:

@@ -20,12 +20,10 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from gkd.cli import run
+from gkd.errors import GKDError
 
-from gkd.cli import run  # noqa: E402
-from gkd.errors import GKDError  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 OBJECTIVES = {
     "sft": ["--objective", "sft", "--seq_kd", "True", "--lmbda", "0"],
@@ -61,7 +59,7 @@ def plot(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from gkd.evaluate import METRICS
+    from gkd.tools.evaluate import METRICS
 
     names = list(report["models"])
     keys = [(key, label) for key, label, _ in METRICS[:4]]
@@ -96,7 +94,7 @@ def main() -> None:
             raise GKDError(f"{flag}: no model folder at {path}")
 
     from gkd import data
-    from gkd.evaluate import evaluate_folders, markdown_table
+    from gkd.tools.evaluate import evaluate_folders, markdown_table
 
     conversations = data.load_conversations(args.val_data)[: args.eval_records]  # validate before training
     trained, seconds = {}, {}

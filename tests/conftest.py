@@ -1,28 +1,15 @@
-"""Shared fixtures: tiny models built once per session, and the real CLI run in a subprocess."""
+"""Shared fixtures: tiny models and a small dataset, built once per session (helpers.py has the shared functions)."""
 
 import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from helpers import CLI_ENV
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))
-
-# Offline and quiet, as CI is: nothing may reach the Hub, and DeepSpeed must not look for a GPU.
-CLI_ENV = {
-    **os.environ,
-    "HF_HUB_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-    "OMP_NUM_THREADS": "1",
-    "CUDA_VISIBLE_DEVICES": "",
-    "DS_ACCELERATOR": "cpu",
-    "PYTHONUNBUFFERED": "1",
-}
+# In-process tests run the CLIs' code in this process: offline and quiet, as the subprocesses and CI are. Set before
+# any test module imports huggingface_hub, which reads these once.
+for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "TOKENIZERS_PARALLELISM"):
+    os.environ[name] = CLI_ENV[name]
 
 
 @pytest.fixture(scope="session")
@@ -52,29 +39,3 @@ def chat_data(tmp_path_factory):
             messages = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
             handle.write(json.dumps({"messages": messages}) + "\n")
     return path
-
-
-def run_cli(args: list[str], timeout: int = 300, launcher: list[str] | None = None) -> subprocess.CompletedProcess:
-    """Run a repo script (e.g. gkd/train.py) the way a user does, from the repo root."""
-    command = (launcher or [sys.executable]) + [str(a) for a in args]
-    return subprocess.run(command, cwd=REPO, env=CLI_ENV, capture_output=True, text=True, timeout=timeout)
-
-
-def train_args(student, teacher, data, output_dir, *extra) -> list[str]:
-    """The smallest complete training command: 2 optimizer steps at batch 2, short completions."""
-    return [
-        "gkd/train.py",
-        "--model_name_or_path", student,
-        "--teacher_model_name_or_path", teacher,
-        "--dataset_name", data,
-        "--output_dir", output_dir,
-        "--per_device_train_batch_size", "2",
-        "--max_steps", "2",
-        "--max_new_tokens", "8",
-        "--max_length", "96",
-        "--logging_steps", "1",
-        "--save_strategy", "no",
-        "--report_to", "none",
-        "--disable_tqdm", "true",
-        *extra,
-    ]

@@ -2,7 +2,10 @@
 
 import json
 
-from conftest import REPO, run_cli
+import pytest
+from helpers import REPO, run_cli
+
+pytestmark = pytest.mark.subprocess
 
 
 def test_compare_objectives_small(tiny_models, chat_data, tmp_path):

@@ -17,10 +17,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CLI_ENV, REPO, train_args
+from helpers import CLI_ENV, REPO, assert_ok, metrics, run_config, train_args
+
+pytestmark = pytest.mark.distributed
 
 LAUNCH = [sys.executable, "-m", "accelerate.commands.launch"]
-SEED = "2"  # completion_source(2, step, 0.5): step 0 -> dataset, step 1 -> student (checked below)
+SEED = "2"  # completion_source(2, step, 0.5): step 0 -> dataset, step 1 -> student (tests/test_steps.py)
 
 
 def launch(config: str, args: list, processes=2, timeout=300, launcher_flags=()) -> subprocess.CompletedProcess:
@@ -44,19 +46,6 @@ def launch(config: str, args: list, processes=2, timeout=300, launcher_flags=())
         stdout, stderr = process.communicate()
         pytest.fail(f"launch did not finish in {timeout} s (a rank hung?):\n{stderr[-3000:]}")
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
-
-
-def assert_ok(result):
-    assert result.returncode == 0, result.stderr[-5000:]
-
-
-def metrics(output_dir) -> list[dict]:
-    lines = (Path(output_dir) / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line) for line in lines if '"loss"' in line]
-
-
-def run_config(output_dir) -> dict:
-    return json.loads((Path(output_dir) / "run_config.json").read_text())
 
 
 def state_dict(folder, name="model.safetensors") -> dict[str, torch.Tensor]:
@@ -151,13 +140,6 @@ def zero2_peft(tiny_models, chat_data, tmp_path_factory):
 
 
 # ------------------------------------------------------------------------------------------------- the claims
-
-
-def test_seed_draws_one_off_policy_then_one_on_policy_step():
-    from gkd.trainer import DATASET, STUDENT, TEACHER, completion_source
-
-    assert [completion_source(int(SEED), step, 0.5, False) for step in (0, 1)] == [DATASET, STUDENT]
-    assert [completion_source(int(SEED), step, 0.5, True) for step in (0, 1)] == [TEACHER, STUDENT]
 
 
 @pytest.mark.parametrize("run", ["zero2_full", "zero2_peft", "zero3_full", "zero3_peft"])

@@ -1,20 +1,29 @@
-"""gkd.evaluate through its CLI on tiny models: metrics that mean what they say, tables, curves."""
+"""gkd-eval (gkd/tools/evaluate.py) on tiny models: metrics that mean what they say, intervals, tables, curves."""
 
 import json
+import random
 
-from conftest import REPO, run_cli, train_args
+import pytest
+from helpers import REPO, assert_ok, assert_user_error, run_cli, train_args
+
+from gkd.tools.evaluate import bootstrap_interval, paired_difference
 
 
-def test_evaluate_cli_reports_each_student_and_the_teacher_as_reference(tiny_models, tmp_path):
+@pytest.mark.subprocess
+def test_evaluate_reports_each_student_a_lora_run_and_the_teacher_as_reference(tiny_models, chat_data, tmp_path):
     student, teacher = tiny_models
+    lora_run = tmp_path / "lora"
+    assert_ok(run_cli(train_args(student, teacher, chat_data, lora_run, "--use_peft", "--max_steps", "1")))
     out = tmp_path / "eval"
     result = run_cli(
-        ["-m", "gkd.evaluate", "--student", f"before={student}", "--teacher", teacher,
-         "--dataset_name", REPO / "examples/data/chat.jsonl", "--output_dir", out, "--max_new_tokens", "6"],
+        ["-m", "gkd.evaluate", "--student", f"before={student}", "--student", f"after={lora_run}",
+         "--teacher", teacher, "--dataset_name", REPO / "examples/data/chat.jsonl", "--output_dir", out,
+         "--max_new_tokens", "6", "--bootstrap_samples", "200"],
         timeout=300,
     )
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert_ok(result)
     report = json.loads((out / "eval.json").read_text())
+    assert list(report["models"]) == ["before", "after", "teacher"]  # the README's form: a LoRA run as a student
     before, reference = report["models"]["before"], report["models"]["teacher"]
     # The teacher against itself diverges by nothing; a different random model diverges by something.
     assert abs(reference["reverse_kl"]) < 1e-5 and abs(reference["jsd"]) < 1e-5
@@ -22,21 +31,27 @@ def test_evaluate_cli_reports_each_student_and_the_teacher_as_reference(tiny_mod
     # The teacher's greedy responses are its own argmax: it scores them better than a random student does.
     assert reference["teacher_nll"] < before["teacher_nll"]
     assert 0.0 <= before["answer_accuracy"] <= 1.0  # chat.jsonl records carry `answers`
+    low, high = before["reverse_kl_ci"]
+    assert low <= before["reverse_kl"] <= high
+    assert len(report["per_prompt"]["before"]["answer_hits"]) == report["num_prompts"]
     assert report["samples"] and "teacher" in report["samples"][0]
     table = (out / "eval.md").read_text()
-    assert "reverse KL" in table and "| before | teacher |" in table
+    assert "reverse KL" in table and "| before | after | teacher |" in table and "bootstrap" in table
 
 
-def test_plot_run_draws_training_curves(tiny_models, chat_data, tmp_path):
+@pytest.mark.subprocess
+def test_plot_run_draws_training_curves_and_skips_a_line_cut_by_a_crash(tiny_models, chat_data, tmp_path):
     student, teacher = tiny_models
     out = tmp_path / "run"
-    assert run_cli(train_args(student, teacher, chat_data, out)).returncode == 0
+    assert_ok(run_cli(train_args(student, teacher, chat_data, out)))
+    with open(out / "metrics.jsonl", "a") as handle:
+        handle.write('{"step": 3, "loss": 0.1')  # a crash in the middle of a line
     result = run_cli(["-m", "gkd.evaluate", "--plot_run", out], timeout=120)
-    assert result.returncode == 0, result.stderr[-3000:]
-    png = out / "curves.png"
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert_ok(result)
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.subprocess
 def test_evaluate_refuses_a_missing_model_in_one_line(tiny_models, tmp_path):
     _, teacher = tiny_models
     result = run_cli(
@@ -44,4 +59,38 @@ def test_evaluate_refuses_a_missing_model_in_one_line(tiny_models, tmp_path):
          "--dataset_name", REPO / "examples/data/chat.jsonl", "--output_dir", tmp_path / "o"],
         timeout=120,
     )
-    assert result.returncode != 0 and "Traceback" not in result.stderr and "no model folder" in result.stderr
+    assert_user_error(result, "nope", "no such folder")
+
+
+def test_bootstrap_interval_covers_the_mean_and_narrows_with_more_prompts():
+    rng = random.Random(0)
+    few = {"answer_hits": [int(rng.random() < 0.3) for _ in range(30)]}
+    many = {"answer_hits": [int(rng.random() < 0.3) for _ in range(600)]}
+    low, high = bootstrap_interval(few, "answer_accuracy", samples=500)
+    assert low <= sum(few["answer_hits"]) / 30 <= high
+    many_low, many_high = bootstrap_interval(many, "answer_accuracy", samples=500)
+    assert many_high - many_low < (high - low) / 2
+    assert bootstrap_interval({"answer_hits": [None, None]}, "answer_accuracy") is None  # nothing checkable
+
+
+def test_paired_difference_sees_a_real_difference_that_unpaired_intervals_hide():
+    """Same prompts, one student right on 6 more of 60 than the other: the paired interval excludes 0, while the
+    two students' own intervals overlap."""
+    rng = random.Random(1)
+    weaker = [int(rng.random() < 0.5) for _ in range(60)]
+    stronger = list(weaker)
+    flipped = [index for index, hit in enumerate(weaker) if hit == 0][:6]
+    for index in flipped:
+        stronger[index] = 1
+    report = {"per_prompt": {"a": {"answer_hits": stronger}, "b": {"answer_hits": weaker}}}
+    difference, (low, high) = paired_difference(report, "a", "b", "answer_accuracy", samples=500)
+    assert difference == pytest.approx(0.1) and low > 0
+    a_low, a_high = bootstrap_interval(report["per_prompt"]["a"], "answer_accuracy", samples=500)
+    b_low, b_high = bootstrap_interval(report["per_prompt"]["b"], "answer_accuracy", samples=500)
+    assert a_low < b_high  # unpaired, the two intervals overlap
+
+
+def test_token_weighted_metrics_weight_each_token_once():
+    per_prompt = {"reverse_kl": [1.0, 9.0], "sample_tokens": [1, 3]}
+    low, high = bootstrap_interval(per_prompt, "reverse_kl", samples=200)
+    assert low >= 1.0 and high <= 3.0  # each resample's value is a per-token mean: sum / tokens

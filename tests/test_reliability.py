@@ -17,10 +17,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CLI_ENV, REPO, run_cli, train_args
+from helpers import CLI_ENV, REPO, assert_ok, assert_user_error, default_signals, run_cli, train_args
+
+pytestmark = pytest.mark.subprocess
 from safetensors.torch import load_file, save_file
 
-from gkd.reliability import COMPLETE_MARKER, checkpoint_problem, sampling_rng
+from gkd.checkpoints import COMPLETE_MARKER, checkpoint_problem
 
 # fp32 on CPU, same kernels, same inputs: resumed losses agree to rounding (measured: bit-identical).
 RESUME_RTOL = 1e-5
@@ -31,26 +33,6 @@ def logged_steps(output_dir) -> list[dict]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if '"loss"' in line]
-
-
-def error_lines(result) -> list[str]:
-    return [line for line in result.stderr.splitlines() if line.startswith("error:")]
-
-
-def assert_refused_early(result, *expected):
-    """Non-zero exit, no traceback, one `error:` line naming everything expected, and no model weights read."""
-    assert result.returncode != 0
-    assert "Traceback" not in result.stderr, result.stderr[-3000:]
-    lines = error_lines(result)
-    assert len(lines) == 1, result.stderr[-3000:]
-    for text in expected:
-        assert text in lines[0], (text, lines[0])
-    assert "Loading weights" not in result.stderr
-
-
-def assert_ok(result):
-    assert result.returncode == 0, result.stderr[-4000:]
-    assert "Traceback" not in result.stderr
 
 
 def weights(folder) -> dict[str, torch.Tensor]:
@@ -64,68 +46,6 @@ def poisoned_copy(model, folder, poison) -> Path:
     poison(tensors)
     save_file(tensors, Path(folder) / "model.safetensors", metadata={"format": "pt"})
     return Path(folder)
-
-
-# ------------------------------------------------------------------------------------------------ bad input
-
-GOOD = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello."}]})
-GOOD_LIST = f"[{GOOD}]"
-
-
-@pytest.mark.parametrize(
-    "name,content,expected",
-    [
-        ("truncated.json", GOOD_LIST[:-3], ["truncated.json", "invalid JSON at line"]),
-        ("latin1.jsonl", b'{"messages": "caf\xe9"}\n', ["latin1.jsonl", "UTF-8"]),
-        ("empty.jsonl", "\n\n", ["empty.jsonl", "empty file"]),
-        ("empty_list.json", "[]", ["empty_list.json", "empty list"]),
-        ("no_messages.jsonl", GOOD + '\n{"text": "hi"}\n', ["no_messages.jsonl", "record 1", "a 'messages' list"]),
-        (
-            "messages_not_list.jsonl",
-            '{"messages": "hi"}\n',
-            ["messages_not_list.jsonl", "record 0", "field 'messages'", "expected a non-empty list", "got a string"],
-        ),
-        (
-            "content_not_string.jsonl",
-            GOOD + '\n{"messages": [{"role": "user", "content": 42}]}\n',
-            ["content_not_string.jsonl", "record 1", "field 'messages[0].content'", "expected a string, got a number"],
-        ),
-        (
-            "no_user_turn.jsonl",
-            '{"messages": [{"role": "system", "content": "be brief"}, {"role": "assistant", "content": "ok"}]}\n',
-            ["no_user_turn.jsonl", "record 0", "field 'messages'", "expected at least one user turn"],
-        ),
-    ],
-)
-def test_bad_data_is_refused_before_any_model_loads(tiny_models, tmp_path, name, content, expected):
-    student, teacher = tiny_models
-    data = tmp_path / name
-    data.write_bytes(content if isinstance(content, bytes) else content.encode())
-    result = run_cli(train_args(student, teacher, data, tmp_path / "out"), timeout=120)
-    assert_refused_early(result, *expected)
-    assert not (tmp_path / "out").exists()
-
-
-@pytest.mark.parametrize(
-    "case,expected",
-    [
-        ("missing_teacher", ["--teacher_model_name_or_path", "no model folder", "missing_teacher"]),
-        ("empty_student_folder", ["empty_student_folder", "cannot load a tokenizer"]),
-        ("resume_last_nothing", ["--resume_from_checkpoint last", "no complete checkpoint in"]),
-    ],
-)
-def test_bad_models_and_options_are_refused_before_any_model_loads(tiny_models, chat_data, tmp_path, case, expected):
-    student, teacher = tiny_models
-    out, extra = tmp_path / "out", []
-    if case == "missing_teacher":
-        teacher = tmp_path / "missing_teacher"
-    elif case == "empty_student_folder":
-        student = tmp_path / "empty_student_folder"
-        student.mkdir()
-    elif case == "resume_last_nothing":
-        extra = ["--resume_from_checkpoint", "last"]
-    result = run_cli(train_args(student, teacher, chat_data, out, *extra), timeout=120)
-    assert_refused_early(result, *expected)
 
 
 # ------------------------------------------------------------------------------------------- non-finite steps
@@ -143,8 +63,7 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run_with_a_checkpoint(tiny_mo
     out = tmp_path / "out"
     extra = ["--lmbda", "0.5", "--max_steps", "10", "--max_nonfinite_steps", "3"]
     result = run_cli(train_args(student, broken, chat_data, out, *extra))
-    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-4000:]
-    (line,) = error_lines(result)
+    line = assert_user_error(result)
     assert "3 optimizer steps in a row" in line and "non-finite" in line and str(out / "checkpoint-3") in line
     logged = logged_steps(out)
     assert [m["step"] for m in logged] == [1, 2, 3]
@@ -202,7 +121,8 @@ def test_sigterm_saves_a_checkpoint_and_the_resumed_run_matches_the_uninterrupte
     out = tmp_path / "preempted"
     command = [sys.executable, *map(str, train_args(student, teacher, chat_data, out, *extra))]
     with open(tmp_path / "preempted.log", "w") as log:  # a file, not a pipe nobody reads while we wait
-        process = subprocess.Popen(command, cwd=REPO, env=CLI_ENV, stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(command, cwd=REPO, env=CLI_ENV, stdout=log, stderr=subprocess.STDOUT,
+                                   preexec_fn=default_signals)
         deadline = time.monotonic() + 240
         while not any(m["step"] >= 2 for m in logged_steps(out)):
             assert process.poll() is None and time.monotonic() < deadline, "the run ended before step 2"
@@ -217,7 +137,7 @@ def test_sigterm_saves_a_checkpoint_and_the_resumed_run_matches_the_uninterrupte
     assert checkpoint_problem(out / f"checkpoint-{stopped}") is None
     assert not (out / "model.safetensors").exists()
     forgot = run_cli(train_args(student, teacher, chat_data, out, *extra), timeout=120)  # requeued without resuming
-    assert_refused_early(forgot, str(out), "--resume_from_checkpoint", "--overwrite_output_dir")
+    assert_user_error(forgot, str(out), "--resume_from_checkpoint", "--overwrite_output_dir")
 
     resumed = run_cli(train_args(student, teacher, chat_data, out, *extra, "--resume_from_checkpoint", "last"))
     assert_ok(resumed)
@@ -308,7 +228,7 @@ def test_resume_last_skips_checkpoints_whose_save_was_cut_short(tiny_models, cha
         train_args(student, teacher, chat_data, out, *saving, "--resume_from_checkpoint", out / "checkpoint-5"),
         timeout=120,
     )
-    assert_refused_early(explicit, "checkpoint-5", "not a complete checkpoint", str(out / "checkpoint-3"))
+    assert_user_error(explicit, "checkpoint-5", "not a complete checkpoint", str(out / "checkpoint-3"))
 
     resumed = run_cli(
         train_args(student, teacher, chat_data, out, *saving, "--max_steps", "6", "--resume_from_checkpoint", "last")
@@ -325,43 +245,3 @@ def test_resume_last_skips_checkpoints_whose_save_was_cut_short(tiny_models, cha
 
 
 # ------------------------------------------------------------------------------------------ in-process, fast
-
-
-def test_sampling_rng_is_a_function_of_the_step_and_leaves_the_global_rng_alone():
-    torch.manual_seed(0)
-    before = torch.get_rng_state()
-    with sampling_rng(42, 7, 0, torch.device("cpu")):
-        first = torch.rand(4)
-    assert torch.equal(torch.get_rng_state(), before)
-    torch.rand(100)  # whatever the global RNG went through in between
-    with sampling_rng(42, 7, 0, torch.device("cpu")):
-        assert torch.equal(torch.rand(4), first)
-    with sampling_rng(42, 8, 0, torch.device("cpu")):
-        assert not torch.equal(torch.rand(4), first)
-    with sampling_rng(42, 7, 1, torch.device("cpu")):
-        assert not torch.equal(torch.rand(4), first)
-
-
-def test_sigint_stops_at_the_step_end_and_a_second_one_interrupts_at_once():
-    """Ctrl-C: the first only asks for a checkpoint at the end of the step; the second raises KeyboardInterrupt."""
-    from types import SimpleNamespace
-
-    from transformers import TrainerControl
-
-    from gkd.reliability import StopOnSignal
-
-    one_process = SimpleNamespace(accelerator=SimpleNamespace(gather=lambda tensor: tensor))
-    args, state, control = SimpleNamespace(device=torch.device("cpu")), SimpleNamespace(global_step=7), TrainerControl()
-    stop = StopOnSignal(one_process)
-    stop.on_train_begin(args, state, control)
-    try:
-        stop.on_step_end(args, state, control)
-        assert not control.should_save and not control.should_training_stop
-        signal.raise_signal(signal.SIGINT)  # handled: no KeyboardInterrupt here
-        stop.on_step_end(args, state, control)
-        assert control.should_save and control.should_training_stop and stop.stopped_at == 7
-        with pytest.raises(KeyboardInterrupt):
-            signal.raise_signal(signal.SIGINT)
-    finally:
-        stop.on_train_end(args, state, control)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

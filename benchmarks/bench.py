@@ -1,6 +1,6 @@
 """Benchmark gkd's GKDTrainer against TRL 1.16's two distillation trainers on identical configurations.
 
-    python scripts/bench.py --preset cpu-tiny --output_json bench.json
+    python -m benchmarks.bench --preset cpu-tiny --output_json bench.json
 
 Every system trains the same random-init student and teacher (Qwen2-shaped, seeded), on the same synthetic prompts of
 a fixed length, for `warmup + steps` optimizer steps through the trainer's own `train()`; only the last `steps` are
@@ -19,7 +19,7 @@ through `DistillationConfig.generation_kwargs` for DistillationTrainer. The benc
 refuses a run where they differ. Same beta (0.5), sampling temperature (1.0), learning rate, optimizer, precision,
 gradient checkpointing (off unless asked), dropout off, no logging or saving.
 
-Phases (timed by gkd/profiling.py) are exclusive wall times per optimizer step (a nested phase pauses the one around
+Phases (timed by benchmarks/profiling.py) are exclusive wall times per optimizer step (a nested phase pauses the one around
 it, so they add up to the step): `generation` (any `generate` call), `teacher_forward` (the teacher's forward, hooked
 on the model and its backbone), `student_forward_backward` (the rest of `training_step`: student forward, divergence,
 backward), `optimizer` (`optimizer.step()`), `other` (data, gradient clipping, zero_grad, scheduler). On GPU every
@@ -40,7 +40,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field, replace
 
-from .config import GENERATION_BACKENDS
+from gkd.config import GENERATION_BACKENDS
 from .profiling import PHASES, Probe, run_in_child
 
 
@@ -136,7 +136,7 @@ LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": "all-
 
 @dataclass
 class BenchArguments:
-    """Options of scripts/bench.py. Unset numbers come from the preset."""
+    """Options of benchmarks/bench.py. Unset numbers come from the preset."""
 
     preset: str = field(default="cpu-tiny", metadata={"help": "Shapes to run.", "choices": list(PRESETS)})
     systems: list[str] = field(
@@ -564,7 +564,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"[bench] {name}: {outcome}", file=sys.stderr, flush=True)
     comparisons = compare(results)
     report = {
-        "command": " ".join(["python", "scripts/bench.py", *(argv if argv is not None else sys.argv[1:])]),
+        "command": " ".join(["python", "-m", "benchmarks.bench", *(argv if argv is not None else sys.argv[1:])]),
         "preset": bench.preset,
         "shapes": asdict(bench.resolved_preset()),
         "options": {k: v for k, v in asdict(bench).items() if k not in ("preset", "output_json", "dry_run")},
@@ -604,3 +604,7 @@ def _jsonable(value):
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return str(value)
+
+
+if __name__ == "__main__":
+    main()

@@ -100,7 +100,7 @@ class Probe:
         GenerationMixin.generate = timed_generate
 
         # gkd's static and compiled backends decode in their own loop, not through `generate`.
-        from .decoding import StaticDecoder
+        from gkd.decoding import StaticDecoder
 
         self._static_generate = StaticDecoder.generate
         original_static_generate = self._static_generate
@@ -157,7 +157,7 @@ class Probe:
     def remove(self) -> None:
         from transformers.generation.utils import GenerationMixin
 
-        from .decoding import StaticDecoder
+        from gkd.decoding import StaticDecoder
 
         GenerationMixin.generate = self._generate
         StaticDecoder.generate = self._static_generate

@@ -3,23 +3,22 @@
 The GGUF loads in transformers (`gguf_file=`, dequantised to float) but such a model cannot be saved, and Trainer
 refuses to train a model whose config carries a `quantization_config`. `prepare_teacher` therefore converts it once
 into an ordinary Hugging Face folder (safetensors, tokenizer, generation config) that every other part of gkd loads
-like any checkpoint: as the teacher, or as the source that `gkd.pruning` cuts a student from.
+like any checkpoint: as the teacher, or as the source that `gkd-prune` cuts a student from. It serves the demo and the
+studies in docs/results.md; the library does not need it.
 
-Run `python -m gkd.embedded [cache_dir]` to convert by hand.
+Run `python examples/embedded.py [cache_dir]` to convert by hand.
 """
 
 import importlib.util
 import logging
-import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from gkd.errors import ModelError
+from gkd.errors import ConfigError, ModelError
+from gkd.folders import staged_folder
 
 logger = logging.getLogger(__name__)
 
@@ -61,27 +60,21 @@ def prepare_teacher(cache_dir: Path = DEFAULT_CACHE_DIR) -> Path:
         raise ModelError(f"{target}: exists but is not a complete converted teacher; delete it to convert again")
 
     gguf_path = smollm2_gguf_path()
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(prefix=f".{TEACHER_FOLDER}.partial-", dir=cache_dir))
     try:
-        started = time.perf_counter()
-        logger.info("embedded teacher: converting %s into %s", gguf_path, target)
-        convert_gguf(gguf_path, partial)
-        logger.info("embedded teacher: converted in %.1f s", time.perf_counter() - started)
-        reply = check_teacher(partial)
-        if CHECK_ANSWER.lower() in reply.lower():
-            logger.info("embedded teacher: %r -> %r", CHECK_QUESTION, reply)
-        else:
-            logger.warning("embedded teacher: %r -> %r, which does not mention %s; the conversion may be wrong",
-                           CHECK_QUESTION, reply, CHECK_ANSWER)
-        partial.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary folder
-        try:
-            os.rename(partial, target)
-        except OSError:
-            if not _is_complete(target):  # another process finished first: keep its folder, drop ours
-                raise
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
+        with staged_folder(target, overwrite=False, purpose="converting") as partial:
+            started = time.perf_counter()
+            logger.info("embedded teacher: converting %s into %s", gguf_path, target)
+            convert_gguf(gguf_path, partial)
+            logger.info("embedded teacher: converted in %.1f s", time.perf_counter() - started)
+            reply = check_teacher(partial)
+            if CHECK_ANSWER.lower() in reply.lower():
+                logger.info("embedded teacher: %r -> %r", CHECK_QUESTION, reply)
+            else:
+                logger.warning("embedded teacher: %r -> %r, which does not mention %s; the conversion may be wrong",
+                               CHECK_QUESTION, reply, CHECK_ANSWER)
+    except ConfigError:
+        if not _is_complete(target):  # another process finished first: keep its folder
+            raise
     return target
 
 

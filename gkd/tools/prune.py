@@ -30,10 +30,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from gkd.data import load_conversations
 from gkd.errors import ConfigError, ModelError
+from gkd.folders import check_output_folder, staged_folder
+from gkd.models import ModelRef, check_model, load_causal_lm, load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +79,9 @@ BUILTIN_CALIBRATION = [
 class PruneConfig:
     """Options of scripts/prune.py. Give --num_layers or --drop_layers for depth, --mlp_hidden_size for width."""
 
-    model_name_or_path: str = field(metadata={"help": "Hugging Face folder of the Llama-family model to prune."})
+    model_name_or_path: str = field(
+        metadata={"help": "The Llama-family model to prune: a Hugging Face model folder or a Hub model id."}
+    )
     output_dir: str = field(metadata={"help": "Folder for the pruned model; refused if it exists and is not empty."})
     num_layers: int | None = field(
         default=None, metadata={"help": "Decoder blocks to keep; the least important ones are dropped."}
@@ -107,7 +110,11 @@ class PruneConfig:
     calibration_max_length: int = field(
         default=512, metadata={"help": "Truncate calibration texts to this many tokens."}
     )
-    overwrite: bool = field(default=False, metadata={"help": "Write into a non-empty --output_dir."})
+    model_revision: str = field(default="main", metadata={"help": "Branch, tag or commit of a Hub model."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow models that ship their own code."})
+    overwrite: bool = field(
+        default=False, metadata={"help": "Replace a non-empty --output_dir (once the new model is complete)."}
+    )
     device: str | None = field(default=None, metadata={"help": "Device for calibration; default: cuda if available."})
     sample_max_new_tokens: int = field(
         default=24, metadata={"help": "Greedy tokens the saved student generates as a smoke test; 0 skips it."}
@@ -145,15 +152,17 @@ class Importance:
 def prune(config: PruneConfig) -> dict:
     """Prune `config.model_name_or_path` into `config.output_dir`; returns the report also saved as pruning.json."""
     source, output_dir = Path(config.model_name_or_path), Path(config.output_dir)
-    _check_output_dir(source, output_dir, config.overwrite)
+    check_output_folder(output_dir, config.overwrite, [source] if source.exists() else [])
     device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model, tokenizer = load_model(config.model_name_or_path)
+    ref = ModelRef(config.model_name_or_path, config.model_revision, config.trust_remote_code, "--model_name_or_path")
+    check_model(ref)
+    tokenizer = load_tokenizer(ref)
+    calibration = calibration_texts(tokenizer, config.calibration_data, config.calibration_samples)
+    model = load_model(ref)
     layers = decoder_layers(model, config.model_name_or_path)
     drop = _layers_to_drop_given(config, len(layers))
     if config.mlp_hidden_size is not None:
         _check_mlp_size(model, config.mlp_hidden_size, config.model_name_or_path)
-
-    calibration = calibration_texts(tokenizer, config.calibration_data, config.calibration_samples)
     batches = tokenize_calibration(tokenizer, calibration, config.calibration_max_length)
     window_size = len(layers) - config.num_layers if config.num_layers is not None else 0
     model.to(device)
@@ -175,17 +184,15 @@ def prune(config: PruneConfig) -> dict:
     logger.info("calibration loss: %.3f before, %.3f after pruning", importance.loss, pruned_loss)
 
     model.to("cpu")
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "pruning.json").unlink(missing_ok=True)  # an old report must not vouch for half-written weights
-    model.save_pretrained(output_dir)  # config, weights (tied lm_head stored once) and generation_config
-    tokenizer.save_pretrained(output_dir)
     report = _report(config, importance, len(calibration), pruned_loss, drop, kept, kept_fraction)
-    if config.sample_max_new_tokens > 0:
-        reply = sample_reply(output_dir, SAMPLE_PROMPT, config.sample_max_new_tokens)
-        logger.info("pruned model: %r -> %r", SAMPLE_PROMPT, reply)
-        report["sample"] = {"prompt": SAMPLE_PROMPT, "reply": reply}
-    # Written last: a pruning.json marks a finished run.
-    (output_dir / "pruning.json").write_text(json.dumps(report, indent=2) + "\n")
+    with staged_folder(output_dir, config.overwrite, "pruning") as staging:
+        model.save_pretrained(staging)  # config, weights (tied lm_head stored once) and generation_config
+        tokenizer.save_pretrained(staging)
+        if config.sample_max_new_tokens > 0:
+            reply = sample_reply(staging, SAMPLE_PROMPT, config.sample_max_new_tokens)
+            logger.info("pruned model: %r -> %r", SAMPLE_PROMPT, reply)
+            report["sample"] = {"prompt": SAMPLE_PROMPT, "reply": reply}
+        (staging / "pruning.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
 
 
@@ -224,14 +231,10 @@ def _report(config: PruneConfig, importance: Importance, num_records: int, prune
     }
 
 
-def load_model(name_or_path: str):
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype="auto")
-    except OSError as error:
-        raise ModelError(f"{name_or_path}: cannot load a model and tokenizer: {str(error).splitlines()[0]}") from None
+def load_model(ref: ModelRef):
+    model = load_causal_lm(ref, "auto")
     model.eval()
-    return model, tokenizer
+    return model
 
 
 def decoder_layers(model, name: str) -> nn.ModuleList:
@@ -412,7 +415,8 @@ def _take(linear: nn.Linear, channels: torch.Tensor, dim: int) -> None:
 def sample_reply(folder: Path, question: str, max_new_tokens: int) -> str:
     """Greedy reply of the saved model, reloaded with from_pretrained: proves the folder loads and the KV cache
     works with the renumbered blocks."""
-    model, tokenizer = load_model(str(folder))
+    ref = ModelRef(str(folder))
+    model, tokenizer = load_model(ref), load_tokenizer(ref)
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
                                            return_tensors="pt", return_dict=True)
     output = model.generate(**prompt, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True)
@@ -443,10 +447,22 @@ def _check_mlp_size(model, size: int, name: str) -> None:
         raise ConfigError(f"--mlp_hidden_size {size} is larger than {name}'s intermediate_size {current}")
 
 
-def _check_output_dir(source: Path, output_dir: Path, overwrite: bool) -> None:
-    if output_dir.exists() and source.exists() and output_dir.resolve() == source.resolve():
-        raise ConfigError(f"{output_dir}: is the source model's folder; choose another --output_dir")
-    if output_dir.is_file():
-        raise ConfigError(f"{output_dir}: is a file, not a folder")
-    if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
-        raise ConfigError(f"{output_dir}: exists and is not empty; choose another --output_dir or pass --overwrite")
+def main(argv: list[str] | None = None) -> int:
+    import sys
+
+    from gkd.cli import parse, quiet_libraries
+
+    (config,) = parse(PruneConfig, argv, description=__doc__.splitlines()[0])
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    quiet_libraries()
+    report = prune(config)
+    depth = report["depth"]
+    print(f"saved {depth['num_layers_after']}-layer student to {config.output_dir} (dropped {depth['dropped_layers']})")
+    return 0
+
+
+def cli() -> None:
+    """The `gkd-prune` console script (also `python scripts/prune.py`)."""
+    from gkd.cli import run
+
+    run(main)

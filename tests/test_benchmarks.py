@@ -1,9 +1,15 @@
-"""scripts/bench.py end to end on the `smoke` preset: every system runs and reports sane numbers. Not a timing test."""
+"""benchmarks/ end to end on the `smoke` preset: every system runs and reports sane numbers. Not timing tests."""
 
 import json
 import math
 
-from conftest import run_cli
+import pytest
+from helpers import run_cli
+
+from benchmarks import bench
+from benchmarks.memory_budget import BudgetArguments, estimate, saved_activation_bytes
+
+pytestmark = pytest.mark.bench
 
 PHASES = {"generation", "teacher_forward", "student_forward_backward", "optimizer", "other"}
 SYSTEMS = {
@@ -18,7 +24,7 @@ def positive(value) -> bool:
 
 def test_every_system_reports_every_phase(tmp_path):
     output = tmp_path / "bench.json"
-    result = run_cli(["scripts/bench.py", "--preset", "smoke", "--threads", "1", "--output_json", output], timeout=240)
+    result = run_cli(["-m", "benchmarks.bench", "--preset", "smoke", "--threads", "1", "--output_json", output], timeout=240)
     assert result.returncode == 0, result.stderr[-4000:]
     report = json.loads(output.read_text())
     assert {row["system"] for row in report["results"]} == SYSTEMS
@@ -42,7 +48,7 @@ def test_every_system_reports_every_phase(tmp_path):
 def test_h100_preset_builds_without_allocating(tmp_path):
     """The GPU preset cannot run here; its model and trainer configs must still build (meta-device models)."""
     output = tmp_path / "dry.json"
-    result = run_cli(["scripts/bench.py", "--preset", "h100", "--dry_run", "--output_json", output], timeout=120)
+    result = run_cli(["-m", "benchmarks.bench", "--preset", "h100", "--dry_run", "--output_json", output], timeout=120)
     assert result.returncode == 0, result.stderr[-4000:]
     report = json.loads(output.read_text())
     assert report["shapes"]["vocab_size"] == 151_936 and report["shapes"]["batch_size"] == 8
@@ -53,10 +59,10 @@ def test_h100_preset_builds_without_allocating(tmp_path):
 
 
 def test_generation_bench_times_each_backend_at_the_forced_length(tmp_path):
-    """scripts/bench_generation.py on the smoke preset: every completion is forced to the full length, or it fails."""
+    """benchmarks/bench_generation.py on the smoke preset: every completion is forced to the full length, or it fails."""
     output = tmp_path / "generation.json"
     result = run_cli(
-        ["scripts/bench_generation.py", "--preset", "smoke", "--backends", "plain", "static", "--repeats", "2",
+        ["-m", "benchmarks.bench_generation", "--preset", "smoke", "--backends", "plain", "static", "--repeats", "2",
          "--threads", "1", "--output_json", output],
         timeout=240,
     )
@@ -71,16 +77,16 @@ def test_generation_bench_times_each_backend_at_the_forced_length(tmp_path):
 
 
 def test_generation_bench_refuses_an_unknown_backend():
-    result = run_cli(["scripts/bench_generation.py", "--preset", "smoke", "--backends", "vllm"], timeout=120)
+    result = run_cli(["-m", "benchmarks.bench_generation", "--preset", "smoke", "--backends", "vllm"], timeout=120)
     assert result.returncode != 0 and "unknown backends ['vllm']" in result.stderr
     assert "Traceback" not in result.stderr
 
 
 def test_loss_bench_runs_both_variants_and_they_agree(tmp_path):
-    """scripts/bench_loss.py at a toy size: both variants report a time and a memory peak, and the same loss value."""
+    """benchmarks/bench_loss.py at a toy size: both variants report a time and a memory peak, and the same loss value."""
     output = tmp_path / "loss.json"
     result = run_cli(
-        ["scripts/bench_loss.py", "--rows", "64", "--vocab", "2000", "--hidden_student", "32", "--hidden_teacher",
+        ["-m", "benchmarks.bench_loss", "--rows", "64", "--vocab", "2000", "--hidden_student", "32", "--hidden_teacher",
          "48", "--chunk_size", "16", "--repeats", "2", "--output_json", output],
         timeout=240,
     )
@@ -96,7 +102,7 @@ def test_child_runner_returns_values_errors_and_deaths():
     """Both benches run each measurement through `run_in_child`; a failure must come back, not hang or vanish."""
     import os
 
-    from gkd.profiling import run_in_child
+    from benchmarks.profiling import run_in_child
 
     assert run_in_child(divmod, 7, 2) == ("ok", (3, 1))
     status, detail = run_in_child(int, "seven")
@@ -107,3 +113,56 @@ def test_child_runner_returns_values_errors_and_deaths():
     key = "GKD_TEST_CHILD_VARIABLE"
     assert run_in_child(os.getenv, key, start_method="spawn", environment={key: "set"}) == ("ok", "set")
     assert key not in os.environ
+
+
+# ---------------------------------------------------------------- memory budget (benchmarks/memory_budget.py)
+
+
+def test_cli_writes_parts_that_add_up_to_the_peak(tmp_path):
+    output = tmp_path / "budget.json"
+    result = run_cli(["-m", "benchmarks.memory_budget", "--preset", "smoke", "--output_json", output], timeout=120)
+    assert result.returncode == 0, result.stderr[-4000:]
+    budget = json.loads(output.read_text())
+    assert "estimated peak" in result.stdout
+    on_top = {phase: sum(parts.values()) for phase, parts in budget["phases"].items()}
+    assert on_top[budget["peak_phase"]] == max(on_top.values())
+    assert budget["peak_bytes"] == sum(budget["held"].values()) + on_top[budget["peak_phase"]]
+
+
+def test_activations_are_measured_per_layer_and_scale_with_the_batch():
+    preset = bench.PRESETS["smoke"]
+    width, shape = preset.prompt_length + preset.completion_length, preset.student
+    per_layer = saved_activation_bytes(preset, 2, lora=False) - saved_activation_bytes(preset, 1, lora=False)
+    # The MLP alone keeps gate, silu(gate), up and their product for backward: 4 x [width, intermediate] in fp32.
+    assert per_layer >= 4 * width * shape.intermediate_size * 4
+    assert per_layer < 40 * width * max(shape.hidden_size, shape.intermediate_size) * 4
+
+    one = estimate(BudgetArguments(preset="smoke", batch_size=1))
+    two = estimate(BudgetArguments(preset="smoke", batch_size=2))
+    assert two["phases"]["loss"]["student activations"] == 2 * one["phases"]["loss"]["student activations"]
+    assert two["held"]["student weights"] == one["held"]["student weights"]
+    checkpointed = estimate(BudgetArguments(preset="smoke", batch_size=2, gradient_checkpointing=True))
+    assert checkpointed["phases"]["loss"]["student activations"] < two["phases"]["loss"]["student activations"]
+
+
+def test_lora_trades_optimizer_state_for_merged_copies():
+    full = estimate(BudgetArguments(preset="smoke"))
+    lora = estimate(BudgetArguments(preset="smoke", lora=True))
+    adamw = "AdamW state (2 per trainable weight)"
+    assert lora["held"][adamw] < full["held"][adamw] / 5
+    assert "merged LoRA copies" in lora["held"] and "merged LoRA copies" not in full["held"]
+    # A frozen lm_head: the loss keeps no [V, H] weight gradient.
+    preset = bench.PRESETS["smoke"]
+    saved = "loss: saved gradients"
+    assert full["phases"]["loss"][saved] - lora["phases"]["loss"][saved] == (
+        preset.vocab_size * preset.student.hidden_size * 4
+    )
+
+
+def test_smaller_loss_chunks_shrink_the_loss_buffers():
+    preset = bench.PRESETS["smoke"]
+    rows = preset.batch_size * preset.completion_length
+    whole = estimate(BudgetArguments(preset="smoke", loss_chunk_size=rows))
+    half = estimate(BudgetArguments(preset="smoke", loss_chunk_size=rows // 2))
+    buffers = "loss: chunk buffers"
+    assert half["phases"]["loss"][buffers] == whole["phases"]["loss"][buffers] / 2

@@ -1,7 +1,7 @@
 """Time on-policy sampling alone: gkd's generation backends against transformers' `generate`, on one student.
 
-    python scripts/bench_generation.py --preset cpu-tiny
-    python scripts/bench_generation.py --preset h100 --output_json generation-h100.json   # on one GPU
+    python -m benchmarks.bench_generation --preset cpu-tiny
+    python -m benchmarks.bench_generation --preset h100 --output_json generation-h100.json   # on one GPU
 
 The student of a `gkd.bench` preset (random init, seeded, bf16 on GPU for the h100 preset) samples `batch_size`
 completions of exactly `completion_length` tokens (stop ids held back by `min_new_tokens`, as the training bench
@@ -32,7 +32,7 @@ BACKENDS = ["plain", "hf-compiled", "static", "compiled"]
 
 @dataclass
 class GenerationBenchArguments:
-    """Options of scripts/bench_generation.py. Unset numbers come from the preset."""
+    """Options of benchmarks/bench_generation.py. Unset numbers come from the preset."""
 
     preset: str = field(default="cpu-tiny", metadata={"help": "Student shape and lengths.", "choices": list(PRESETS)})
     backends: list[str] = field(
@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"[bench_generation] {backend} ...", file=sys.stderr, flush=True)
         results.append(run_backend(backend, model, prompt_ids, prompt_mask, max_new_tokens, bench.repeats, bench.seed))
     report = {
-        "command": " ".join(["python", "scripts/bench_generation.py", *(argv if argv is not None else sys.argv[1:])]),
+        "command": " ".join(["python", "-m", "benchmarks.bench_generation", *(argv if argv is not None else sys.argv[1:])]),
         "preset": bench.preset,
         "student": asdict(preset.student),
         "vocab_size": preset.vocab_size,
@@ -182,3 +182,7 @@ def main(argv: list[str] | None = None) -> dict:
             json.dump(report, handle, indent=2)
     return report
 
+
+
+if __name__ == "__main__":
+    main()

@@ -1,20 +1,12 @@
 """The training CLI end to end, in subprocesses, on tiny models: what a user runs is what is tested."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, run_cli, train_args
+from helpers import REPO, assert_ok, metrics, run_cli, train_args
 
-
-def metrics(output_dir) -> list[dict]:
-    lines = (Path(output_dir) / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line) for line in lines if '"loss"' in line]
-
-
-def assert_ok(result):
-    assert result.returncode == 0, result.stderr[-4000:]
+pytestmark = pytest.mark.subprocess
 
 
 def test_help_documents_every_llm_dojo_flag():
@@ -113,60 +105,3 @@ def test_yaml_config(tiny_models, chat_data, tmp_path):
     run_config = json.loads((out / "run_config.json").read_text())
     assert run_config["training_args"]["lmbda"] == 1.0 and run_config["training_args"]["beta"] == 0.0
     assert all(m["on_policy"] == 1 for m in metrics(out))
-
-
-def test_refuses_to_overwrite_previous_run(tiny_models, chat_data, tmp_path):
-    student, teacher = tiny_models
-    out = tmp_path / "once"
-    assert_ok(run_cli(train_args(student, teacher, chat_data, out, "--max_steps", "1")))
-    before = (out / "model.safetensors").read_bytes()
-    again = run_cli(train_args(student, teacher, chat_data, out, "--max_steps", "1"))
-    assert again.returncode != 0 and "Traceback" not in again.stderr
-    assert "--overwrite_output_dir" in again.stderr
-    assert (out / "model.safetensors").read_bytes() == before
-    assert_ok(run_cli(train_args(student, teacher, chat_data, out, "--max_steps", "1", "--overwrite_output_dir")))
-
-
-@pytest.mark.parametrize(
-    "extra,expected",
-    [
-        (["--lmbda", "1.5"], "--lmbda must be in [0, 1]"),
-        (["--beta", "-0.1"], "--beta must be in [0, 1]"),
-        (["--temperature", "0"], "--temperature must be > 0"),
-        (["--max_length", "8", "--max_new_tokens", "8"], "--max_length"),
-    ],
-)
-def test_bad_values_are_one_line_errors(tiny_models, chat_data, tmp_path, extra, expected):
-    student, teacher = tiny_models
-    result = run_cli(train_args(student, teacher, chat_data, tmp_path / "bad", *extra), timeout=120)
-    assert result.returncode != 0
-    assert "Traceback" not in result.stderr
-    assert expected in result.stderr
-    assert not (tmp_path / "bad").exists()
-
-
-def test_missing_paths_and_bad_data(tiny_models, chat_data, tmp_path):
-    student, teacher = tiny_models
-    missing = run_cli(train_args(tmp_path / "nope", teacher, chat_data, tmp_path / "o"), timeout=120)
-    assert missing.returncode != 0 and "no model folder" in missing.stderr and "Traceback" not in missing.stderr
-
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n{"messages": [{"role": "bot", "content": "x"}]}\n')
-    result = run_cli(train_args(student, teacher, bad, tmp_path / "o"), timeout=120)
-    assert result.returncode != 0 and "Traceback" not in result.stderr
-    error = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(error) == 1 and "bad.jsonl" in error[0] and "record 1" in error[0] and "role" in error[0]
-    assert "Loading weights" not in result.stderr  # refused before any model loaded
-
-
-def test_teacher_with_another_vocabulary_is_refused(tiny_models, chat_data, tmp_path):
-    from tiny import make_model, make_tokenizer
-
-    student, _ = tiny_models
-    other_tokenizer = make_tokenizer(tmp_path / "other_tok", vocab_size=280)
-    other = tmp_path / "other_teacher"
-    make_model(other, other_tokenizer)
-    result = run_cli(train_args(student, other, chat_data, tmp_path / "o"), timeout=120)
-    assert result.returncode != 0 and "Traceback" not in result.stderr
-    assert "vocabulary differs" in result.stderr
-    assert "Loading weights" not in result.stderr

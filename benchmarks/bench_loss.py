@@ -1,9 +1,9 @@
 """Time and measure the memory of one GKD loss call (forward + backward): full logits against the chunked fused loss.
 
-    python scripts/bench_loss.py                                   # CPU defaults, well under a minute
-    python scripts/bench_loss.py --rows 2048 --hidden_student 896 --hidden_teacher 896 --vocab 151936 \
+    python -m benchmarks.bench_loss                                   # CPU defaults, well under a minute
+    python -m benchmarks.bench_loss --rows 2048 --hidden_student 896 --hidden_teacher 896 --vocab 151936 \
         --chunk_size 1024 --variants chunked --output_json loss.json
-    python scripts/bench_loss.py --device cuda --dtype float32 --autocast    # what the trainer does with --bf16
+    python -m benchmarks.bench_loss --device cuda --dtype float32 --autocast    # what the trainer does with --bf16
 
 Variants (`VARIANTS`): `reference` is the plain autograd path, `generalized_jsd(F.linear(h, W), F.linear(h_t, W_t))`
 on full [N, V] logits (the teacher projection without autograd, as the trainer does it); `chunked` is
@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import losses
+from gkd import losses
 from .profiling import proc_status_gib, run_in_child
 
 
@@ -217,3 +217,7 @@ def main(argv: list[str] | None = None) -> dict:
         Path(args.output_json).write_text(json.dumps(report, indent=2) + "\n")
     return report
 
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""The one way gkd writes a folder a user keeps: refuse to clobber what is there, write everything under a hidden
+sibling, and rename it into place only when it is complete. An interrupted or failed write leaves no folder that looks
+finished, and the previous folder is replaced only by a complete new one."""
+
+import os
+import secrets
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+
+from .errors import ConfigError
+
+
+def check_output_folder(output_dir: str | Path, overwrite: bool, inputs: list[str | Path] = ()) -> Path:
+    """Refuse an output folder that is a file, is not empty (unless `overwrite`), or whose replacement would delete
+    one of the `inputs`. Nothing is written."""
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ConfigError(f"output_dir {output_dir} exists and is not a folder")
+    if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
+        raise ConfigError(f"output_dir {output_dir} is not empty; pass --overwrite to replace it")
+    target = output_dir.resolve()
+    for path in inputs:
+        source = Path(path).resolve()
+        if source == target or target in source.parents:
+            raise ConfigError(f"output_dir {output_dir} would replace the input {path}; choose another folder")
+    writable_parent = next((parent for parent in [target, *target.parents] if parent.exists()), None)
+    if writable_parent is not None and not os.access(writable_parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"output_dir {output_dir}: cannot write in {writable_parent}")
+    return output_dir
+
+
+@contextmanager
+def staged_folder(output_dir: str | Path, overwrite: bool, purpose: str = "writing"):
+    """Yield an empty hidden sibling of `output_dir`; on success move it into place (replacing an old folder only now,
+    and only with `overwrite`), on any failure or interruption remove it and any parents it created."""
+    output_dir = Path(output_dir)
+    created: list[Path] = []
+    try:
+        created = _make_parents(output_dir.parent)
+        staging = output_dir.parent / f".{output_dir.name}.{purpose}-{os.getpid()}-{secrets.token_hex(3)}"
+        staging.mkdir()
+    except OSError as error:
+        _remove_empty(created)
+        raise ConfigError(f"cannot write output_dir {output_dir}: {error.strerror or error}") from None
+    try:
+        yield staging
+        _publish(staging, output_dir, overwrite)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        _remove_empty(created)
+        raise
+
+
+def _make_parents(folder: Path) -> list[Path]:
+    """mkdir -p, returning the folders it created (outermost first) so that a failure can remove them again."""
+    missing = []
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    for path in reversed(missing):
+        path.mkdir()
+    return list(reversed(missing))
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    for folder in reversed(folders):
+        try:
+            folder.rmdir()
+        except OSError:
+            pass
+
+
+def _apply_umask(folder: Path) -> None:
+    """Give the written files the permissions of any new file: safetensors writes 0600, which a server running as
+    another user (a vLLM container, say) cannot read, and mkdtemp-style folders are private."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for path in folder.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
+def _publish(staging: Path, output_dir: Path, overwrite: bool) -> None:
+    _apply_umask(staging)
+    if not output_dir.exists():
+        try:
+            staging.rename(output_dir)
+            return
+        except OSError:
+            if not output_dir.exists():
+                raise
+    if any(output_dir.iterdir()) and not overwrite:  # filled while we were writing
+        raise ConfigError(f"output_dir {output_dir} is not empty; pass --overwrite to replace it")
+    old = output_dir.parent / f".{output_dir.name}.replaced-{secrets.token_hex(3)}"
+    output_dir.rename(old)
+    try:
+        staging.rename(output_dir)
+    except BaseException:
+        old.rename(output_dir)
+        raise
+    shutil.rmtree(old)
+
+
+def move_aside(folder: Path, reason: str) -> Path:
+    """Rename `folder` to a free sibling `<name>.<reason>-<n>`, where its owner can still find it; returns the path."""
+    folder = Path(folder)
+    for number in range(1, 10_000):
+        aside = folder.with_name(f"{folder.name}.{reason}-{number}")
+        if not aside.exists():
+            folder.rename(aside)
+            return aside
+    raise ConfigError(f"{folder}: too many {folder.name}.{reason}-N folders beside it; delete some")

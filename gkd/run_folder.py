@@ -1,0 +1,292 @@
+"""A training run's output_dir: who may write into it, what happens to what is already there, and what the run
+writes besides the model (run_config.json, metrics.jsonl).
+
+The rules, checked before any model loads:
+- A folder holding a run's results (weights, an adapter, checkpoints) is written into only by a resume of that same
+  run. Resuming someone else's checkpoint into it is refused; an empty or new folder is fine.
+- `--overwrite_output_dir` moves the old folder aside to `<output_dir>.replaced-N` (said in the log), so nothing of
+  the old run can be mistaken for the new one's and nothing is lost.
+- A folder holding only what a failed start leaves (run_config.json, metrics.jsonl, TensorBoard logs, no results) is
+  cleared for the new run.
+- One run at a time: the main process holds an exclusive lock on `<output_dir>/.gkd-run.lock` while it runs; the
+  kernel releases it when the process dies, so a crashed run never blocks the next.
+"""
+
+import dataclasses
+import fcntl
+import json
+import logging
+import os
+import shutil
+import socket
+import sys
+import time
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+from .checkpoints import checkpoint_problem, checkpoints_by_step, last_complete_checkpoint
+from .errors import ConfigError
+from .folders import move_aside
+from .launch import launch_problems
+
+logger = logging.getLogger(__name__)
+
+LIBRARIES = ["torch", "transformers", "trl", "accelerate", "peft", "deepspeed", "datasets"]
+LOCK_FILE = ".gkd-run.lock"
+METRICS_FILE = "metrics.jsonl"
+RUN_CONFIG = "run_config.json"
+# What a run leaves before it has saved anything: cleared when the folder is reused.
+LEFTOVERS = (RUN_CONFIG, METRICS_FILE, "runs")
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
+MODEL_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+               "pytorch_model.bin.index.json")
+_held_locks = []  # open lock files of this process: closing one releases its lock
+
+
+def results_in(folder: str | Path) -> list[str]:
+    """The names in `folder` that are a run's results: weights, an adapter, trainer state, checkpoints."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    names = [name for name in (*ADAPTER_FILES, *MODEL_FILES, "trainer_state.json") if (folder / name).exists()]
+    return names + [path.name for path in checkpoints_by_step(folder)]
+
+
+def resolve_resume(training_args, use_peft: bool) -> str | None:
+    """`--resume_from_checkpoint`, checked and resolved before any model loads: a complete checkpoint of the kind
+    this run trains (adapter or full model), or `last`/`true` for the newest complete one in output_dir."""
+    value = training_args.resume_from_checkpoint
+    if value is None or value is False or str(value).strip() == "":
+        return None
+    flag = f"--resume_from_checkpoint {value}"
+    if str(value).lower() in ("last", "true"):
+        checkpoint, skipped = last_complete_checkpoint(training_args.output_dir)
+        for folder, problem in skipped:
+            logger.warning("skipping incomplete checkpoint %s (%s)", folder, problem)
+        if checkpoint is None:
+            raise ConfigError(
+                f"{flag}: no complete checkpoint in {training_args.output_dir}"
+                + (f" ({len(skipped)} incomplete)" if skipped else "")
+            )
+        logger.info("resuming from %s, the newest complete checkpoint", checkpoint)
+    else:
+        checkpoint = Path(value)
+        problem = checkpoint_problem(checkpoint)
+        if problem is not None:
+            raise ConfigError(f"{flag}: {_not_a_checkpoint(checkpoint, problem)}")
+    _check_checkpoint_kind(checkpoint, use_peft, flag)
+    return str(checkpoint)
+
+
+def _not_a_checkpoint(folder: Path, problem: str) -> str:
+    if checkpoints_by_step(folder) or (folder / RUN_CONFIG).exists():
+        latest, _ = last_complete_checkpoint(folder)
+        example = f", or {latest}" if latest else ""
+        return (f"is a run's output folder, not a checkpoint; resume it with --output_dir {folder} "
+                f"--resume_from_checkpoint last{example}")
+    latest, _ = last_complete_checkpoint(folder.parent)
+    hint = f"; the newest complete one there is {latest}" if latest else ""
+    return f"not a complete checkpoint ({problem}){hint}"
+
+
+def _check_checkpoint_kind(checkpoint: Path, use_peft: bool, flag: str) -> None:
+    has_adapter = (checkpoint / "adapter_config.json").exists()
+    if has_adapter and not use_peft:
+        raise ConfigError(f"{flag} holds a LoRA adapter: resume it with --use_peft (and the same LoRA options)")
+    if not has_adapter and use_peft:
+        raise ConfigError(f"{flag} holds a fully fine-tuned model, not a LoRA adapter: resume it without --use_peft")
+
+
+def check(training_args) -> None:
+    """What every rank checks, read-only, before any model loads: the folder can be written, and writing into it
+    loses nothing. `training_args.resume_from_checkpoint` is already resolved."""
+    output_dir = Path(training_args.output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ConfigError(f"--output_dir {output_dir} is a file, not a folder")
+    existing = next(p for p in [output_dir.resolve(), *output_dir.resolve().parents] if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"--output_dir {output_dir}: cannot write in {existing}")
+    results = results_in(output_dir)
+    checkpoint = training_args.resume_from_checkpoint
+    if checkpoint:
+        resumes_here = Path(checkpoint).resolve().parent == output_dir.resolve()
+        if results and not resumes_here and not training_args.overwrite_output_dir:
+            raise ConfigError(
+                f"--output_dir {output_dir} holds another run's results ({_listing(results)}); resuming "
+                f"{checkpoint} into it would mix two runs: resume into {Path(checkpoint).parent} or into an empty "
+                "folder"
+            )
+    elif results and not training_args.overwrite_output_dir:
+        raise ConfigError(
+            f"--output_dir {output_dir} already holds a run's results ({_listing(results)}); pass "
+            "--resume_from_checkpoint last to continue it, --overwrite_output_dir to move it aside and start anew, "
+            "or choose another --output_dir"
+        )
+
+
+def prepare(training_args) -> None:
+    """The main process, after `check` passed on every rank: lock the folder, then make it the new run's."""
+    output_dir = Path(training_args.output_dir)
+    checkpoint = training_args.resume_from_checkpoint
+    resumes_here = bool(checkpoint) and Path(checkpoint).resolve().parent == output_dir.resolve()
+    if output_dir.is_dir():
+        old_lock = _lock(output_dir)
+        if results_in(output_dir) and not resumes_here:  # only with --overwrite_output_dir, `check` made sure
+            aside = move_aside(output_dir, "replaced")
+            logger.warning("--overwrite_output_dir: moved the previous run in %s to %s (delete it when you no longer "
+                           "need it)", output_dir, aside)
+        elif not resumes_here:
+            _clear_leftovers(output_dir)
+        if output_dir.is_dir():
+            if resumes_here:
+                _trim_metrics(output_dir, int(Path(checkpoint).name.split("-")[-1]))
+            return
+        _release(old_lock)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    _lock(output_dir)
+
+
+def _listing(names: list[str]) -> str:
+    return ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+
+
+def _lock(folder: Path):
+    path = folder / LOCK_FILE
+    handle = open(path, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise ConfigError(f"--output_dir {folder} is in use by another gkd run ({holder}); wait for it to end or "
+                          "choose another --output_dir") from None
+    except OSError as error:  # a filesystem without locks (some network mounts): run unguarded, and say so
+        logger.warning("cannot lock %s (%s): nothing stops a second run from writing into it", path, error)
+        return handle
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    handle.flush()
+    _held_locks.append(handle)
+    return handle
+
+
+def _release(handle) -> None:
+    if handle in _held_locks:
+        _held_locks.remove(handle)
+    handle.close()
+
+
+def _clear_leftovers(folder: Path) -> None:
+    """A failed start's files (no results to lose): the new run replaces them."""
+    found = [name for name in LEFTOVERS if (folder / name).exists()]
+    for name in found:
+        path = folder / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    if found:
+        logger.info("%s held no results, only %s from a run that saved nothing: replaced", folder, ", ".join(found))
+
+
+def _trim_metrics(folder: Path, step: int) -> None:
+    """A resumed run logs its steps again after the checkpoint's: drop the old lines past it, and a last line cut by
+    a crash, so metrics.jsonl reads as one run."""
+    path = folder / METRICS_FILE
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and record.get("step", 0) <= step:
+            kept.append(line)
+    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+
+def read_metrics(folder: str | Path) -> list[dict]:
+    """Every whole line of a run's metrics.jsonl (a line cut short by a crash is skipped)."""
+    path = Path(folder) / METRICS_FILE
+    records = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+class MetricsFileCallback(TrainerCallback):
+    """Every log line also goes to output_dir/metrics.jsonl: one JSON object per line, easy to plot or tail."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            os.makedirs(args.output_dir, exist_ok=True)
+            with open(os.path.join(args.output_dir, METRICS_FILE), "a") as handle:
+                handle.write(json.dumps({"step": state.global_step, **logs}) + "\n")
+
+
+def write_run_config(trainer, script_args, model_args, training_args) -> None:
+    """run_config.json: the resolved arguments, library versions and the distributed layout, for reproducing a run."""
+    accelerator = trainer.accelerator
+    if not accelerator.is_main_process:
+        return
+    plugin = accelerator.state.deepspeed_plugin
+    distributed_type = str(accelerator.distributed_type).split(".")[-1]
+    record = {
+        "command": sys.argv,
+        "script_args": dataclasses.asdict(script_args),
+        "model_args": dataclasses.asdict(model_args),
+        "training_args": json.loads(training_args.to_json_string()),
+        "versions": {name: _version(name) for name in LIBRARIES},
+        "world_size": accelerator.num_processes,
+        "distributed_type": distributed_type,
+        "zero_stage": int(plugin.zero_stage) if plugin is not None else None,
+        # The launch check of gkd/launch.py, kept with the run: empty when the layout is what was launched.
+        "launch_problems": launch_problems(accelerator.num_processes, distributed_type),
+        # Absolute when a folder, so merge_lora finds the base from anywhere; a Hub id as given.
+        "model_name_or_path": _absolute_if_folder(model_args.model_name_or_path),
+        "teacher_model_name_or_path": _absolute_if_folder(model_args.teacher_model_name_or_path),
+    }
+    path = Path(training_args.output_dir) / RUN_CONFIG
+    path.write_text(json.dumps(record, indent=2, default=str))
+
+
+def _absolute_if_folder(name: str | None) -> str | None:
+    return os.path.abspath(name) if name and os.path.isdir(name) else name
+
+
+def _version(name: str) -> str | None:
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
+def save_final_model(trainer, output_dir: str | Path) -> None:
+    """The trained model (or adapter) into output_dir, staged: every rank saves into a hidden folder (ZeRO-3 gathers
+    the weights collectively), then the main process moves each finished file into place. An interruption leaves the
+    folder as it was before the save, not a config.json without weights."""
+    output_dir = Path(output_dir)
+    staging = output_dir / ".final-save.partial"
+    accelerator = trainer.accelerator
+    if accelerator.is_main_process and staging.exists():
+        shutil.rmtree(staging)
+    accelerator.wait_for_everyone()
+    trainer.save_model(str(staging))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        for path in sorted(staging.iterdir()):
+            target = output_dir / path.name
+            if target.is_dir() and not path.is_dir():
+                shutil.rmtree(target)
+            elif path.is_dir() and target.exists():
+                shutil.rmtree(target) if target.is_dir() else target.unlink()
+            os.replace(path, target)
+        staging.rmdir()
+    accelerator.wait_for_everyone()

@@ -1,0 +1,440 @@
+"""How close is a student to its teacher? Metrics on a validation set, as JSON and a Markdown table; curves as PNG.
+
+    gkd-eval --student S [--student NAME=S2 ...] --teacher T --dataset_name val.jsonl --output_dir O
+    gkd-eval --plot_run runs/x          # training curves from runs/x/metrics.jsonl -> PNG
+    (python -m gkd.evaluate ... is the same command)
+
+Students and teacher are model folders or Hub ids; a `--use_peft` run's folder is its base with the adapter merged.
+Metrics, per student:
+- reverse_kl, jsd: per-token divergence from the teacher on completions the student samples itself (temperature 1):
+  what on-policy distillation minimises.
+- teacher_nll: per-token negative log-likelihood of the teacher's greedy responses under the student.
+- answer_accuracy: share of records with `answers` whose greedy response contains one (case-insensitive).
+- mean_response_tokens: length of the student's greedy responses.
+Each of the first four gets a 95% bootstrap interval over prompts (`*_ci`); per-prompt values are in eval.json, so
+two students can be compared on the same prompts (`paired_difference`).
+"""
+
+import json
+import logging
+import random
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from gkd import losses
+from gkd.batching import pad_batch
+from gkd.errors import ConfigError, GKDError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Responses:
+    """Greedy responses of one model to every prompt: token ids (stop included) and decoded text."""
+
+    ids: list[list[int]]
+    texts: list[str]
+
+
+def _batches(items: list, size: int):
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+@torch.no_grad()
+def greedy_responses(model, tokenizer, prompts: list[list[int]], stop_ids, max_new_tokens, batch_size) -> Responses:
+    from gkd.generation import generate
+
+    ids, texts = [], []
+    for chunk in _batches(prompts, batch_size):
+        batch = pad_batch([{"prompt_ids": p, "completion_ids": []} for p in chunk], tokenizer.pad_token_id)
+        completion, mask = generate(
+            model, batch["prompt_ids"], batch["prompt_mask"], max_new_tokens=max_new_tokens,
+            stop_token_ids=stop_ids, pad_token_id=tokenizer.pad_token_id, temperature=None,
+        )
+        for row, row_mask in zip(completion, mask):
+            tokens = row[row_mask.bool()].tolist()
+            ids.append(tokens)
+            texts.append(tokenizer.decode(tokens, skip_special_tokens=True).strip())
+    return Responses(ids, texts)
+
+
+@torch.no_grad()
+def _completion_logits(model, prompt_ids, prompt_mask, completion_ids, completion_mask):
+    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+    attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=completion_ids.shape[1] + 1).logits
+    return logits[:, :-1].float()
+
+
+@torch.no_grad()
+def divergences(student, teacher, tokenizer, prompts, stop_ids, max_new_tokens, batch_size, seed) -> dict:
+    """Per prompt: summed reverse KL and JSD over the student's own sample at temperature 1, and its token count."""
+    from gkd.generation import generate
+
+    torch.manual_seed(seed)
+    per_prompt = {"reverse_kl": [], "jsd": [], "sample_tokens": []}
+    for chunk in _batches(prompts, batch_size):
+        batch = pad_batch([{"prompt_ids": p, "completion_ids": []} for p in chunk], tokenizer.pad_token_id)
+        completion, mask = generate(
+            student, batch["prompt_ids"], batch["prompt_mask"], max_new_tokens=max_new_tokens,
+            stop_token_ids=stop_ids, pad_token_id=tokenizer.pad_token_id, temperature=1.0,
+        )
+        args = (batch["prompt_ids"], batch["prompt_mask"], completion, mask)
+        student_logits, teacher_logits = losses.align_vocab(
+            _completion_logits(student, *args), _completion_logits(teacher, *args)
+        )
+        kept = mask.bool()
+        for name, beta in (("reverse_kl", 1.0), ("jsd", 0.5)):
+            per_token = losses.generalized_jsd(student_logits, teacher_logits, beta)
+            per_prompt[name] += torch.where(kept, per_token, 0.0).sum(dim=1).tolist()
+        per_prompt["sample_tokens"] += kept.sum(dim=1).tolist()
+    return per_prompt
+
+
+@torch.no_grad()
+def teacher_nll(student, tokenizer, prompts, teacher_answers: Responses, batch_size) -> dict:
+    """Per prompt: summed NLL of the teacher's greedy response under the student, and its token count."""
+    per_prompt = {"teacher_nll": [], "teacher_tokens": []}
+    samples = [{"prompt_ids": p, "completion_ids": c} for p, c in zip(prompts, teacher_answers.ids)]
+    for chunk in _batches(samples, batch_size):
+        batch = pad_batch(chunk, tokenizer.pad_token_id)
+        logits = _completion_logits(
+            student, batch["prompt_ids"], batch["prompt_mask"], batch["completion_ids"], batch["completion_mask"]
+        )
+        logits = logits[..., : len(tokenizer)] if logits.shape[-1] > len(tokenizer) else logits
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch["completion_ids"], reduction="none")
+        kept = batch["completion_mask"].bool()
+        per_prompt["teacher_nll"] += torch.where(kept, nll, 0.0).sum(dim=1).tolist()
+        per_prompt["teacher_tokens"] += kept.sum(dim=1).tolist()
+    return per_prompt
+
+
+def answer_hits(texts: list[str], answers: list[list[str] | None]) -> list[int | None]:
+    """Per prompt: 1 when the response contains an accepted answer (case-insensitive), 0 when not, None when the
+    record has no `answers`."""
+    return [None if not options else int(any(option.lower() in text.lower() for option in options))
+            for text, options in zip(texts, answers)]
+
+
+# (metric, per-prompt numerator, per-prompt denominator or None for a plain mean over checked prompts)
+RATIOS = {
+    "reverse_kl": ("reverse_kl", "sample_tokens"),
+    "jsd": ("jsd", "sample_tokens"),
+    "teacher_nll": ("teacher_nll", "teacher_tokens"),
+    "answer_accuracy": ("answer_hits", None),
+}
+
+
+def _ratio(per_prompt: dict, metric: str, rows: list[int]) -> float | None:
+    numerator, denominator = RATIOS[metric]
+    values = per_prompt[numerator]
+    if denominator is None:
+        checked = [values[row] for row in rows if values[row] is not None]
+        return sum(checked) / len(checked) if checked else None
+    tokens = sum(per_prompt[denominator][row] for row in rows)
+    return sum(values[row] for row in rows) / max(tokens, 1)
+
+
+def bootstrap_interval(per_prompt: dict, metric: str, samples: int = 1000, seed: int = 0,
+                       reference: dict | None = None) -> tuple[float, float] | None:
+    """95% percentile interval of `metric` over prompts resampled with replacement (seeded); with `reference`, of the
+    difference metric(per_prompt) - metric(reference) on the same resampled prompts (a paired comparison)."""
+    count = len(per_prompt[RATIOS[metric][0]])
+    if count == 0 or _ratio(per_prompt, metric, list(range(count))) is None:
+        return None
+    rng = random.Random(seed)
+    draws = []
+    for _ in range(samples):
+        rows = [rng.randrange(count) for _ in range(count)]
+        value = _ratio(per_prompt, metric, rows)
+        if reference is not None and value is not None:
+            other = _ratio(reference, metric, rows)
+            value = None if other is None else value - other
+        if value is not None:
+            draws.append(value)
+    draws.sort()
+    if not draws:
+        return None
+    return draws[int(0.025 * (len(draws) - 1))], draws[int(0.975 * (len(draws) - 1))]
+
+
+def paired_difference(report: dict, name: str, reference: str, metric: str, samples: int = 1000, seed: int = 0):
+    """`name` minus `reference` on `metric` over the same prompts, with its 95% bootstrap interval:
+    (difference, (low, high)). An interval that excludes 0 is a difference this evaluation can see."""
+    per_prompt, other = report["per_prompt"][name], report["per_prompt"][reference]
+    rows = list(range(len(per_prompt[RATIOS[metric][0]])))
+    value, base = _ratio(per_prompt, metric, rows), _ratio(other, metric, rows)
+    if value is None or base is None:
+        return None, None
+    return value - base, bootstrap_interval(per_prompt, metric, samples, seed, reference=other)
+
+
+def evaluate_students(
+    students: dict, teacher, tokenizer, conversations, stop_ids, max_new_tokens=48, batch_size=8, seed=0,
+    bootstrap_samples=1000,
+) -> dict:
+    """Metrics for each named student against one teacher; the teacher's greedy responses are computed once."""
+    from gkd.data import encode_conversations
+
+    samples, _ = encode_conversations(conversations, tokenizer, 4096, max_new_tokens, stop_ids)
+    prompts = [sample["prompt_ids"] for sample in samples]
+    answers = [conversation.answers for conversation in conversations]
+    teacher_answers = greedy_responses(teacher, tokenizer, prompts, stop_ids, max_new_tokens, batch_size)
+    report = {"num_prompts": len(prompts), "max_new_tokens": max_new_tokens, "seed": seed,
+              "bootstrap_samples": bootstrap_samples, "models": {}, "per_prompt": {}, "samples": []}
+    responses = {}
+    for name, student in tqdm(students.items(), desc="evaluating", unit="model", total=len(students)):
+        student.eval()
+        own = greedy_responses(student, tokenizer, prompts, stop_ids, max_new_tokens, batch_size)
+        responses[name] = own.texts
+        per_prompt = {
+            **divergences(student, teacher, tokenizer, prompts, stop_ids, max_new_tokens, batch_size, seed),
+            **teacher_nll(student, tokenizer, prompts, teacher_answers, batch_size),
+            "answer_hits": answer_hits(own.texts, answers),
+            "response_tokens": [len(ids) for ids in own.ids],
+        }
+        rows = list(range(len(prompts)))
+        metrics = {metric: _ratio(per_prompt, metric, rows) for metric in RATIOS}
+        metrics.update({f"{metric}_ci": bootstrap_interval(per_prompt, metric, bootstrap_samples, seed)
+                        for metric in RATIOS})
+        metrics["mean_response_tokens"] = sum(per_prompt["response_tokens"]) / max(len(prompts), 1)
+        metrics["checked_prompts"] = sum(hit is not None for hit in per_prompt["answer_hits"])
+        report["models"][name] = metrics
+        report["per_prompt"][name] = per_prompt
+    for index in range(min(5, len(prompts))):
+        report["samples"].append(
+            {
+                "prompt": conversations[index].prompt[-1]["content"],
+                "teacher": teacher_answers.texts[index],
+                **{name: texts[index] for name, texts in responses.items()},
+            }
+        )
+    return report
+
+
+def evaluate_folders(
+    student_paths: dict, teacher_path, conversations, max_new_tokens=48, batch_size=8, seed=0, bootstrap_samples=1000
+) -> dict:
+    """`evaluate_students` for models named by folder or Hub id (a `--use_peft` run's folder counts: its adapter is
+    merged into its base): each named student, then the teacher itself as the reference row."""
+    from gkd import models
+
+    teacher_ref = models.ModelRef(str(teacher_path), flag="--teacher")
+    models.check_model(teacher_ref)
+    tokenizer = models.load_tokenizer(teacher_ref)
+    for name, path in student_paths.items():
+        student_ref = _student_ref(name, path)
+        models.check_same_vocabulary(models.load_tokenizer(student_ref), tokenizer, f"student {name} ({path})")
+    stop_ids = models.stop_token_ids(tokenizer, teacher_ref)
+    # Students are evaluated frozen and in eval mode, exactly as the teacher is loaded.
+    students = {name: _load_student(name, path) for name, path in student_paths.items()}
+    teacher = models.load_frozen(teacher_ref, "float32")
+    students["teacher"] = teacher
+    return evaluate_students(students, teacher, tokenizer, conversations, stop_ids, max_new_tokens, batch_size, seed,
+                             bootstrap_samples)
+
+
+def _student_ref(name: str, path):
+    """The model a student names: its own folder or Hub id, or for a LoRA run's folder, the adapter's base model."""
+    from gkd import models
+    from gkd.tools.merge import find_adapter, read_adapter_config, resolve_base
+
+    flag = f"--student {name}"
+    if (Path(path) / "adapter_config.json").is_file() and not (Path(path) / "config.json").is_file():
+        adapter_dir = find_adapter(path)
+        base, _ = resolve_base(adapter_dir, read_adapter_config(adapter_dir), None)
+        ref = models.ModelRef(base, flag=f"{flag} (the base of its adapter)")
+    else:
+        ref = models.ModelRef(str(path), flag=flag)
+    models.check_model(ref)
+    return ref
+
+
+def _load_student(name: str, path):
+    """A student model, frozen; a LoRA run's adapter merged into its base (in float32, exactly)."""
+    from gkd import models
+
+    model = models.load_frozen(_student_ref(name, path), "float32")
+    if (Path(path) / "adapter_config.json").is_file() and not (Path(path) / "config.json").is_file():
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
+        model.eval().requires_grad_(False)
+    return model
+
+
+METRICS = [
+    ("reverse_kl", "reverse KL (student samples)", "lower"),
+    ("jsd", "JSD (student samples)", "lower"),
+    ("teacher_nll", "NLL of teacher responses", "lower"),
+    ("answer_accuracy", "answer accuracy", "higher"),
+    ("mean_response_tokens", "mean response tokens", ""),
+]
+
+
+def markdown_table(report: dict) -> str:
+    names = list(report["models"])
+    lines = ["| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for key, label, better in METRICS:
+        cells = []
+        for name in names:
+            value, interval = report["models"][name].get(key), report["models"][name].get(f"{key}_ci")
+            cell = "n/a" if value is None else _number(value)
+            if value is not None and interval and interval[1] - interval[0] > 5e-4:
+                cell += f" [{_number(interval[0])}, {_number(interval[1])}]"
+            cells.append(cell)
+        lines.append(f"| {label}{f' ({better} is better)' if better else ''} | " + " | ".join(cells) + " |")
+    lines.append("")
+    if any(f"{key}_ci" in metrics for metrics in report["models"].values() for key, _, _ in METRICS):
+        lines.append(f"[low, high]: 95% bootstrap interval over the {report['num_prompts']} prompts "
+                     f"({report.get('bootstrap_samples', 1000)} resamples).")
+        lines.append("")
+    for sample in report["samples"]:
+        lines.append(f"**{sample['prompt']}**")
+        for name, text in sample.items():
+            if name != "prompt":
+                lines.append(f"- {name}: {text[:200]!r}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _number(value: float) -> str:
+    """Three decimals; divergences are >= 0, and float rounding would print a teacher's own 0 as -0.000."""
+    return f"{0.0 if abs(value) < 5e-4 else value:.3f}"
+
+
+def write_report(report: dict, output_dir: str | Path) -> Path:
+    folder = Path(output_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "eval.json").write_text(json.dumps(report, indent=2))
+    (folder / "eval.md").write_text(markdown_table(report))
+    return folder / "eval.md"
+
+
+def plot_run(run_dir: str | Path, output: str | Path | None = None) -> Path:
+    """Training curves (loss, its parts, on-policy share, completion length, learning rate) from a run's
+    metrics.jsonl; a last line cut short by a crash is skipped."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from gkd.run_folder import read_metrics
+
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise GKDError(f"{path}: no metrics.jsonl (is {run_dir} a gkd run's output_dir?)")
+    rows = [row for row in read_metrics(run_dir) if "loss" in row and "step" in row]
+    if not rows:
+        raise GKDError(f"{path}: no training steps logged yet")
+    names = ("loss", "kd_loss", "sft_loss", "eval_loss", "completion_tokens", "on_policy", "lmbda", "learning_rate")
+    keys = [key for key in names if any(isinstance(row.get(key), (int, float)) for row in rows)]
+    figure, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3), squeeze=False)
+    for axis, key in zip(axes[0], keys):
+        points = [(row["step"], row[key]) for row in rows if isinstance(row.get(key), (int, float))]
+        axis.plot([p[0] for p in points], [p[1] for p in points], marker=".")
+        axis.set_title(key)
+        axis.set_xlabel("step")
+    figure.tight_layout()
+    output = Path(output) if output else Path(run_dir) / "curves.png"
+    figure.savefig(output, dpi=100)
+    return output
+
+
+@dataclass
+class EvaluateConfig:
+    """Options of gkd-eval / `python -m gkd.evaluate`."""
+
+    student: list[str] = field(
+        default_factory=list,
+        metadata={"help": "A student: model folder, Hub id or --use_peft run folder; NAME=PATH names it. Repeat the "
+                  "flag (or list several) for more students."},
+    )
+    teacher: str | None = field(
+        default=None, metadata={"help": "The teacher (folder or Hub id); also evaluated, as the reference row."}
+    )
+    dataset_name: str | None = field(
+        default=None, metadata={"help": "Validation records (any format gkd trains on; `answers` optional)."}
+    )
+    output_dir: str | None = field(default=None, metadata={"help": "Where eval.json and eval.md go."})
+    max_new_tokens: int = field(default=48, metadata={"help": "Longest response per prompt."})
+    batch_size: int = field(default=8, metadata={"help": "Prompts per batch."})
+    max_records: int | None = field(default=None, metadata={"help": "Evaluate the first N records only."})
+    seed: int = field(default=0, metadata={"help": "Seed of the sampled completions and of the bootstrap."})
+    bootstrap_samples: int = field(default=1000, metadata={"help": "Resamples for the 95% intervals."})
+    plot_run: str | None = field(
+        default=None, metadata={"help": "A run's output_dir: plot its metrics.jsonl to curves.png and exit."}
+    )
+
+    def __post_init__(self):
+        if self.plot_run:
+            return
+        if not (self.student and self.teacher and self.dataset_name and self.output_dir):
+            raise ConfigError("--student, --teacher, --dataset_name and --output_dir are required (or --plot_run)")
+        for name in ("max_new_tokens", "batch_size", "bootstrap_samples"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_records is not None and self.max_records < 1:
+            raise ConfigError(f"--max_records must be at least 1, got {self.max_records}")
+
+    def named_students(self) -> dict[str, str]:
+        """NAME -> path; an unnamed student is named after its folder. Two students under one name are refused,
+        since one would silently replace the other in the report."""
+        named = {}
+        for item in self.student:
+            name, path = item.split("=", 1) if "=" in item else (Path(item.rstrip("/")).name or item, item)
+            if name in named or name == "teacher":
+                raise ConfigError(f"--student {item}: the name '{name}' is taken; name each student with NAME=PATH")
+            named[name] = path
+        return named
+
+
+def _merge_repeated(argv: list[str], flag: str) -> list[str]:
+    """`--student A --student B` (the README's form) as one list-valued `--student A B`: argparse keeps the last."""
+    values, rest, index = [], [], 0
+    while index < len(argv):
+        if argv[index] == flag:
+            index += 1
+            while index < len(argv) and not argv[index].startswith("--"):
+                values.append(argv[index])
+                index += 1
+        else:
+            rest.append(argv[index])
+            index += 1
+    return rest + ([flag, *values] if values else [])
+
+
+def main(argv: list[str] | None = None) -> int:
+    from gkd.cli import parse
+
+    argv = _merge_repeated(list(sys.argv[1:] if argv is None else argv), "--student")
+    (config,) = parse(EvaluateConfig, argv, description=__doc__.splitlines()[0])
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    if config.plot_run:
+        print(plot_run(config.plot_run))
+        return 0
+    from gkd import data
+
+    named = config.named_students()
+    conversations = data.load_conversations(config.dataset_name)[: config.max_records]
+    report = evaluate_folders(named, config.teacher, conversations, config.max_new_tokens, config.batch_size,
+                              config.seed, config.bootstrap_samples)
+    print(markdown_table(report))
+    print(f"wrote {write_report(report, config.output_dir)}")
+    return 0
+
+
+def cli() -> None:
+    """The `gkd-eval` console script."""
+    from gkd.cli import run
+
+    run(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,362 @@
+"""A hostile user's round through the real command lines: every case ends in one `error: ...` line with exit 2 and
+no traceback, or in a clean success; nothing a user produced is lost or mistaken for another run's.
+
+Refusals happen before any model loads, so most cases call the CLI's entry point in this process (the same `run(main)`
+a console script runs, stderr captured at the file descriptor): milliseconds instead of seconds of imports each.
+Cases that need a real process (signals, two runs at once, a run that trains) run it in a subprocess.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import CLI_ENV, REPO, assert_ok, assert_user_error, default_signals, metrics, run_cli, train_args
+from safetensors.torch import load_file
+
+from gkd import train
+from gkd.cli import run
+from gkd.tools import evaluate, merge, prune
+
+GOOD = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello."}]}
+
+
+def in_process(capfd, main, argv) -> tuple[int, str]:
+    """Exit code and stderr of `main(argv)` run as the console scripts run it."""
+    capfd.readouterr()
+    argv = [str(arg) for arg in argv]
+    with pytest.raises(SystemExit) as exit_info:
+        run(lambda: main(argv))
+    return exit_info.value.code, capfd.readouterr().err
+
+
+def refused(capfd, main, argv, *expected) -> str:
+    code, stderr = in_process(capfd, main, argv)
+    lines = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(lines) == 1, (code, stderr[-3000:])
+    assert "Traceback" not in stderr and "Loading weights" not in stderr, stderr[-3000:]
+    for text in expected:
+        assert text in lines[0], (text, lines[0])
+    return lines[0]
+
+
+def write_jsonl(path: Path, *records) -> Path:
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+    return path
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_models, chat_data, tmp_path_factory):
+    """A finished full fine-tuning run and a finished LoRA run, each with checkpoints at steps 1 and 2."""
+    student, teacher = tiny_models
+    root = tmp_path_factory.mktemp("hostile_runs")
+    for name, extra in (("full", []), ("lora", ["--use_peft"])):
+        result = run_cli(train_args(student, teacher, chat_data, root / name, "--lmbda", "0", "--save_strategy",
+                                    "steps", "--save_steps", "1", *extra))
+        assert_ok(result)
+    return {"full": root / "full", "lora": root / "lora"}
+
+
+# ------------------------------------------------------------------------------------- the training command line
+
+
+def broken_safetensors(tiny_models, tmp_path):
+    folder = tmp_path / "cut_student"
+    shutil.copytree(tiny_models[0], folder)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    return folder
+
+
+TRAIN_CASES = {
+    # argument parsing
+    "unknown_flag": (lambda s, t, d, tmp: ["--lmbdaa", "0.5"], ["--lmbdaa"]),
+    "bad_float": (lambda s, t, d, tmp: ["--lmbda", "half"], ["--lmbda", "invalid float value: 'half'"]),
+    "config_missing": (lambda s, t, d, tmp: ["--config", tmp / "nope.yaml"], ["nope.yaml", "no such file"]),
+    "config_malformed": (lambda s, t, d, tmp: ["--config", _file(tmp / "bad.yaml", "lmbda: [0.5\n")],
+                         ["bad.yaml", "not valid YAML"]),
+    "config_list": (lambda s, t, d, tmp: ["--config", _file(tmp / "list.yaml", "- lmbda: 0.5\n")],
+                    ["list.yaml", "expected a mapping"]),
+    "config_unknown_key": (lambda s, t, d, tmp: ["--config", _file(tmp / "key.yaml", "lmbdaa: 0.5\n")],
+                           ["key.yaml", "unknown option 'lmbdaa'"]),
+    "config_wrong_type": (lambda s, t, d, tmp: ["--config", _file(tmp / "type.yaml", "max_steps: 2.5\n")],
+                          ["type.yaml", "'max_steps' expects an integer"]),
+    # values that used to be checked only after both models loaded, or never
+    "temperature_nan": (lambda s, t, d, tmp: ["--temperature", "nan"], ["--temperature must be a finite number"]),
+    "loss_temperature_nan": (lambda s, t, d, tmp: ["--loss_temperature", "nan"], ["--loss_temperature", "finite"]),
+    "lmbda_nan": (lambda s, t, d, tmp: ["--lmbda", "nan"], ["--lmbda", "finite"]),
+    "learning_rate_inf": (lambda s, t, d, tmp: ["--learning_rate", "inf"], ["--learning_rate", "finite"]),
+    "max_grad_norm_nan": (lambda s, t, d, tmp: ["--max_grad_norm", "nan"], ["--max_grad_norm", "finite"]),
+    "lora_dropout_nan": (lambda s, t, d, tmp: ["--lora_dropout", "nan"], ["--lora_dropout", "finite"]),
+    "batch_size_zero": (lambda s, t, d, tmp: ["--per_device_train_batch_size", "0"],
+                        ["--per_device_train_batch_size must be at least 1"]),
+    "accumulation_zero": (lambda s, t, d, tmp: ["--gradient_accumulation_steps", "0"],
+                          ["--gradient_accumulation_steps must be at least 1"]),
+    "negative_seed": (lambda s, t, d, tmp: ["--seed", "-1"], ["--seed must be >= 0"]),
+    "no_epochs": (lambda s, t, d, tmp: ["--max_steps", "-1", "--num_train_epochs", "0"], ["train on nothing"]),
+    "eval_without_data": (lambda s, t, d, tmp: ["--eval_strategy", "steps"], ["--eval_dataset_name"]),
+    "lora_targets": (lambda s, t, d, tmp: ["--use_peft", "--lora_target_modules", "qproj"],
+                     ["--lora_target_modules qproj", "no such linear module", "q_proj"]),
+    "schedule_without_warmup": (lambda s, t, d, tmp: ["--lmbda_schedule", "linear"], ["--lmbda_warmup_steps"]),
+    "no_loss_terms": (lambda s, t, d, tmp: ["--kd_loss_weight", "0"], ["both 0", "nothing"]),
+    "sft_on_policy": (lambda s, t, d, tmp: ["--objective", "sft", "--lmbda", "0.5"], ["on-policy", "--lmbda 0"]),
+    # output folders
+    "output_is_a_file": (lambda s, t, d, tmp: ["--output_dir", _file(tmp / "file", "x")], ["is a file"]),
+}
+
+
+def _file(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("case", list(TRAIN_CASES))
+def test_train_refuses_bad_options_in_one_line(capfd, tiny_models, chat_data, tmp_path, case):
+    build, expected = TRAIN_CASES[case]
+    student, teacher = tiny_models
+    out = tmp_path / "out"
+    argv = train_args(student, teacher, chat_data, out, *build(student, teacher, chat_data, tmp_path))[1:]
+    refused(capfd, train.main, argv, *expected)
+    assert not out.exists()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes anywhere")
+def test_train_refuses_an_output_dir_it_cannot_write(capfd, tiny_models, chat_data, tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    argv = train_args(*tiny_models, chat_data, locked / "out")[1:]
+    refused(capfd, train.main, argv, "cannot write in")
+
+
+@pytest.mark.parametrize(
+    "case,expected",
+    [
+        ("missing", ["--model_name_or_path", "no such folder"]),
+        ("no_config", ["--model_name_or_path", "no config.json"]),
+        ("truncated", ["--model_name_or_path", "model.safetensors is truncated"]),
+        ("lora_run", ["--model_name_or_path", "holds a LoRA adapter", "merge_lora.py"]),
+        ("hub_id_offline", ["--model_name_or_path", "org/not-cached", "not a folder, and not a model the Hub"]),
+        ("teacher_vocabulary", ["vocabulary differs"]),
+    ],
+)
+def test_train_refuses_model_folders_it_cannot_use(capfd, tiny_models, chat_data, runs, tmp_path, case, expected):
+    student, teacher = tiny_models
+    if case == "missing":
+        student = tmp_path / "nope"
+    elif case == "no_config":
+        student = tmp_path / "empty"
+        student.mkdir()
+    elif case == "truncated":
+        student = broken_safetensors(tiny_models, tmp_path)
+    elif case == "lora_run":
+        student = runs["lora"]
+    elif case == "hub_id_offline":
+        student = "org/not-cached"
+    elif case == "teacher_vocabulary":
+        from tiny import make_model, make_tokenizer
+
+        teacher = tmp_path / "other_teacher"
+        make_model(teacher, make_tokenizer(tmp_path / "other_tokenizer", vocab_size=280))
+    refused(capfd, train.main, train_args(student, teacher, chat_data, tmp_path / "out")[1:], *expected)
+
+
+@pytest.mark.parametrize(
+    "records,expected",
+    [
+        ([{"messages": [{"role": "user", "content": "a \ud800 b"}]}], ["record 0", "unpaired surrogate"]),
+        ([GOOD, {"messages": [{"role": "user", "content": None}]}], ["record 1", "messages[0].content", "got null"]),
+        ([GOOD, {"messages": [{"role": "bot", "content": "x"}]}], ["record 1", "messages[0].role", "got 'bot'"]),
+        ([{"messages": [{"role": "user", "content": "hi"}]}] * 3, ["every record is prompt-only", "--seq_kd"]),
+    ],
+)
+def test_train_refuses_bad_data_before_any_model_loads(capfd, tiny_models, tmp_path, records, expected):
+    data = write_jsonl(tmp_path / "data.jsonl", *records)
+    argv = train_args(*tiny_models, data, tmp_path / "out", "--lmbda", "0")[1:]
+    refused(capfd, train.main, argv, "data.jsonl", *expected)
+
+
+def test_train_reads_a_folder_of_upper_case_jsonl_files(capfd, tiny_models, tmp_path):
+    from gkd.data import load_conversations
+
+    folder = tmp_path / "upper"
+    folder.mkdir()
+    write_jsonl(folder / "PART1.JSONL", GOOD, GOOD)
+    assert len(load_conversations(folder)) == 2
+
+
+@pytest.mark.parametrize(
+    "case,expected",
+    [
+        ("run_folder", ["is a run's output folder, not a checkpoint", "--resume_from_checkpoint last"]),
+        ("lora_without_peft", ["holds a LoRA adapter", "--use_peft"]),
+        ("full_with_peft", ["fully fine-tuned model", "without --use_peft"]),
+        ("into_another_run", ["holds another run's results", "would mix two runs"]),
+        ("last_with_nothing", ["--resume_from_checkpoint last", "no complete checkpoint"]),
+    ],
+)
+def test_resume_is_refused_where_it_would_mix_or_misread_runs(capfd, tiny_models, chat_data, runs, tmp_path, case,
+                                                              expected):
+    out, extra = tmp_path / "out", []
+    if case == "run_folder":
+        extra = ["--resume_from_checkpoint", runs["full"]]
+    elif case == "lora_without_peft":
+        out, extra = runs["lora"], ["--resume_from_checkpoint", runs["lora"] / "checkpoint-1"]
+    elif case == "full_with_peft":
+        out, extra = runs["full"], ["--resume_from_checkpoint", runs["full"] / "checkpoint-1", "--use_peft"]
+    elif case == "into_another_run":
+        out, extra = runs["lora"], ["--resume_from_checkpoint", runs["full"] / "checkpoint-1"]
+    elif case == "last_with_nothing":
+        extra = ["--resume_from_checkpoint", "last"]
+    before = {path: path.stat().st_mtime_ns for path in out.rglob("*")} if out.exists() else {}
+    refused(capfd, train.main, train_args(*tiny_models, chat_data, out, *extra)[1:], *expected)
+    assert {path: path.stat().st_mtime_ns for path in out.rglob("*")} == before if before else not out.exists()
+
+
+def test_a_finished_run_is_not_written_into_without_resume_or_overwrite(capfd, tiny_models, chat_data, runs):
+    before = (runs["full"] / "model.safetensors").read_bytes()
+    refused(capfd, train.main, train_args(*tiny_models, chat_data, runs["full"])[1:], "already holds a run's results",
+            "--overwrite_output_dir")
+    assert (runs["full"] / "model.safetensors").read_bytes() == before
+
+
+# ------------------------------------------------------------------------------------------ runs that do train
+
+
+@pytest.mark.subprocess
+def test_overwrite_moves_the_old_run_aside_so_nothing_of_it_is_mistaken_for_the_new(tiny_models, chat_data, runs,
+                                                                                     tmp_path):
+    """A full fine-tune over a LoRA run's folder: no stale adapter for from_pretrained to apply, no old checkpoint
+    for `--resume_from_checkpoint last` to pick, no old lines in metrics.jsonl; the old run is beside it, whole."""
+    out = tmp_path / "run"
+    shutil.copytree(runs["lora"], out)
+    result = run_cli(train_args(*tiny_models, chat_data, out, "--lmbda", "0", "--max_steps", "1",
+                                "--overwrite_output_dir"))
+    assert_ok(result)
+    aside = tmp_path / "run.replaced-1"
+    assert "moved the previous run" in result.stderr and str(aside) in result.stderr
+    assert not (out / "adapter_config.json").exists() and (out / "model.safetensors").exists()
+    assert not list(out.glob("checkpoint-*")) and [m["step"] for m in metrics(out)] == [1]
+    assert (aside / "adapter_model.safetensors").exists() and len(list(aside.glob("checkpoint-*"))) == 2
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(out)  # a plain model, no adapter applied on top
+
+
+@pytest.mark.subprocess
+def test_resume_into_an_empty_folder_leaves_the_source_run_untouched(tiny_models, chat_data, runs, tmp_path):
+    source = runs["full"]
+    before = {path.name: path.stat().st_mtime_ns for path in source.iterdir()}
+    out = tmp_path / "branch"
+    result = run_cli(train_args(*tiny_models, chat_data, out, "--lmbda", "0", "--max_steps", "3",
+                                "--resume_from_checkpoint", source / "checkpoint-2"))
+    assert_ok(result)
+    assert [m["step"] for m in metrics(out)] == [3]
+    assert {path.name: path.stat().st_mtime_ns for path in source.iterdir()} == before
+
+
+@pytest.mark.subprocess
+def test_a_failed_start_does_not_block_the_corrected_rerun(tiny_models, chat_data, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "run_config.json").write_text("{}")
+    (out / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n{"step": 2, "lo')
+    result = run_cli(train_args(*tiny_models, chat_data, out, "--lmbda", "0", "--max_steps", "1"))
+    assert_ok(result)
+    assert "held no results" in result.stderr
+    assert [m["loss"] != 9.0 for m in metrics(out)] == [True]
+
+
+@pytest.mark.subprocess
+def test_a_second_run_on_a_busy_folder_is_refused_and_a_killed_run_leaves_no_lock(tiny_models, chat_data, tmp_path):
+    out = tmp_path / "run"
+    command = [sys.executable, *map(str, train_args(*tiny_models, chat_data, out, "--lmbda", "0", "--max_steps",
+                                                     "100000"))]
+    first = subprocess.Popen(command, cwd=REPO, env=CLI_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             text=True, preexec_fn=default_signals)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "run_config.json").exists() and time.monotonic() < deadline and first.poll() is None:
+            time.sleep(0.2)
+        assert first.poll() is None, first.stderr.read()[-3000:]
+        second = run_cli(train_args(*tiny_models, chat_data, out, "--lmbda", "0", "--max_steps", "1"))
+        assert_user_error(second, "in use by another gkd run", f"pid {first.pid}")
+    finally:
+        first.kill()
+        first.communicate()
+    third = run_cli(train_args(*tiny_models, chat_data, out, "--lmbda", "0", "--max_steps", "1"))
+    assert_ok(third)
+
+
+@pytest.mark.subprocess
+def test_ctrl_c_during_start_up_is_one_line(tiny_models, chat_data, tmp_path):
+    command = [sys.executable, *map(str, train_args(*tiny_models, chat_data, tmp_path / "out"))]
+    process = subprocess.Popen(command, cwd=REPO, env=CLI_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, preexec_fn=default_signals)
+    time.sleep(2.0)  # inside main(), importing torch and transformers
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr and stderr.strip().splitlines()[-1] == "error: interrupted"
+
+
+@pytest.mark.subprocess
+def test_lora_runs_are_reproducible_from_the_seed(tiny_models, chat_data, tmp_path):
+    adapters = []
+    for name in ("a", "b"):
+        result = run_cli(train_args(*tiny_models, chat_data, tmp_path / name, "--use_peft", "--lmbda", "0.5",
+                                    "--seed", "3"))
+        assert_ok(result)
+        adapters.append(load_file(tmp_path / name / "adapter_model.safetensors"))
+    assert adapters[0].keys() == adapters[1].keys()
+    assert all(torch.equal(adapters[0][key], adapters[1][key]) for key in adapters[0])
+
+
+# --------------------------------------------------------------------------------------------------- the tools
+
+
+def test_prune_refuses_unknown_flags_and_unusable_models(capfd, tiny_models, runs, tmp_path):
+    student, _ = tiny_models
+    refused(capfd, prune.main, ["--model_name_or_path", student, "--output_dir", tmp_path / "o", "--num_layer", "1"],
+            "--num_layer")
+    refused(capfd, prune.main, ["--model_name_or_path", runs["lora"], "--output_dir", tmp_path / "o",
+                                "--num_layers", "1"], "holds a LoRA adapter")
+    refused(capfd, prune.main, ["--model_name_or_path", broken_safetensors(tiny_models, tmp_path),
+                                "--output_dir", tmp_path / "o", "--num_layers", "1"], "truncated")
+    assert not (tmp_path / "o").exists()
+
+
+def test_prune_refuses_bad_calibration_data_before_loading_the_model(capfd, tiny_models, tmp_path):
+    data = write_jsonl(tmp_path / "calibration.jsonl", {"messages": [{"role": "user", "content": "x \udfff"}]})
+    refused(capfd, prune.main, ["--model_name_or_path", tiny_models[0], "--output_dir", tmp_path / "o",
+                                "--num_layers", "1", "--calibration_data", data], "calibration.jsonl",
+            "unpaired surrogate")
+
+
+def test_merge_refuses_unknown_flags_and_missing_adapters(capfd, tmp_path):
+    refused(capfd, merge.main, ["--adapter_path", tmp_path, "--output_dir", tmp_path / "o", "--dtypes", "bf16"],
+            "--dtypes")
+    refused(capfd, merge.main, ["--adapter_path", tmp_path / "nope", "--output_dir", tmp_path / "o"],
+            "does not exist")
+    refused(capfd, merge.main, ["--output_dir", tmp_path / "o"], "--adapter_path")
+
+
+@pytest.mark.parametrize(
+    "extra,expected",
+    [
+        (["--batch_size", "0"], ["--batch_size must be at least 1"]),
+        (["--student", "REPLACED"], ["the name 'student' is taken", "NAME=PATH"]),
+        (["--max_records", "0"], ["--max_records"]),
+    ],
+)
+def test_evaluate_refuses_bad_options(capfd, tiny_models, tmp_path, extra, expected):
+    student, teacher = tiny_models
+    extra = [str(student) if item == "REPLACED" else item for item in extra]  # the same folder name twice
+    argv = ["--student", student, "--teacher", teacher, "--dataset_name", REPO / "examples/data/chat.jsonl",
+            "--output_dir", tmp_path / "o", *extra]
+    refused(capfd, evaluate.main, argv, *expected)
