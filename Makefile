@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 CACHE ?= $(HOME)/.cache/gkd
 
-.PHONY: install test demo bench clean
+.PHONY: install test test-fast demo bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -18,11 +18,15 @@ install: $(BIN)/python
 test: install
 	$(BIN)/python -m pytest -q tests
 
+# In-process tests only (no CLI subprocesses, DeepSpeed ranks or benchmarks): a few minutes.
+test-fast: install
+	$(BIN)/python -m pytest -q tests -m "not subprocess and not distributed and not bench"
+
 demo: install
 	$(BIN)/python examples/demo.py --config examples/demo.yaml --cache_dir $(CACHE)
 
 bench: install
-	$(BIN)/python scripts/bench.py --preset cpu-tiny
+	$(BIN)/python -m benchmarks.bench --preset cpu-tiny
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -41,6 +41,7 @@ import warnings
 from dataclasses import asdict, dataclass, field, replace
 
 from gkd.config import GENERATION_BACKENDS
+
 from .profiling import PHASES, Probe, run_in_child
 
 

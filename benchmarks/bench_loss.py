@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from gkd import losses
+
 from .profiling import proc_status_gib, run_in_child
 
 

@@ -27,8 +27,9 @@ from pathlib import Path
 
 import torch
 
-from . import bench
 from gkd.config import GKDConfig
+
+from . import bench
 
 GIB = 2**30
 FP32 = 4

@@ -11,9 +11,11 @@ from .errors import ConfigError, GKDError
 INTERRUPTED_EXIT_CODE = 130
 
 
-def parse(dataclass_types, argv: list[str] | None = None, description: str | None = None) -> tuple:
+def parse(dataclass_types, argv: list[str] | None = None, description: str | None = None,
+          allow_extra: bool = False) -> tuple:
     """Instances of `dataclass_types` from `argv` (default: sys.argv) and an optional `--config run.yaml`, whose keys
-    are the same options; flags given on the command line override the file.
+    are the same options; flags given on the command line override the file. With `allow_extra`, the arguments no
+    dataclass takes come last, as a list (a runner passes them on), instead of being refused.
 
     TRL's `TrlParser` reads the YAML; what it gets wrong for a CLI is turned into one `ConfigError` line each: a
     missing or malformed file, a file that is not a mapping, an unknown key or flag, a value of the wrong type."""
@@ -28,7 +30,8 @@ def parse(dataclass_types, argv: list[str] | None = None, description: str | Non
         _check_config_file(parser, argv)
     try:
         # HfArgumentParser appends a namespace of what no dataclass took (here `config`): keep the dataclasses.
-        return tuple(parser.parse_args_and_config(argv))[: len(types)]
+        parsed = tuple(parser.parse_args_and_config(argv, return_remaining_strings=allow_extra))
+        return parsed[: len(types)] + ((parsed[-1],) if allow_extra else ())
     except (ValueError, TypeError) as error:  # unknown flags or keys, TrainingArguments' own checks
         raise ConfigError(_one_line(error)) from None
 

@@ -13,13 +13,16 @@ class DataError(GKDError):
     """A dataset problem, located precisely enough to fix by hand: file, record index, field, and what was expected."""
 
     def __init__(self, file, message: str, record: int | None = None, field: str | None = None):
-        self.file, self.record, self.field = str(file), record, field
+        self.file, self.record, self.field, self.message = str(file), record, field, message
         where = [self.file]
         if record is not None:
             where.append(f"record {record}")
         if field is not None:
             where.append(f"field '{field}'")
         super().__init__(f"{': '.join(where)}: {message}")
+
+    def __reduce__(self):  # raised in a `datasets.map` worker, it travels back to the main process pickled
+        return type(self), (self.file, self.message, self.record, self.field)
 
 
 class ModelError(GKDError):

@@ -24,10 +24,18 @@ def check_output_folder(output_dir: str | Path, overwrite: bool, inputs: list[st
         source = Path(path).resolve()
         if source == target or target in source.parents:
             raise ConfigError(f"output_dir {output_dir} would replace the input {path}; choose another folder")
-    writable_parent = next((parent for parent in [target, *target.parents] if parent.exists()), None)
-    if writable_parent is not None and not os.access(writable_parent, os.W_OK | os.X_OK):
-        raise ConfigError(f"output_dir {output_dir}: cannot write in {writable_parent}")
+    check_writable(output_dir, "output_dir")
     return output_dir
+
+
+def check_writable(folder: str | Path, flag: str) -> None:
+    """The folder, or the nearest of its parents that exists, must be a folder this process can write in."""
+    target = Path(folder).resolve()
+    existing = next(parent for parent in [target, *target.parents] if parent.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"cannot write {flag} {folder}: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"cannot write {flag} {folder}: permission denied in {existing}")
 
 
 @contextmanager

@@ -28,7 +28,7 @@ from transformers import TrainerCallback
 
 from .checkpoints import checkpoint_problem, checkpoints_by_step, last_complete_checkpoint
 from .errors import ConfigError
-from .folders import move_aside
+from .folders import check_writable, move_aside
 from .launch import launch_problems
 
 logger = logging.getLogger(__name__)
@@ -105,9 +105,7 @@ def check(training_args) -> None:
     output_dir = Path(training_args.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise ConfigError(f"--output_dir {output_dir} is a file, not a folder")
-    existing = next(p for p in [output_dir.resolve(), *output_dir.resolve().parents] if p.exists())
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"--output_dir {output_dir}: cannot write in {existing}")
+    check_writable(output_dir, "--output_dir")
     results = results_in(output_dir)
     checkpoint = training_args.resume_from_checkpoint
     if checkpoint:

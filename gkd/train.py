@@ -55,17 +55,7 @@ def main(argv: list[str] | None = None) -> None:
         models.check_lora_targets(student_ref, model_args.lora_target_modules)
     stop_ids = models.stop_token_ids(tokenizer, student_ref)
 
-    conversations = data.load_conversations(script_args.dataset_name)
-    train_dataset, stats = data.encode_for_training(
-        conversations, tokenizer, training_args, stop_ids, script_args.dataset_name
-    )
-    _refuse_training_on_nothing(stats, training_args, script_args.dataset_name)
-    eval_dataset = None
-    if script_args.eval_dataset_name:
-        eval_conversations = data.load_conversations(script_args.eval_dataset_name)
-        eval_dataset, _ = data.encode_for_training(
-            eval_conversations, tokenizer, training_args, stop_ids, script_args.eval_dataset_name
-        )
+    train_dataset, eval_dataset = data.training_datasets(script_args, training_args, tokenizer, stop_ids)
 
     if training_args.process_index == 0:
         run_folder.prepare(training_args)  # lock it; move an overwritten run aside; clear a failed start's files
@@ -101,23 +91,6 @@ def main(argv: list[str] | None = None) -> None:
         signals.release()
     signals.report_after_save()
     launch.leave_process_group(trainer.accelerator)  # all ranks together, no gloo clean-up left for exit
-
-
-def _refuse_training_on_nothing(stats, training_args, name: str) -> None:
-    """Steps without a single completion token train nothing: refuse a run made of them before any model loads."""
-    from gkd.errors import ConfigError
-    from gkd.steps import lmbda_at
-
-    if stats.num_prompt_only < stats.num_records or training_args.seq_kd:
-        return
-    first = lmbda_at(0, training_args.lmbda, training_args.lmbda_schedule, training_args.lmbda_warmup_steps,
-                     training_args.lmbda_start)
-    if first == 0 or training_args.lmbda == 0:
-        raise ConfigError(
-            f"{name}: every record is prompt-only (no response to train on), and "
-            + ("--lmbda is 0" if training_args.lmbda == 0 else "the lmbda schedule starts at 0")
-            + ": the run would train on nothing; add --seq_kd (the teacher answers) or raise --lmbda/--lmbda_start"
-        )
 
 
 def cli() -> None:

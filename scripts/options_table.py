@@ -4,12 +4,6 @@
 """
 
 import dataclasses
-import sys
-from pathlib import Path
-
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 
 def options_table() -> str:

@@ -2,13 +2,17 @@
 
 import json
 import os
+import tempfile
 
 import pytest
 from helpers import CLI_ENV
 
-# In-process tests run the CLIs' code in this process: offline and quiet, as the subprocesses and CI are. Set before
-# any test module imports huggingface_hub, which reads these once.
-for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "TOKENIZERS_PARALLELISM"):
+# In-process tests run the CLIs' code in this process: offline and quiet, as the subprocesses and CI are, with the
+# encoded-data cache in a folder of this session's (never the user's). Set before any test module imports
+# huggingface_hub or datasets, which read these once.
+CLI_ENV["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="gkd-tests-datasets-")
+for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "TOKENIZERS_PARALLELISM",
+             "HF_DATASETS_CACHE"):
     os.environ[name] = CLI_ENV[name]
 
 

@@ -45,3 +45,25 @@ def test_compare_objectives_rejects_unknown_run(tiny_models, tmp_path):
         timeout=120,
     )
     assert result.returncode != 0 and "magic" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_plan_with_two_students_and_a_second_seed_reuses_finished_runs(tiny_models, chat_data, tmp_path):
+    student, teacher = tiny_models
+    out = tmp_path / "study"
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(f"students: {{a: {student}, b: {student}}}\ncommon: [--max_steps, 1]\n"
+                    "runs: {kd: [--lmbda, 0, --beta, 0]}\nseeds: {kd: [1]}\n")
+    command = ["scripts/compare_objectives.py", "--plan", plan, "--teacher", teacher, "--output_dir", out,
+               "--train_data", chat_data, "--val_data", REPO / "examples/data/chat.jsonl", "--eval_records", "4",
+               "--eval_max_new_tokens", "4", "--bootstrap_samples", "50", "--per_device_train_batch_size", "2",
+               "--max_new_tokens", "4", "--max_length", "96", "--disable_tqdm", "true"]
+    first = run_cli(command, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    report = json.loads((out / "results.json").read_text())
+    assert list(report["models"]) == ["a/start", "b/start", "a/kd", "a/kd@s1", "b/kd", "b/kd@s1", "teacher"]
+    assert (out / "a" / "kd-s1" / "model.safetensors").is_file()
+    assert json.loads((out / "a" / "kd-s1" / "run_config.json").read_text())["training_args"]["seed"] == 1
+    assert report["differences"]["a/kd"]["reference"] == "a/start"
+    assert "difference [95% interval]" in (out / "results.md").read_text()
+    again = run_cli(command, timeout=600)
+    assert again.returncode == 0 and again.stdout.count("reusing it") == 4, again.stdout[-3000:]

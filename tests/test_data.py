@@ -1,4 +1,4 @@
-"""Reading, validating, normalising and encoding datasets (gkd/data.py)."""
+"""Reading, validating, normalising and encoding datasets (gkd/data/)."""
 
 import json
 from pathlib import Path
@@ -180,7 +180,8 @@ def test_example_datasets():
 EMPTY_LIST = 'expected a non-empty list of messages [{"role": ..., "content": ...}, ...], got an empty list'
 BAD_RECORDS = [
     ("not-object", ["a", "list"], None, "expected a JSON object, got a list"),
-    ("no-shape", {"text": "hi"}, None, "expected a 'messages' list (chat format) or a 'prompt' list"),
+    ("other-format", {"text": "hi"}, None, "expected a 'messages' list, or a 'prompt' list (prompt/completion or "
+     "LLM-Dojo) like the file's first record"),
     ("messages-not-list", {"messages": "hi"}, "messages", "expected a non-empty list of messages"),
     ("messages-empty", {"messages": []}, "messages", EMPTY_LIST),
     ("prompt-not-list", {"prompt": "hi", "completion": "yo"}, "prompt", "expected a non-empty list of messages"),
@@ -190,9 +191,14 @@ BAD_RECORDS = [
      "expected one of system, user, assistant, it is missing"),
     ("role-unknown", {"messages": [QUESTION, {"role": "bot", "content": "yo"}]}, "messages[1].role",
      "expected one of system, user, assistant, got 'bot'"),
-    ("content-not-string", {"messages": [QUESTION, {"role": "assistant", "content": ["yo"]}]}, "messages[1].content",
-     "expected a string, got a list"),
-    ("content-missing", {"prompt": [{"role": "user"}]}, "prompt[0].content", "expected a string, it is missing"),
+    ("content-not-string", {"messages": [QUESTION, {"role": "assistant", "content": 7}]}, "messages[1].content",
+     "expected a string, got a number"),
+    ("content-null", {"messages": [QUESTION, {"role": "assistant", "content": None}]}, "messages[1].content",
+     "expected a string, got null"),
+    ("content-image-part", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}]},
+     "messages[0].content[0]", "expected a text part {\"type\": \"text\", \"text\": ...}, got 'image_url'"),
+    ("content-missing", {"prompt": [{"role": "user"}]}, "prompt[0].content",
+     "expected a string or a list of text parts, it is missing"),
     ("no-user-turn", {"messages": [SYSTEM, ANSWER]}, "messages", "expected at least one user turn"),
     ("prompt-no-user-turn", {"prompt": [SYSTEM], "completion": "yo"}, "prompt", "expected at least one user turn"),
     ("prompt-ends-with-assistant", {"messages": [QUESTION, ANSWER, ANSWER]}, "messages[1].role",
@@ -275,7 +281,7 @@ def test_truncated_jsonl_reports_record_and_line(tmp_path):
         ("empty.json", "[]", "empty list: no records"),
         ("object.json", '{"data": [1]}', "expected a list of records"),
         ("latin1.jsonl", b"\xff\xfe{", "cannot read the file as UTF-8 text"),
-        ("data.csv", "a,b", "expected a .json or .jsonl file"),
+        ("data.csv", "a,b", "expected a .json, .jsonl or .parquet file"),
     ],
 )
 def test_bad_files(tmp_path, name, content, expected):
@@ -288,7 +294,7 @@ def test_bad_files(tmp_path, name, content, expected):
 def test_empty_folder(tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "notes.txt").write_text("no data here")
-    with pytest.raises(DataError, match="empty: empty folder: expected .json or .jsonl files"):
+    with pytest.raises(DataError, match="empty: empty folder: expected .json, .jsonl or .parquet files"):
         load_conversations(tmp_path / "empty")
 
 
@@ -337,8 +343,6 @@ def test_encode_prompt_and_completion(tokenizer):
         full, add_special_tokens=False
     )["input_ids"]
     assert (stats.num_records, stats.num_prompt_only, stats.num_truncated) == (1, 0, 0)
-    assert stats.max_prompt_tokens == len(item["prompt_ids"])
-    assert stats.mean_completion_tokens == len(completion_ids)
 
 
 def test_encode_example_dataset(tokenizer):
@@ -353,7 +357,6 @@ def test_encode_example_dataset(tokenizer):
         else:
             assert tokenizer.decode(item["completion_ids"]) == conversation_.completion + IM_END
     completion_lengths = [len(item["completion_ids"]) for item in items if item["completion_ids"]]
-    assert stats.mean_completion_tokens == pytest.approx(sum(completion_lengths) / 9)
 
 
 def test_encode_cuts_after_the_first_stop_token(tokenizer):
@@ -370,7 +373,7 @@ def test_encode_prompt_only(tokenizer):
     items, stats = encode([conversation([QUESTION], None)], tokenizer)
     assert items[0]["completion_ids"] == []
     assert tokenizer.decode(items[0]["prompt_ids"]).endswith(GENERATION_HEADER)
-    assert (stats.num_prompt_only, stats.mean_completion_tokens) == (1, 0.0)
+    assert stats.num_prompt_only == 1
 
 
 def test_encode_without_chat_template(fresh_tokenizer):
@@ -440,7 +443,6 @@ def test_truncation_drops_oldest_turns_and_keeps_system_and_last_user(tokenizer)
     assert len(cut["prompt_ids"]) + len(cut["completion_ids"]) <= max_length
     assert tokenizer.decode(cut["completion_ids"]) == ANSWER["content"] + IM_END
     assert stats.num_truncated == 1
-    assert stats.max_prompt_tokens == len(cut["prompt_ids"])
     assert untouched == encode([conversation([QUESTION])], tokenizer)[0][0]
 
 
@@ -471,3 +473,109 @@ def test_truncation_shortens_the_completion_to_the_room_left(tokenizer):
     assert len(item["prompt_ids"]) + len(item["completion_ids"]) == 80
     assert tokenizer.eos_token_id not in item["completion_ids"]  # cut before its end: no stop token to learn
     assert stats.num_truncated == 1
+
+
+# ---------------------------------------------------------------------------------------- more formats and sources
+
+
+def test_alpaca_records_become_torchtunes_prompt(tmp_path):
+    with_input, without = load_conversations(write_jsonl(tmp_path / "alpaca.jsonl", [
+        {"instruction": "Translate to French.", "input": "good morning", "output": "bonjour"},
+        {"instruction": "Name a colour.", "input": "", "output": "red"},
+    ]))
+    assert with_input.prompt == [{"role": "user", "content": (
+        "Below is an instruction that describes a task, paired with an input that provides further context. Write a "
+        "response that appropriately completes the request.\n\n### Instruction:\nTranslate to French.\n\n### Input:\n"
+        "good morning\n\n### Response:\n")}]
+    assert with_input.completion == "bonjour"
+    assert "### Input" not in without.prompt[0]["content"] and without.completion == "red"
+
+
+def test_sharegpt_records_map_their_roles(tmp_path):
+    (conversation,) = load_conversations(write_jsonl(tmp_path / "share.jsonl", [{"conversations": [
+        {"from": "system", "value": "Be brief."}, {"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"},
+        {"from": "user", "value": "and?"}, {"from": "assistant", "value": "bye"}]}]))
+    assert [m["role"] for m in conversation.prompt] == ["system", "user", "assistant", "user"]
+    assert conversation.completion == "bye"
+
+
+def test_openai_content_parts_are_joined(tmp_path):
+    (conversation,) = load_conversations(write_jsonl(tmp_path / "parts.jsonl", [{"messages": [
+        {"role": "user", "content": [{"type": "text", "text": "What is "}, {"type": "text", "text": "2 + 2?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "4"}]}]}]))
+    assert conversation.prompt[0]["content"] == "What is 2 + 2?" and conversation.completion == "4"
+
+
+@pytest.mark.parametrize(
+    "records, field, expected",
+    [
+        ([{"instruction": "a", "output": "b"}, {"instruction": 3, "output": "b"}], "instruction", "expected a string"),
+        ([{"instruction": "a", "output": "b"}, {"messages": [QUESTION]}], None, "Alpaca's 'instruction'"),
+        ([{"conversations": [{"from": "human", "value": "x"}]}, {"conversations": [{"from": "bot", "value": "y"}]}],
+         "conversations[0].from", "expected one of system, human"),
+        ([{"conversations": [{"from": "human", "value": "x"}]}, {"conversations": [{"from": "human"}]}],
+         "conversations[0].value", "it is missing"),
+        ([{"text": "a"}, {"text": ""}], "text", "expected some text"),
+        ([{"text": "a"}, {"text": ["a"]}], "text", "expected a string, got a list"),
+    ],
+)
+def test_a_record_must_follow_its_files_format(tmp_path, records, field, expected):
+    path = write_jsonl(tmp_path / "mixed.jsonl", records)
+    with pytest.raises(DataError) as raised:
+        load_conversations(path)
+    check_message(raised.value, f"{path}: record 1: ", expected, *([f"field '{field}'"] if field else []))
+
+
+def test_plain_text_is_split_into_windows_that_overlap_by_one_token(tokenizer):
+    text = "the quick brown fox jumps over the lazy dog. " * 20
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    records = [Conversation(prompt=[], completion=None, answers=None, source="t[0]", text=text)]
+    samples, stats = encode_conversations(records, tokenizer, max_length=32, max_new_tokens=8, stop_token_ids=[2])
+    assert stats.num_text == len(samples) == -(-(len(ids) - 1) // 31) and stats.num_prompt_only == 0
+    trained = [token for sample in samples for token in sample["completion_ids"]]
+    assert trained == ids[1:]  # every token but the first is a target exactly once, in order
+    assert all(len(s["prompt_ids"]) == 1 and len(s["prompt_ids"]) + len(s["completion_ids"]) <= 32 for s in samples)
+
+
+def test_parquet_files_and_folders_of_mixed_suffixes(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as parquet
+
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    parquet.write_table(pa.Table.from_pylist([GOOD, GOOD]), folder / "a.parquet")
+    write_jsonl(folder / "b.JSONL", [{"instruction": "x", "output": "y"}])
+    conversations = load_conversations(folder)
+    assert len(conversations) == 3 and conversations[0].source == f"{folder / 'a.parquet'}[0]"
+    assert conversations[2].source == f"{folder / 'b.JSONL'}:1"
+
+
+def test_the_training_pipeline_encodes_once_and_reuses_the_cache(tmp_path, tokenizer):
+    from gkd.data import DataSource, EncodeOptions, prepare_dataset
+
+    data = tmp_path / "train"
+    data.mkdir()
+    write_jsonl(data / "chat.jsonl", [GOOD, {"messages": [QUESTION]}])
+    write_jsonl(data / "text.jsonl", [{"text": "a plain text record"}])  # each file has its own format
+    options = EncodeOptions(max_length=64, max_new_tokens=16, stop_token_ids=(tokenizer.eos_token_id,))
+    first, stats, key = prepare_dataset(DataSource(str(data)), tokenizer, options, cache_root=tmp_path / "cache")
+    assert (stats.num_records, stats.num_samples, stats.num_prompt_only, stats.num_text) == (3, 3, 1, 1)
+    assert first.column_names == ["prompt_ids", "completion_ids", "is_text", "truncated", "index"]
+    assert first["index"] == [0, 1, 2]
+    again, _, same_key = prepare_dataset(DataSource(str(data)), tokenizer, options, cache_root=tmp_path / "cache")
+    assert same_key == key and again["prompt_ids"] == first["prompt_ids"]
+    write_jsonl(data / "text.jsonl", [{"text": "an edited record"}, {"text": "and another"}])  # another key
+    edited, stats, edited_key = prepare_dataset(DataSource(str(data)), tokenizer, options, cache_root=tmp_path / "cache")
+    assert edited_key != key and stats.num_records == 4
+
+
+def test_encoding_with_several_processes_reports_errors_with_their_record(tmp_path, fresh_tokenizer):
+    from gkd.data import DataSource, EncodeOptions, prepare_dataset
+
+    fresh_tokenizer.chat_template = "{{ raise_exception('no system turns') if messages[0]['role'] == 'system' }}x"
+    data = write_jsonl(tmp_path / "train.jsonl", [GOOD] * 5 + [{"messages": [SYSTEM, QUESTION]}])
+    options = EncodeOptions(max_length=64, max_new_tokens=16, stop_token_ids=(fresh_tokenizer.eos_token_id,))
+    with pytest.raises(DataError, match=r"train\.jsonl:6: the student's chat template rejected"):
+        prepare_dataset(DataSource(str(data)), fresh_tokenizer, options, num_proc=2, batch_size=2,
+                        cache_root=tmp_path / "cache")
+    assert not list((tmp_path / "cache").glob("*"))  # nothing half-encoded left to be reused

@@ -131,7 +131,7 @@ def test_train_refuses_an_output_dir_it_cannot_write(capfd, tiny_models, chat_da
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o500)
     argv = train_args(*tiny_models, chat_data, locked / "out")[1:]
-    refused(capfd, train.main, argv, "cannot write in")
+    refused(capfd, train.main, argv, "cannot write --output_dir", "permission denied")
 
 
 @pytest.mark.parametrize(

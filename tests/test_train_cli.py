@@ -41,7 +41,6 @@ def test_llm_dojo_command_and_data_format(tiny_models, tmp_path):
     ]
     result = run_cli(command)
     assert_ok(result)
-    assert "dataset_batch_size" in result.stderr  # accepted, with a warning that it does nothing
     # --gradient_checkpointing reaches transformers under its 5.23 name, without the deprecation warnings (ours, peft's,
     # trl's) that told the user nothing; no pin_memory warning on CPU either.
     assert "FutureWarning" not in result.stderr and "pin_memory" not in result.stderr, result.stderr[-2000:]

@@ -422,6 +422,9 @@ def main(argv: list[str] | None = None) -> int:
 
     named = config.named_students()
     conversations = data.load_conversations(config.dataset_name)[: config.max_records]
+    if any(conversation.is_text for conversation in conversations):
+        raise ConfigError(f"{config.dataset_name}: plain-text records have no prompt to answer; evaluate on chat "
+                          "records (with `answers` for answer accuracy)")
     report = evaluate_folders(named, config.teacher, conversations, config.max_new_tokens, config.batch_size,
                               config.seed, config.bootstrap_samples)
     print(markdown_table(report))

@@ -258,18 +258,22 @@ def calibration_texts(tokenizer, path: str | None, limit: int) -> list[str]:
         conversations = [[{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
                          for question, answer in BUILTIN_CALIBRATION]
     else:
+        records = load_conversations(path)[:limit]
+        texts = [record.text for record in records if record.is_text]  # plain text calibrates as it is
         conversations = [
-            conversation.prompt + ([{"role": "assistant", "content": conversation.completion}]
-                                   if conversation.completion else [])
-            for conversation in load_conversations(path)
+            record.prompt + ([{"role": "assistant", "content": record.completion}] if record.completion else [])
+            for record in records if not record.is_text
         ]
+        if not conversations:
+            return texts
     if not getattr(tokenizer, "chat_template", None):
         raise ModelError("the tokenizer has no chat template to render calibration conversations with")
-    return [
+    rendered = [
         tokenizer.apply_chat_template(messages, tokenize=False,
                                       add_generation_prompt=messages[-1]["role"] != "assistant")
         for messages in conversations[:limit]
     ]
+    return rendered if path is None else texts + rendered
 
 
 def tokenize_calibration(tokenizer, texts: list[str], max_length: int) -> list[torch.Tensor]:

@@ -1,0 +1,201 @@
+"""The dataset a run trains on: read, validated, encoded through `datasets` (Arrow on disk, `map` over
+`--dataset_num_proc` processes), and cached under a key of the data, the tokenizer and the encoding options.
+
+A second run on the same data memory-maps the cached encoding and starts in seconds; under `accelerate launch` the main
+process encodes while the other ranks wait, then they all map the same files. The cache is the only copy of nothing:
+delete `$HF_DATASETS_CACHE/gkd` at any time.
+"""
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+from ..errors import DataError
+from .encoding import EncodeOptions, EncodeStats, encode_rows
+from .sources import DataSource, fingerprint, read_conversations
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = "gkd-encoded-1"  # bump when encoding changes what it writes
+STATS_FILE = "gkd_stats.json"
+NORMALISED_BATCH = 1000
+
+
+def prepare_dataset(source: DataSource, tokenizer, options: EncodeOptions, num_proc: int | None = None,
+                    batch_size: int | None = None, cache_root: str | Path | None = None):
+    """(encoded `datasets.Dataset`, `EncodeStats`, cache key): from the cache when the same data, tokenizer and
+    options were encoded before, else read, validated, encoded and cached now."""
+    key = cache_key(source, tokenizer, options)
+    folder = Path(cache_root or _default_cache_root()) / key
+    if (folder / STATS_FILE).is_file():
+        import datasets
+
+        logger.info("%s: encoded before, reusing %s", source.name, folder)
+        stats = EncodeStats(**json.loads((folder / STATS_FILE).read_text())["stats"])
+        return datasets.load_from_disk(str(folder / "dataset")), stats, key
+    dataset, stats = _encode_now(source, tokenizer, options, num_proc, batch_size, folder)
+    return dataset, stats, key
+
+
+def cache_key(source: DataSource, tokenizer, options: EncodeOptions) -> str:
+    """Changes with the records, the tokenizer (vocabulary, special tokens, chat template), the options, and the code
+    that reads and encodes them (so an upgrade of gkd never reuses an encoding an older version wrote)."""
+    code = "".join((Path(__file__).parent / name).read_text() for name in ("records.py", "encoding.py"))
+    parts = [FORMAT_VERSION, hashlib.sha256(code.encode()).hexdigest(), fingerprint(source),
+             tokenizer_fingerprint(tokenizer), json.dumps(asdict(options))]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    digest = hashlib.sha256(type(tokenizer).__name__.encode())
+    digest.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    digest.update(json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str).encode())
+    digest.update(str(getattr(tokenizer, "chat_template", None)).encode())
+    return digest.hexdigest()[:32]
+
+
+def _default_cache_root() -> Path:
+    import datasets
+
+    return Path(datasets.config.HF_DATASETS_CACHE) / "gkd"
+
+
+def _encode_now(source, tokenizer, options, num_proc, batch_size, folder: Path):
+    """Validate while writing the normalised records to Arrow, encode with `map`, save, then publish the folder."""
+    import datasets
+
+    staging = folder.with_name(f".{folder.name}.partial-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        normalised, num_records = _write_normalised(source, staging / "normalised.arrow")
+        encoded = normalised.map(
+            encode_rows, batched=True, batch_size=batch_size or 1000, num_proc=num_proc,
+            fn_kwargs={"tokenizer": tokenizer, "options": options}, remove_columns=normalised.column_names,
+            features=_encoded_features(), new_fingerprint=folder.name, cache_file_name=str(staging / "encoded.arrow"),
+            desc="tokenizing",
+        )
+        encoded = encoded.add_column("index", list(range(len(encoded))))  # a sample's row: its key in a logits cache
+        stats = EncodeStats(num_records=num_records, **_column_counts(encoded))
+        encoded.save_to_disk(str(staging / "dataset"))
+        (staging / STATS_FILE).write_text(json.dumps({"source": source.name, "stats": asdict(stats)}, indent=1))
+        for path in staging.glob("*.arrow"):  # the intermediate files; the saved dataset has its own copy
+            path.unlink()
+        try:
+            staging.rename(folder)
+        except OSError:
+            if not (folder / STATS_FILE).is_file():  # another process finished the same key first: use its copy
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return datasets.load_from_disk(str(folder / "dataset")), stats
+
+
+def _write_normalised(source: DataSource, path: Path):
+    """Every record validated and normalised, streamed into one Arrow file: memory stays flat however many."""
+    import datasets
+    from datasets.arrow_writer import ArrowWriter
+
+    features = datasets.Features({
+        "prompt": [{"role": datasets.Value("string"), "content": datasets.Value("string")}],
+        "completion": datasets.Value("string"),
+        "text": datasets.Value("string"),
+        "source": datasets.Value("string"),
+    })
+    count = 0
+    with ArrowWriter(features=features, path=str(path)) as writer:
+        batch = []
+        for conversation in read_conversations(source):
+            batch.append({"prompt": conversation.prompt, "completion": conversation.completion,
+                          "text": conversation.text, "source": conversation.source})
+            if len(batch) == NORMALISED_BATCH:
+                writer.write_batch({name: [row[name] for row in batch] for name in features})
+                count += len(batch)
+                batch = []
+        if batch:
+            writer.write_batch({name: [row[name] for row in batch] for name in features})
+            count += len(batch)
+        writer.finalize()
+    if count == 0:
+        raise DataError(source.name, "no records found")
+    return datasets.Dataset.from_file(str(path)), count
+
+
+def _encoded_features():
+    import datasets
+
+    return datasets.Features({
+        "prompt_ids": datasets.Sequence(datasets.Value("int32")),
+        "completion_ids": datasets.Sequence(datasets.Value("int32")),
+        "is_text": datasets.Value("bool"),
+        "truncated": datasets.Value("bool"),
+    })
+
+
+def _column_counts(encoded) -> dict:
+    import pyarrow.compute as compute
+
+    table = encoded.data
+    lengths = compute.list_value_length(table.column("completion_ids"))
+    return {
+        "num_samples": len(encoded),
+        "num_prompt_only": int(compute.sum(compute.equal(lengths, 0)).as_py() or 0),
+        "num_truncated": int(compute.sum(table.column("truncated").cast("int64")).as_py() or 0),
+        "num_text": int(compute.sum(table.column("is_text").cast("int64")).as_py() or 0),
+    }
+
+
+
+def training_datasets(script_args, training_args, tokenizer, stop_token_ids: list[int]):
+    """The run's (train, eval) datasets, encoded once per node (the main process first, the others from its cache),
+    with what their statistics mean for the run said or refused before any model loads."""
+    from ..errors import ConfigError
+
+    options = EncodeOptions(training_args.max_length, training_args.max_new_tokens, tuple(stop_token_ids))
+    kwargs = {"num_proc": script_args.dataset_num_proc, "batch_size": script_args.dataset_batch_size}
+    train_source = DataSource(script_args.dataset_name, script_args.dataset_config, script_args.dataset_train_split)
+    with training_args.main_process_first(desc="encoding the data"):
+        train, stats, _ = prepare_dataset(train_source, tokenizer, options, **kwargs)
+        eval_source = _eval_source(script_args, training_args)
+        evaluation = prepare_dataset(eval_source, tokenizer, options, **kwargs)[0] if eval_source else None
+    logger.info(stats.describe(script_args.dataset_name, training_args.max_length))
+    _check_trainable(stats, training_args, script_args.dataset_name)
+    if stats.num_text and training_args.lmbda > 0 and training_args.text_prompt_tokens is None:
+        raise ConfigError(f"{script_args.dataset_name}: plain-text records have no prompt for the student to continue "
+                          f"on on-policy steps (--lmbda {training_args.lmbda}): give --text_prompt_tokens N (the "
+                          "first N tokens of a window are the prompt), or --lmbda 0")
+    return train, evaluation
+
+
+def _eval_source(script_args, training_args) -> DataSource | None:
+    if script_args.eval_dataset_name:
+        return DataSource(script_args.eval_dataset_name, script_args.dataset_config, script_args.dataset_test_split)
+    evaluates = str(training_args.eval_strategy).split(".")[-1].lower() != "no"
+    if evaluates:  # a Hub dataset's test split (config.check_together refused local data without eval data)
+        return DataSource(script_args.dataset_name, script_args.dataset_config, script_args.dataset_test_split)
+    return None
+
+
+def _check_trainable(stats: EncodeStats, training_args, name: str) -> None:
+    """Steps without a single completion token train nothing: refuse a run made of them, warn of a partial one."""
+    from ..errors import ConfigError
+    from ..steps import lmbda_at
+
+    off_policy = training_args.lmbda < 1 or training_args.lmbda_schedule != "constant"
+    if not stats.num_prompt_only or training_args.seq_kd or not off_policy:
+        return
+    first = lmbda_at(0, training_args.lmbda, training_args.lmbda_schedule, training_args.lmbda_warmup_steps,
+                     training_args.lmbda_start)
+    if stats.num_prompt_only == stats.num_samples and (first == 0 or training_args.lmbda == 0):
+        raise ConfigError(
+            f"{name}: every record is prompt-only (no response to train on), and "
+            + ("--lmbda is 0" if training_args.lmbda == 0 else "the lmbda schedule starts at 0")
+            + ": the run would train on nothing; add --seq_kd (the teacher answers) or raise --lmbda/--lmbda_start"
+        )
+    logger.warning("%d prompt-only records have no response: they train only on on-policy steps (lmbda=%s); add "
+                   "--seq_kd to have the teacher answer them on the other steps", stats.num_prompt_only,
+                   training_args.lmbda)

@@ -1,0 +1,242 @@
+"""Same teacher, prompts and steps, several students, objectives and seeds: which training brings a student closest?
+
+    python scripts/compare_objectives.py --student S --teacher T --output_dir runs/compare \\
+        [--runs sft,supervised_kd,...] [--plan study.yaml] [any gkd/train.py option, e.g. --max_steps 100]
+
+Every run is the real CLI (`gkd/train.py`) in a subprocess; then every result, each student as it started, and the
+teacher are evaluated together on the same validation prompts (`gkd-eval`: the teacher's answers are computed once).
+A plan file names the students, the runs (their own options on top of the common ones) and extra seeds:
+
+    students: {depth: ~/.cache/gkd/smollm2-135m-pruned-22l, width: ~/.cache/gkd/smollm2-135m-width}
+    common: [--max_steps, 120, --learning_rate, 1e-4]
+    runs: {gkd_l0.5: [--lmbda, 0.5], sft: [--objective, sft, --seq_kd, true, --lmbda, 0]}
+    seeds: {gkd_l0.5: [1]}
+
+Runs already finished in the output folder are reused, so an interrupted study continues where it stopped. Writes
+OUTPUT_DIR/results.json and results.md (metrics with 95% bootstrap intervals, and each model's paired difference to
+its student's `--reference` run, by default where it started) and compare.png.
+"""
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gkd.errors import ConfigError, GKDError
+
+REPO = Path(__file__).resolve().parents[2]
+OBJECTIVES = {
+    "sft": ["--objective", "sft", "--seq_kd", "True", "--lmbda", "0"],
+    "supervised_kd": ["--lmbda", "0", "--beta", "0"],
+    **{
+        f"gkd_l{lmbda}_b{beta}": ["--lmbda", str(lmbda), "--beta", str(beta)]
+        for lmbda in (0.5, 1)
+        for beta in (0, 0.5, 1)
+    },
+}
+DIFFERENCES = ("answer_accuracy", "reverse_kl", "teacher_nll")
+
+
+@dataclass
+class CompareConfig:
+    """Options of scripts/compare_objectives.py; every other option is passed to each training run."""
+
+    teacher: str = field(metadata={"help": "The teacher every run distils from (folder or Hub id)."})
+    output_dir: str = field(metadata={"help": "Where the runs, results.json, results.md and compare.png go."})
+    student: str | None = field(default=None, metadata={"help": "The student every run starts from."})
+    plan: str | None = field(default=None, metadata={"help": "A YAML plan: students, common, runs, seeds."})
+    runs: str | None = field(default=None, metadata={"help": f"Comma-separated presets: {', '.join(OBJECTIVES)}."})
+    train_data: str = field(default=str(REPO / "examples/data/prompts/train.jsonl"))
+    val_data: str = field(default=str(REPO / "examples/data/prompts/val.jsonl"))
+    eval_records: int = field(default=60, metadata={"help": "Validation prompts to evaluate on."})
+    eval_max_new_tokens: int = field(default=48)
+    seed: int = field(default=0, metadata={"help": "Training seed of every run (plans add seeds), and the eval's."})
+    bootstrap_samples: int = field(default=1000)
+    reference: str = field(default="start", metadata={"help": "The run each model's paired difference is taken to."})
+
+
+@dataclass
+class Plan:
+    students: dict[str, str]
+    runs: dict[str, list[str]]
+    seeds: dict[str, list[int]]
+    common: list[str]
+
+
+def load_plan(config: CompareConfig, train_overrides: list[str]) -> Plan:
+    """The runs to make: from --plan, or from --runs presets (all of them by default) with --student."""
+    import yaml
+
+    spec = {}
+    if config.plan:
+        try:
+            spec = yaml.safe_load(Path(config.plan).read_text()) or {}
+        except (OSError, yaml.YAMLError) as error:
+            raise ConfigError(f"--plan {config.plan}: cannot read it ({error})") from None
+        unknown = set(spec) - {"students", "runs", "seeds", "common"}
+        if not isinstance(spec, dict) or unknown:
+            raise ConfigError(f"--plan {config.plan}: expected a mapping of students, common, runs, seeds; found "
+                              f"{sorted(unknown) if isinstance(spec, dict) else type(spec).__name__}")
+    students = spec.get("students") or ({"student": config.student} if config.student else {})
+    if not students:
+        raise ConfigError("give --student, or students in --plan")
+    runs = {name: [str(arg) for arg in args] for name, args in (spec.get("runs") or {}).items()}
+    names = [name.strip() for name in (config.runs or ("" if runs else ",".join(OBJECTIVES))).split(",")
+             if name.strip()]
+    unknown = [name for name in names if name not in OBJECTIVES]
+    if unknown:
+        raise ConfigError(f"--runs: unknown objective(s) {unknown}; choose from {list(OBJECTIVES)}")
+    runs.update({name: OBJECTIVES[name] for name in names})
+    seeds = {name: sorted({config.seed, *map(int, (spec.get("seeds") or {}).get(name, []))}) for name in runs}
+    common = [str(arg) for arg in spec.get("common") or []] + train_overrides
+    return Plan({name: str(Path(path).expanduser()) if Path(path).expanduser().exists() else path
+                 for name, path in students.items()}, runs, seeds, common)
+
+
+def run_folder(output_dir: Path, plan: Plan, student: str, run: str, seed: int, default_seed: int) -> Path:
+    folder = output_dir / student if len(plan.students) > 1 else output_dir
+    return folder / (run if seed == default_seed else f"{run}-s{seed}")
+
+
+def model_name(plan: Plan, student: str, run: str, seed: int, default_seed: int) -> str:
+    name = f"{student}/{run}" if len(plan.students) > 1 else run
+    return name if seed == default_seed else f"{name}@s{seed}"
+
+
+def finished(folder: Path) -> bool:
+    """A run that saved its final model (the runner reuses it rather than train again)."""
+    return (folder / "run_config.json").is_file() and (
+        (folder / "model.safetensors").is_file() or (folder / "adapter_model.safetensors").is_file()
+        or (folder / "model.safetensors.index.json").is_file())
+
+
+def train(folder: Path, student: str, config: CompareConfig, args: list[str], seed: int) -> float:
+    """One run through the real CLI; returns its wall seconds. A folder left by an interrupted run of this runner's
+    is removed first: this runner made it, and only a finished run is worth keeping."""
+    if folder.exists():
+        print(f"== {folder}: left unfinished by an earlier run of this study, training it again", flush=True)
+        shutil.rmtree(folder)
+    command = [sys.executable, str(REPO / "gkd/train.py"), "--model_name_or_path", student,
+               "--teacher_model_name_or_path", config.teacher, "--dataset_name", config.train_data,
+               "--output_dir", str(folder), "--save_strategy", "no", "--report_to", "none", "--seed", str(seed), *args]
+    print(f"== {folder.name}: {' '.join(command[2:])}", flush=True)
+    started = time.time()
+    result = subprocess.run(command, cwd=REPO)
+    if result.returncode != 0:
+        raise GKDError(f"run {folder} failed with exit code {result.returncode}")
+    return time.time() - started
+
+
+def differences(report: dict, plan: Plan, reference: str, config: CompareConfig) -> dict:
+    """Each model minus its student's reference run, on the same prompts, with a 95% paired bootstrap interval."""
+    from gkd.tools.evaluate import paired_difference
+
+    result = {}
+    for name in report["models"]:
+        if name == "teacher":
+            continue
+        student = name.split("/")[0] if len(plan.students) > 1 else None
+        base = f"{student}/{reference}" if student else reference
+        if base == name or base not in report["models"]:
+            continue
+        result[name] = {"reference": base}
+        for metric in DIFFERENCES:
+            value, interval = paired_difference(report, name, base, metric, config.bootstrap_samples, config.seed)
+            result[name][metric] = {"difference": value, "interval": interval}
+    return result
+
+
+def differences_table(differences_by_model: dict) -> str:
+    if not differences_by_model:
+        return ""
+    lines = ["| model | reference | " + " | ".join(f"{metric} difference [95% interval]" for metric in DIFFERENCES)
+             + " |", "|---|---|" + "---|" * len(DIFFERENCES)]
+    for name, row in differences_by_model.items():
+        cells = []
+        for metric in DIFFERENCES:
+            value, interval = row[metric]["difference"], row[metric]["interval"]
+            if value is None:
+                cells.append("n/a")
+                continue
+            seen = interval and (interval[0] > 0 or interval[1] < 0)
+            text = f"{value:+.3f} [{interval[0]:+.3f}, {interval[1]:+.3f}]" if interval else f"{value:+.3f}"
+            cells.append(f"**{text}**" if seen else text)
+        lines.append(f"| {name} | {row['reference']} | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append("Bold: the interval excludes 0, a difference these prompts can see.")
+    return "\n".join(lines)
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from gkd.tools.evaluate import METRICS
+
+    names = list(report["models"])
+    keys = [(key, label) for key, label, _ in METRICS[:4]]
+    figure, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 4))
+    for axis, (key, label) in zip(axes, keys):
+        values = [report["models"][name].get(key) or 0.0 for name in names]
+        intervals = [report["models"][name].get(f"{key}_ci") for name in names]
+        errors = [[max(v - (ci or (v, v))[0], 0) for v, ci in zip(values, intervals)],
+                  [max((ci or (v, v))[1] - v, 0) for v, ci in zip(values, intervals)]]
+        axis.bar(range(len(names)), values, yerr=errors, capsize=2)
+        axis.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=8)
+        axis.set_title(label)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+
+
+def _git_commit() -> str | None:
+    result = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    return result.stdout.strip() or None
+
+
+def main(argv: list[str] | None = None) -> int:
+    from gkd import data
+    from gkd.cli import parse
+    from gkd.tools.evaluate import evaluate_folders, markdown_table
+
+    config, train_overrides = parse(CompareConfig, argv, description=__doc__.splitlines()[0], allow_extra=True)
+    plan = load_plan(config, train_overrides)
+    conversations = data.load_conversations(config.val_data)[: config.eval_records]  # validate before training
+    output_dir = Path(config.output_dir)
+    trained, seconds = {}, {}
+    for student, path in plan.students.items():
+        for run, args in plan.runs.items():
+            for seed in plan.seeds[run]:
+                folder = run_folder(output_dir, plan, student, run, seed, config.seed)
+                name = model_name(plan, student, run, seed, config.seed)
+                if finished(folder):
+                    print(f"== {name}: finished earlier in {folder}, reusing it", flush=True)
+                else:
+                    seconds[name] = train(folder, path, config, [*plan.common, *args], seed)
+                trained[name] = folder
+    starts = {(f"{student}/start" if len(plan.students) > 1 else "start"): path
+              for student, path in plan.students.items()}
+    started = time.time()
+    report = evaluate_folders({**starts, **trained}, config.teacher, conversations, config.eval_max_new_tokens,
+                              seed=config.seed, bootstrap_samples=config.bootstrap_samples)
+    report.update(train_seconds=seconds, eval_seconds=time.time() - started, command=sys.argv, commit=_git_commit(),
+                  plan={"students": plan.students, "common": plan.common, "runs": plan.runs, "seeds": plan.seeds})
+    report["differences"] = differences(report, plan, config.reference, config)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "results.json").write_text(json.dumps(report, indent=2))
+    table = markdown_table(report) + "\n" + differences_table(report["differences"])
+    (output_dir / "results.md").write_text(f"Command: `{' '.join(sys.argv)}`\n\n{table}\n")
+    plot(report, output_dir / "compare.png")
+    print(table)
+    print(f"wrote {output_dir / 'results.md'} and {output_dir / 'compare.png'}")
+    return 0
+
+
+def cli() -> None:
+    from gkd.cli import run
+
+    run(main)

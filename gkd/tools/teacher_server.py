@@ -1,0 +1,246 @@
+"""A minimal teacher server for CPU tests and small setups: the subset of vLLM's OpenAI-compatible API that gkd uses,
+answered by a transformers model. For real teachers use vLLM (`vllm serve T --max-logprobs 100`) or SGLang.
+
+    gkd-teacher-serve --model_name_or_path T --port 8000 [--max_logprobs 20]
+    python -m gkd.tools.teacher_server ...   (the same)
+
+Endpoints, with vLLM's request and response shapes (gkd/teachers/server.py is the client):
+- GET /v1/models: `{"object": "list", "data": [{"id", "object": "model", "root", "max_model_len", "owned_by"}]}`.
+- POST /v1/completions: `prompt` as token ids (one list, or a list of lists), `max_tokens`, `temperature`, `top_p`,
+  `seed`, `stop_token_ids`, `prompt_logprobs`, `return_token_ids`, `n` (1 only). `prompt_logprobs` gives, for every
+  prompt token after the first, the actual token's and the top-K tokens' log-probabilities (raw, temperature 1), as
+  `{token id as string: {"logprob", "rank", "decoded_token"}}`; entry 0 is null. Errors are vLLM's `{"error": {...}}`.
+Requests are served one at a time (a lock around the model); each request's prompts run as one padded batch.
+"""
+
+import json
+import logging
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ServeConfig:
+    """Options of gkd-teacher-serve."""
+
+    model_name_or_path: str = field(metadata={"help": "The teacher: a model folder or a Hub model id."})
+    host: str = field(default="127.0.0.1", metadata={"help": "Address to listen on (0.0.0.0 for every interface)."})
+    port: int = field(default=8000, metadata={"help": "Port to listen on; 0 picks a free one (printed at start)."})
+    served_model_name: str | None = field(
+        default=None, metadata={"help": "The model id requests must name; default: model_name_or_path."}
+    )
+    max_logprobs: int = field(default=20, metadata={"help": "Largest prompt_logprobs a request may ask (vLLM's)."})
+    max_model_len: int | None = field(
+        default=None, metadata={"help": "Longest prompt + completion; default: the model's max_position_embeddings."}
+    )
+    dtype: str = field(default="float32", metadata={"help": "Precision the model runs in."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow models that ship their own code."})
+
+
+class RequestError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "BadRequestError"):
+        super().__init__(message)
+        self.status, self.kind = status, kind
+
+
+class Teacher:
+    """The model behind the API, and the two things it computes."""
+
+    def __init__(self, config: ServeConfig):
+        from gkd import models
+
+        ref = models.ModelRef(config.model_name_or_path, trust_remote_code=config.trust_remote_code)
+        models.check_model(ref)
+        self.tokenizer = models.load_tokenizer(ref)
+        self.model = models.load_frozen(ref, config.dtype)
+        self.name = config.served_model_name or config.model_name_or_path
+        self.root = config.model_name_or_path
+        self.max_logprobs = config.max_logprobs
+        self.max_model_len = config.max_model_len or self.model.config.get_text_config().max_position_embeddings
+        self.lock = threading.Lock()
+
+    def card(self) -> dict:
+        return {"id": self.name, "object": "model", "created": int(time.time()), "owned_by": "gkd", "root": self.root,
+                "parent": None, "max_model_len": self.max_model_len}
+
+    def complete(self, body: dict) -> dict:
+        prompts = self._prompts(body)
+        max_tokens = _int(body, "max_tokens", 16)
+        prompt_logprobs = body.get("prompt_logprobs")
+        if body.get("model") not in (None, self.name):
+            raise RequestError(404, f"The model `{body.get('model')}` does not exist.", "NotFoundError")
+        if _int(body, "n", 1) != 1:
+            raise RequestError(400, "this server answers n = 1 only")
+        if max_tokens < 1:
+            raise RequestError(400, f"max_tokens must be at least 1, got {max_tokens}.")
+        if prompt_logprobs is not None:
+            prompt_logprobs = _int(body, "prompt_logprobs", 0)
+            if prompt_logprobs < 0:
+                raise RequestError(400, "`prompt_logprobs` must be a positive value.")
+            if prompt_logprobs > self.max_logprobs:
+                raise RequestError(400, f"Requested prompt logprobs of {prompt_logprobs}, which is greater than max "
+                                        f"allowed: {self.max_logprobs}")
+        for prompt in prompts:
+            if len(prompt) + max_tokens > self.max_model_len:
+                raise RequestError(400, f"This model's maximum context length is {self.max_model_len} tokens; the "
+                                        f"request has {len(prompt)} prompt tokens and asks for {max_tokens} more.")
+        with self.lock, torch.no_grad():
+            scored = [self._prompt_logprobs(p, prompt_logprobs) for p in prompts] if prompt_logprobs is not None \
+                else [None] * len(prompts)
+            sampled = self._sample(prompts, max_tokens, body)
+        choices = []
+        for index, (prompt, (ids, finish_reason), scores) in enumerate(zip(prompts, sampled, scored)):
+            choice = {"index": index, "text": self.tokenizer.decode(ids, skip_special_tokens=True), "logprobs": None,
+                      "finish_reason": finish_reason, "stop_reason": None, "prompt_logprobs": scores}
+            if body.get("return_token_ids"):
+                choice.update(token_ids=ids, prompt_token_ids=prompt)
+            choices.append(choice)
+        completion_tokens = sum(len(ids) for ids, _ in sampled)
+        prompt_tokens = sum(map(len, prompts))
+        return {"id": f"cmpl-{time.time_ns()}", "object": "text_completion", "created": int(time.time()),
+                "model": self.name, "choices": choices,
+                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                          "total_tokens": prompt_tokens + completion_tokens}}
+
+    def _prompts(self, body: dict) -> list[list[int]]:
+        prompt = body.get("prompt")
+        if isinstance(prompt, str):
+            prompt = [self.tokenizer(prompt, add_special_tokens=False)["input_ids"]]
+        elif isinstance(prompt, list) and prompt and all(isinstance(token, int) for token in prompt):
+            prompt = [prompt]
+        if not (isinstance(prompt, list) and prompt and all(
+                isinstance(ids, list) and ids and all(isinstance(t, int) and t >= 0 for t in ids) for ids in prompt)):
+            raise RequestError(400, "prompt must be a string, a list of token ids, or a list of such lists")
+        vocab_size = self.model.get_input_embeddings().weight.shape[0]
+        if any(token >= vocab_size for ids in prompt for token in ids):
+            raise RequestError(400, f"token id out of range for a vocabulary of {vocab_size}")
+        return prompt
+
+    def _prompt_logprobs(self, prompt: list[int], k: int) -> list:
+        """vLLM's prompt_logprobs: None for the first token; then the actual token (its true rank) and the top k."""
+        logits = self.model(input_ids=torch.tensor([prompt])).logits[0].float()
+        log_probs = torch.log_softmax(logits[:-1], dim=-1)  # position t predicts token t + 1
+        actual = torch.tensor(prompt[1:])
+        actual_log_probs = log_probs.gather(1, actual[:, None])[:, 0]
+        ranks = (log_probs > actual_log_probs[:, None]).sum(dim=1) + 1
+        top = log_probs.topk(k, dim=-1) if k > 0 else None
+        entries = [None]
+        for position, token in enumerate(prompt[1:]):
+            entry = {str(token): self._logprob(token, actual_log_probs[position], int(ranks[position]))}
+            if top is not None:
+                for rank, (token_id, value) in enumerate(zip(top.indices[position].tolist(),
+                                                             top.values[position]), start=1):
+                    entry.setdefault(str(token_id), self._logprob(token_id, value, rank))
+            entries.append(entry)
+        return entries
+
+    def _logprob(self, token: int, value: torch.Tensor, rank: int) -> dict:
+        return {"logprob": max(float(value), -9999.0), "rank": rank, "decoded_token": self.tokenizer.decode([token])}
+
+    def _sample(self, prompts: list[list[int]], max_tokens: int, body: dict) -> list[tuple[list[int], str]]:
+        from gkd.batching import pad_batch
+
+        stop_ids = sorted(set(body.get("stop_token_ids") or []) | {self.tokenizer.eos_token_id} - {None})
+        temperature = float(body.get("temperature", 1.0))
+        if "seed" in body and body["seed"] is not None:
+            torch.manual_seed(int(body["seed"]))
+        batch = pad_batch([{"prompt_ids": p, "completion_ids": []} for p in prompts], self.tokenizer.pad_token_id)
+        sampling = {"do_sample": False} if temperature == 0 else {
+            "do_sample": True, "temperature": temperature, "top_p": float(body.get("top_p", 1.0)), "top_k": 0}
+        output = self.model.generate(input_ids=batch["prompt_ids"], attention_mask=batch["prompt_mask"],
+                                     max_new_tokens=max_tokens, eos_token_id=stop_ids,
+                                     pad_token_id=self.tokenizer.pad_token_id, **sampling)
+        results = []
+        for row in output[:, batch["prompt_ids"].shape[1]:].tolist():
+            stop = next((index for index, token in enumerate(row) if token in stop_ids), None)
+            results.append((row[: stop + 1], "stop") if stop is not None else (row, "length"))
+        return results
+
+
+def _int(body: dict, key: str, default: int) -> int:
+    value = body.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise RequestError(400, f"{key} must be an integer, got {value!r}")
+    return value
+
+
+def make_handler(teacher: Teacher):
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self):
+            if self.path.rstrip("/") == "/v1/models":
+                self._send(200, {"object": "list", "data": [teacher.card()]})
+            elif self.path.rstrip("/") in ("/health", ""):
+                self._send(200, {})
+            else:
+                self._send(404, _error(404, f"no route {self.path}", "NotFoundError"))
+
+        def do_POST(self):
+            if self.path.rstrip("/") != "/v1/completions":
+                self._send(404, _error(404, f"no route {self.path}", "NotFoundError"))
+                return
+            try:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = json.loads(self.rfile.read(length) or b"{}")
+                if not isinstance(body, dict):
+                    raise RequestError(400, "the request body must be a JSON object")
+                self._send(200, teacher.complete(body))
+            except RequestError as error:
+                self._send(error.status, _error(error.status, str(error), error.kind))
+            except ValueError as error:
+                self._send(400, _error(400, f"invalid JSON: {error}"))
+
+        def _send(self, status: int, payload: dict):
+            data = json.dumps(payload).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, format, *args):
+            logger.debug("%s %s", self.address_string(), format % args)
+
+    return Handler
+
+
+def _error(status: int, message: str, kind: str = "BadRequestError") -> dict:
+    return {"error": {"message": message, "type": kind, "param": None, "code": status}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from gkd.cli import parse, quiet_libraries
+
+    (config,) = parse(ServeConfig, argv, description=__doc__.splitlines()[0])
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    quiet_libraries()
+    teacher = Teacher(config)
+    server = ThreadingHTTPServer((config.host, config.port), make_handler(teacher))
+    host, port = server.server_address[:2]
+    print(f"serving {teacher.name} at http://{host}:{port}/v1 (max_logprobs {teacher.max_logprobs})", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
+def cli() -> None:
+    """The `gkd-teacher-serve` console script."""
+    from gkd.cli import run
+
+    run(main)
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
