@@ -338,6 +338,15 @@ def test_prune_refuses_bad_calibration_data_before_loading_the_model(capfd, tiny
             "unpaired surrogate")
 
 
+def test_prune_refuses_impossible_widths_before_loading_the_model(capfd, tiny_models, tmp_path):
+    student, _ = tiny_models  # hidden 32, 4 query heads over 2 key-value heads
+    base = ["--model_name_or_path", student, "--output_dir", tmp_path / "o"]
+    refused(capfd, prune.main, [*base, "--hidden_size", "30"], "LlamaConfig refuses", "multiple of 4 attention heads")
+    refused(capfd, prune.main, [*base, "--num_attention_heads", "3"], "split evenly over 2 key-value groups")
+    refused(capfd, prune.main, [*base, "--num_key_value_heads", "4"], "larger than")
+    assert not (tmp_path / "o").exists()
+
+
 def test_merge_refuses_unknown_flags_and_missing_adapters(capfd, tmp_path):
     refused(capfd, merge.main, ["--adapter_path", tmp_path, "--output_dir", tmp_path / "o", "--dtypes", "bf16"],
             "--dtypes")

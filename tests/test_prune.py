@@ -3,6 +3,10 @@
 The tiny source model is rigged so that importance has a right answer: block 2 adds nothing to the residual stream
 (o_proj and down_proj are zero, so its Block Influence is exactly 0), and MLP channels 0-9 of block 0 never fire
 (their up_proj rows are zero). Depth pruning must drop block 2, width pruning must drop those channels.
+
+The hidden-size and head tests (in process, for speed) use tiny Llama, Qwen2 and Mistral models, one of them rigged:
+hidden channels DEAD_HIDDEN are zero in the embedding and in every norm's weight, so every norm outputs exactly 0
+there; key-value head DEAD_GROUP has zero v_proj rows, so its query heads' attention outputs are exactly 0.
 """
 
 import json
@@ -12,7 +16,12 @@ import pytest
 import torch
 from helpers import REPO, run_cli
 from tiny import make_model, make_tokenizer
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, MistralConfig, Qwen2Config
+
+from gkd.errors import ConfigError
+from gkd.tools import width
+from gkd.tools.prune import PruneConfig
+from gkd.tools.prune import prune as prune_in_process
 
 IDENTITY_BLOCK = 2
 DEAD_CHANNELS = range(10)  # in block 0
@@ -129,6 +138,209 @@ def test_refuses_non_empty_output_dir(source, tmp_path):
     assert "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "--overwrite" in result.stderr
     assert sorted(path.name for path in tmp_path.iterdir()) == ["existing.txt"]
+
+
+# ----------------------------------------------------------------------------------------- hidden size, heads, groups
+
+DEAD_HIDDEN = [3, 7, 20, 31]
+DEAD_GROUP = 1  # of 2 key-value heads; query heads 2 and 3 read it
+HEAD_DIM = 8  # 32 hidden / 4 heads in every tiny model here
+PROMPT = torch.tensor([[3, 17, 42, 8, 99, 5, 61, 2]])
+
+
+def make_family_model(folder, tokenizer, config_class, **options):
+    """A tiny Qwen2 or Mistral shaped like tiny.make_model's Llama: hidden 32, 4 query heads over 2 key-value heads."""
+    torch.manual_seed(0)
+    config = config_class(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                          pad_token_id=tokenizer.pad_token_id, **options)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return model
+
+
+def rig_width(model):
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, DEAD_HIDDEN] = 0
+        model.model.norm.weight[DEAD_HIDDEN] = 0
+        for layer in model.model.layers:
+            layer.input_layernorm.weight[DEAD_HIDDEN] = 0
+            layer.post_attention_layernorm.weight[DEAD_HIDDEN] = 0
+            layer.self_attn.v_proj.weight[DEAD_GROUP * HEAD_DIM:(DEAD_GROUP + 1) * HEAD_DIM] = 0
+
+
+@pytest.fixture(scope="module")
+def width_sources(tmp_path_factory):
+    """Folders of tiny models by family: a rigged untied Llama, a tied Llama, a tied Qwen2 (q/k/v biases, no
+    head_dim in its config) and an untied Mistral."""
+    root = tmp_path_factory.mktemp("width_sources")
+    tokenizer = make_tokenizer(root / "tokenizer")
+    folders = {name: root / name for name in ("llama", "llama-tied", "qwen2", "mistral")}
+    rigged = make_model(folders["llama"], tokenizer, num_layers=2)
+    rig_width(rigged)
+    rigged.save_pretrained(folders["llama"])
+    make_model(folders["llama-tied"], tokenizer, num_layers=2, seed=1, tie_word_embeddings=True)
+    qwen2 = make_family_model(folders["qwen2"], tokenizer, Qwen2Config, tie_word_embeddings=True)
+    assert "head_dim" not in qwen2.config.to_dict()
+    make_family_model(folders["mistral"], tokenizer, MistralConfig, tie_word_embeddings=False)
+    return folders
+
+
+def prune_here(source, output_dir, **options) -> dict:
+    """prune() in this process (seconds less than the CLI); returns pruning.json."""
+    options.setdefault("sample_max_new_tokens", 0)
+    prune_in_process(PruneConfig(model_name_or_path=str(source), output_dir=str(output_dir), **options))
+    return json.loads((Path(output_dir) / "pruning.json").read_text())
+
+
+def widths(config) -> tuple[int, int, int, int]:
+    return config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
+
+
+@torch.no_grad()
+def logits(model):
+    return model(PROMPT, use_cache=False).logits
+
+
+@pytest.mark.parametrize("family", ["llama", "llama-tied", "qwen2", "mistral"])
+def test_keeping_every_width_reproduces_the_logits(width_sources, tmp_path, family):
+    report = prune_here(width_sources[family], tmp_path / "student", hidden_size=32, num_attention_heads=4,
+                        num_key_value_heads=2, mlp_hidden_size=64)
+    assert report["hidden"]["kept_channels"] == list(range(32))
+    assert all(layer["kept_heads"] == [0, 1, 2, 3] for layer in report["heads"]["layers"].values())
+    assert report["parameters"]["student"] == report["parameters"]["teacher"]
+    student, source = load(tmp_path / "student"), load(width_sources[family])
+    assert student.dtype == torch.float32
+    assert torch.equal(logits(student), logits(source))
+
+
+def test_rigged_hidden_channels_and_key_value_group_are_dropped(width_sources, tmp_path):
+    report = prune_here(width_sources["llama"], tmp_path / "student", hidden_size=28, num_key_value_heads=1,
+                        sample_max_new_tokens=4)
+    kept = [channel for channel in range(32) if channel not in DEAD_HIDDEN]
+    hidden, heads = report["hidden"], report["heads"]
+    assert hidden["kept_channels"] == kept and (hidden["hidden_size_before"], hidden["hidden_size_after"]) == (32, 28)
+    assert [hidden["importance"][channel] for channel in DEAD_HIDDEN] == [0.0] * 4
+    assert min(hidden["importance"][channel] for channel in kept) > 0
+    assert (heads["num_attention_heads_after"], heads["num_key_value_heads_after"], heads["head_dim"]) == (2, 1, 8)
+    for layer in heads["layers"].values():
+        assert layer["kept_key_value_heads"] == [0] and layer["kept_heads"] == [0, 1]
+        assert layer["head_importance"][2:] == [0.0, 0.0] and min(layer["head_importance"][:2]) > 0
+    assert "reply" in report["sample"]
+
+    student, source = load(tmp_path / "student"), load(width_sources["llama"])
+    config = student.config
+    assert widths(config) == (28, 2, 1, 8)
+    assert not config.tie_word_embeddings
+    queries, keys = list(range(2 * HEAD_DIM)), list(range(HEAD_DIM))  # heads 0 and 1, key-value head 0
+    assert torch.equal(student.model.embed_tokens.weight, source.model.embed_tokens.weight[:, kept])
+    assert torch.equal(student.lm_head.weight, source.lm_head.weight[:, kept])
+    assert torch.equal(student.model.norm.weight, source.model.norm.weight[kept])
+    for pruned, original in zip(student.model.layers, source.model.layers, strict=True):
+        attention, original_attention = pruned.self_attn, original.self_attn
+        assert torch.equal(attention.q_proj.weight, original_attention.q_proj.weight[queries][:, kept])
+        assert torch.equal(attention.k_proj.weight, original_attention.k_proj.weight[keys][:, kept])
+        assert torch.equal(attention.v_proj.weight, original_attention.v_proj.weight[keys][:, kept])
+        assert torch.equal(attention.o_proj.weight, original_attention.o_proj.weight[kept][:, queries])
+        assert torch.equal(pruned.mlp.gate_proj.weight, original.mlp.gate_proj.weight[:, kept])
+        assert torch.equal(pruned.mlp.down_proj.weight, original.mlp.down_proj.weight[kept])
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            assert torch.equal(getattr(pruned, norm).weight, getattr(original, norm).weight[kept])
+    assert report["parameters"]["student"]["total"] == sum(p.numel() for p in student.parameters())
+    assert_cached_generation_matches_full_forward(student)
+
+
+def test_heads_kept_within_each_group_with_a_tied_lm_head(width_sources, tmp_path):
+    report = prune_here(width_sources["llama-tied"], tmp_path / "student", hidden_size=24, num_attention_heads=2)
+    for layer in report["heads"]["layers"].values():
+        scores = torch.tensor(layer["head_importance"]).view(2, 2)  # 2 groups of 2 query heads
+        assert layer["kept_heads"] == (scores.argmax(dim=1) + torch.tensor([0, 2])).tolist()
+        assert layer["kept_key_value_heads"] == [0, 1]
+
+    student, source = load(tmp_path / "student"), load(width_sources["llama-tied"])
+    config = student.config
+    # head_dim stays 8 although 24 / 2 heads would make it 12
+    assert widths(config) == (24, 2, 2, 8)
+    assert config.tie_word_embeddings and student.lm_head.weight is student.model.embed_tokens.weight
+    hidden = report["hidden"]["kept_channels"]
+    assert torch.equal(student.lm_head.weight, source.lm_head.weight[:, hidden])
+    for pruned, original, layer in zip(student.model.layers, source.model.layers, report["heads"]["layers"].values(),
+                                       strict=True):
+        queries = width.head_channels(torch.tensor(layer["kept_heads"]), HEAD_DIM)
+        assert torch.equal(pruned.self_attn.q_proj.weight, original.self_attn.q_proj.weight[queries][:, hidden])
+        assert torch.equal(pruned.self_attn.k_proj.weight, original.self_attn.k_proj.weight[:, hidden])
+    assert_cached_generation_matches_full_forward(student)
+
+
+def test_qwen2_keeps_head_dim_explicit(width_sources, tmp_path):
+    """Qwen2Config has no head_dim field (the model derives hidden_size // heads) and no divisibility rule; its q/k/v
+    projections have biases, cut with their rows."""
+    report = prune_here(width_sources["qwen2"], tmp_path / "student", hidden_size=30, num_key_value_heads=1)
+    assert json.loads((tmp_path / "student" / "config.json").read_text())["head_dim"] == HEAD_DIM
+    student, source = load(tmp_path / "student"), load(width_sources["qwen2"])
+    assert widths(student.config) == (30, 2, 1, HEAD_DIM) and student.model.layers[0].self_attn.head_dim == HEAD_DIM
+    for pruned, original, layer in zip(student.model.layers, source.model.layers, report["heads"]["layers"].values(),
+                                       strict=True):
+        queries = width.head_channels(torch.tensor(layer["kept_heads"]), HEAD_DIM)
+        keys = width.head_channels(torch.tensor(layer["kept_key_value_heads"]), HEAD_DIM)
+        assert torch.equal(pruned.self_attn.q_proj.bias, original.self_attn.q_proj.bias[queries])
+        assert torch.equal(pruned.self_attn.k_proj.bias, original.self_attn.k_proj.bias[keys])
+        assert pruned.self_attn.q_proj.weight.shape == (16, 30) and pruned.self_attn.v_proj.weight.shape == (8, 30)
+    assert torch.isfinite(logits(student)).all()
+    assert_cached_generation_matches_full_forward(student)
+
+
+def test_select_heads_keeps_the_best_groups_then_the_best_heads_within():
+    before = width.Width(hidden_size=48, num_attention_heads=6, num_key_value_heads=2, head_dim=8)
+    scores = torch.tensor([0.1, 0.9, 0.5, 0.2, 0.3, 0.25])  # group 0: heads 0-2, group 1: heads 3-5
+    groups, heads = width.select_heads(scores, before, width.Width(48, 2, 1, 8))
+    assert groups.tolist() == [0] and heads.tolist() == [1, 2]
+    groups, heads = width.select_heads(scores, before, width.Width(48, 2, 2, 8))
+    assert groups.tolist() == [0, 1] and heads.tolist() == [1, 4]
+    groups, heads = width.select_heads(scores, before, before)
+    assert groups.tolist() == [0, 1] and heads.tolist() == list(range(6))
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"hidden_size": 40}, "--hidden_size 40 is larger than"),
+    ({"num_attention_heads": 8}, "--num_attention_heads 8 is larger than"),
+    ({"num_key_value_heads": 3}, "--num_key_value_heads 3 is larger than"),
+    ({"num_attention_heads": 3}, "cannot be split evenly over 2 key-value groups"),
+    ({"num_attention_heads": 4, "num_key_value_heads": 1}, "is 4 query heads per group, but"),
+    ({"hidden_size": 30}, "transformers' LlamaConfig refuses to save"),
+    ({"mlp_hidden_size": 65}, "--mlp_hidden_size 65 is larger than"),
+    ({"num_key_value_heads": 0}, "--num_key_value_heads must be at least 1"),
+])
+def test_refuses_widths_it_cannot_cut(width_sources, tmp_path, options, message):
+    with pytest.raises(ConfigError, match=message) as error:
+        prune_here(width_sources["llama"], tmp_path / "student", **options)
+    assert "\n" not in str(error.value)
+    assert not (tmp_path / "student").exists()
+
+
+@pytest.mark.subprocess
+def test_depth_mlp_hidden_and_heads_in_one_command(source, tmp_path):
+    result = run_cli(["scripts/prune.py", "--model_name_or_path", source, "--output_dir", tmp_path / "student",
+                      "--sample_max_new_tokens", "0", "--num_layers", "2", "--mlp_hidden_size", "40",
+                      "--hidden_size", "24", "--num_attention_heads", "2"], timeout=120)
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = json.loads((tmp_path / "student" / "pruning.json").read_text())
+    assert IDENTITY_BLOCK in report["depth"]["dropped_layers"]
+    kept_layers = report["depth"]["kept_layers"]
+    assert list(report["heads"]["layers"]) == [str(index) for index in kept_layers]
+    assert list(report["width"]["kept_importance_fraction"]) == [str(index) for index in kept_layers]
+    parameters = report["parameters"]
+    assert parameters["student"]["non_embedding"] < parameters["teacher"]["non_embedding"]
+    assert f"non-embedding parameters: student {parameters['student']['non_embedding']:,} of the teacher's" \
+        in result.stdout
+
+    student = load(tmp_path / "student")
+    config = student.config
+    assert (config.num_hidden_layers, config.intermediate_size) == (2, 40) and widths(config) == (24, 2, 2, 8)
+    assert parameters["student"]["total"] == sum(p.numel() for p in student.parameters())
+    assert_cached_generation_matches_full_forward(student)
 
 
 # ------------------------------------------------------------------------------------------- examples/build_prompts.py

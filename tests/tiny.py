@@ -60,6 +60,7 @@ def make_model(
     hidden_size: int = 32,
     seed: int = 0,
     vocab_padding: int = 0,
+    tie_word_embeddings: bool = False,
 ) -> LlamaForCausalLM:
     """A tiny Llama; `vocab_padding` pads the embedding beyond the tokenizer as many real checkpoints do."""
     torch.manual_seed(seed)
@@ -74,7 +75,7 @@ def make_model(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tie_word_embeddings,
     )
     model = LlamaForCausalLM(config)
     model.generation_config.eos_token_id = tokenizer.eos_token_id

@@ -11,9 +11,24 @@ its structured cuts, with weights copied, never re-initialised:
   (ShortGPT); `contiguous` drops the run of k consecutive blocks whose combined input and output are most alike
   (Gromov et al. 2024, "The Unreasonable Ineffectiveness of the Deeper Layers"), which scores the blocks together
   rather than assuming each one's removal leaves the others' inputs unchanged. Both scores come from one pass.
-- width: shrink the MLP's intermediate size, keeping per layer the channels with the largest mean
-  |act_fn(gate_proj(x)) * up_proj(x)| (Minitron's activation importance, mean over tokens): rows of gate_proj and
-  up_proj, and the same columns of down_proj.
+- width, MLP (`--mlp_hidden_size`): keep per block the channels with the largest mean |act_fn(gate_proj(x)) *
+  up_proj(x)| over calibration tokens (Minitron's activation importance, with a plain mean for its aggregation):
+  rows of gate_proj and up_proj, the same columns of down_proj.
+- width, hidden size (`--hidden_size`): keep one set of residual-stream channels everywhere (embedding and lm_head
+  columns, tied or not, every norm's weight, the inputs of q/k/v/gate/up, the outputs of o/down). A channel's score
+  is Minitron's embedding importance as NVIDIA ModelOpt computes it: at the output of every kept block's
+  input_layernorm and post_attention_layernorm, |x| averaged over each text's tokens, L2 over texts, summed over the
+  norms. Norm weights are sliced, not rescaled; distillation absorbs the changed RMS, as in Minitron.
+- width, heads (`--num_attention_heads`): a query head's score is the L2 norm over its head_dim channels of the same
+  score taken at o_proj's input (its attention output). Each block keeps its best heads within each key-value group,
+  the same number per group and block, so GQA stays regular and every key and value head is kept (ModelOpt's rule).
+- key-value groups (`--num_key_value_heads`), our extension: ModelOpt no longer prunes query groups (since 0.41). A
+  group's score is the L2 norm of its query heads' scores; each block keeps its best groups, their k_proj and
+  v_proj rows and their query heads, then the best heads within them if `--num_attention_heads` asks for fewer.
+
+head_dim never changes (RoPE pairs channels within a head) and is written to the config explicitly: Qwen2Config has
+no head_dim field and would otherwise derive hidden_size // num_attention_heads. Cuts compose: blocks are dropped
+first, then the remaining ones are sliced (gkd/tools/width.py).
 
 Importance is measured once on the unpruned model, as Minitron does (it found iterative re-scoring no better).
 
@@ -30,15 +45,19 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import AutoConfig
 
 from gkd.data import load_conversations
 from gkd.errors import ConfigError, ModelError
 from gkd.folders import check_output_folder, staged_folder
 from gkd.models import ModelRef, check_model, load_causal_lm, load_tokenizer
+from gkd.tools import width
 
 logger = logging.getLogger(__name__)
 
 DEPTH_SELECTIONS = ("independent", "contiguous")
+# The input of o_proj: every query head's attention output, head_dim channels each.
+ATTENTION_OUTPUT = "self_attn.o_proj"
 # Config fields holding one entry per decoder layer, cut along with the layers (Qwen2/3 layer_types, SmolLM3 no_rope).
 PER_LAYER_CONFIG_FIELDS = ("layer_types", "no_rope_layers")
 SAMPLE_PROMPT = "What is the capital of France?"
@@ -77,7 +96,8 @@ BUILTIN_CALIBRATION = [
 
 @dataclass
 class PruneConfig:
-    """Options of scripts/prune.py. Give --num_layers or --drop_layers for depth, --mlp_hidden_size for width."""
+    """Options of scripts/prune.py. Give --num_layers or --drop_layers for depth; --mlp_hidden_size, --hidden_size,
+    --num_attention_heads or --num_key_value_heads for width; any combination."""
 
     model_name_or_path: str = field(
         metadata={"help": "The Llama-family model to prune: a Hugging Face model folder or a Hub model id."}
@@ -101,6 +121,18 @@ class PruneConfig:
     mlp_hidden_size: int | None = field(
         default=None, metadata={"help": "New MLP intermediate size; keeps the most active channels of each layer."}
     )
+    hidden_size: int | None = field(
+        default=None, metadata={"help": "New hidden (embedding) size; keeps the channels the blocks' norms output most "
+                                "strongly, one set for the whole model."}
+    )
+    num_attention_heads: int | None = field(
+        default=None, metadata={"help": "Query heads to keep per block, the most active ones, the same number in "
+                                "every key-value group; default: as many per group as now."}
+    )
+    num_key_value_heads: int | None = field(
+        default=None, metadata={"help": "Key-value groups to keep per block, the most active ones with their query "
+                                "heads; default: all."}
+    )
     calibration_data: str | None = field(
         default=None,
         metadata={"help": "Chat dataset to measure importance on (any format gkd trains on, e.g. JSONL of "
@@ -123,18 +155,31 @@ class PruneConfig:
     def __post_init__(self):
         if self.num_layers is not None and self.drop_layers is not None:
             raise ConfigError("give --num_layers or --drop_layers, not both")
-        if self.num_layers is None and self.drop_layers is None and self.mlp_hidden_size is None:
-            raise ConfigError("nothing to prune: give --num_layers, --drop_layers or --mlp_hidden_size")
+        if self.num_layers is None and self.drop_layers is None and not self.width_options():
+            raise ConfigError("nothing to prune: give --num_layers, --drop_layers, --mlp_hidden_size, --hidden_size, "
+                              "--num_attention_heads or --num_key_value_heads")
         if self.num_layers is not None and self.num_layers < 1:
             raise ConfigError(f"--num_layers must be at least 1, got {self.num_layers}")
         if self.drop_layers is not None and len(set(self.drop_layers)) != len(self.drop_layers):
             raise ConfigError(f"--drop_layers names a block twice: {self.drop_layers}")
-        if self.mlp_hidden_size is not None and self.mlp_hidden_size < 1:
-            raise ConfigError(f"--mlp_hidden_size must be at least 1, got {self.mlp_hidden_size}")
+        for flag, size in self.width_options().items():
+            if size < 1:
+                raise ConfigError(f"--{flag} must be at least 1, got {size}")
         if self.depth_selection not in DEPTH_SELECTIONS:
             raise ConfigError(f"--depth_selection must be one of {DEPTH_SELECTIONS}, got {self.depth_selection!r}")
         if self.calibration_samples < 1 or self.calibration_max_length < 2:
             raise ConfigError("--calibration_samples must be >= 1 and --calibration_max_length >= 2")
+
+    def width_options(self) -> dict[str, int]:
+        """The width flags given, by name."""
+        names = ("mlp_hidden_size", "hidden_size", "num_attention_heads", "num_key_value_heads")
+        return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
+
+    def cuts_heads(self) -> bool:
+        return self.num_attention_heads is not None or self.num_key_value_heads is not None
+
+    def cuts_hidden_or_heads(self) -> bool:
+        return self.hidden_size is not None or self.cuts_heads()
 
 
 @dataclass
@@ -147,22 +192,35 @@ class Importance:
     channels: list[torch.Tensor]  # per layer, mean |act_fn(gate) * up| of each MLP channel
     loss: float  # mean next-token loss on the calibration texts
     num_tokens: int
+    # Minitron's score of each channel of a block's module output (norms) or input (o_proj), keyed by (layer, module):
+    # sqrt of the sum over texts of (mean |x| over the text's tokens)^2.
+    activations: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
+
+    def hidden_channels(self, layers: list[int]) -> torch.Tensor:
+        """Each residual-stream channel's score, summed over both norms of the given blocks (ModelOpt's sum)."""
+        return sum(self.activations[index, norm] for index in layers for norm in width.BLOCK_NORMS)
+
+    def heads(self, layer: int, head_dim: int) -> torch.Tensor:
+        """Each query head's score in one block: the L2 norm of its head_dim channels at o_proj's input."""
+        return self.activations[layer, ATTENTION_OUTPUT].view(-1, head_dim).norm(dim=1)
 
 
 def prune(config: PruneConfig) -> dict:
     """Prune `config.model_name_or_path` into `config.output_dir`; returns the report also saved as pruning.json."""
-    source, output_dir = Path(config.model_name_or_path), Path(config.output_dir)
+    source, output_dir, name = Path(config.model_name_or_path), Path(config.output_dir), config.model_name_or_path
     check_output_folder(output_dir, config.overwrite, [source] if source.exists() else [])
     device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    ref = ModelRef(config.model_name_or_path, config.model_revision, config.trust_remote_code, "--model_name_or_path")
+    ref = ModelRef(name, config.model_revision, config.trust_remote_code, "--model_name_or_path")
     check_model(ref)
+    widths = _check_width_request(load_config(ref), config, name)  # (before, after), or None: hidden and heads kept
     tokenizer = load_tokenizer(ref)
     calibration = calibration_texts(tokenizer, config.calibration_data, config.calibration_samples)
     model = load_model(ref)
-    layers = decoder_layers(model, config.model_name_or_path)
+    layers = decoder_layers(model, name)
     drop = _layers_to_drop_given(config, len(layers))
-    if config.mlp_hidden_size is not None:
-        _check_mlp_size(model, config.mlp_hidden_size, config.model_name_or_path)
+    if widths:
+        width.check_weight_shapes(model, widths[0], name)
+    teacher_parameters = parameter_counts(model)
     batches = tokenize_calibration(tokenizer, calibration, config.calibration_max_length)
     window_size = len(layers) - config.num_layers if config.num_layers is not None else 0
     model.to(device)
@@ -174,17 +232,17 @@ def prune(config: PruneConfig) -> dict:
         drop = select_layers_to_drop(importance, config.num_layers, config.depth_selection)
     drop = sorted(drop or [])
     kept = [i for i in range(len(layers)) if i not in drop]
-    kept_fraction = None
-    if config.mlp_hidden_size is not None:
-        kept_fraction = shrink_mlps(model, importance.channels, kept, config.mlp_hidden_size)
     if drop:
         drop_decoder_layers(model, drop)
     logger.info("dropped blocks %s, kept %d", drop, len(kept))
+    report = _report(config, importance, len(calibration), drop, kept)
+    report.update(cut_width(model, importance, kept, config, widths))
     pruned_loss = calibration_loss(model, batches)
     logger.info("calibration loss: %.3f before, %.3f after pruning", importance.loss, pruned_loss)
+    report["calibration"]["loss_after"] = pruned_loss
+    report["parameters"] = {"teacher": teacher_parameters, "student": parameter_counts(model)}
 
     model.to("cpu")
-    report = _report(config, importance, len(calibration), pruned_loss, drop, kept, kept_fraction)
     with staged_folder(output_dir, config.overwrite, "pruning") as staging:
         model.save_pretrained(staging)  # config, weights (tied lm_head stored once) and generation_config
         tokenizer.save_pretrained(staging)
@@ -196,9 +254,61 @@ def prune(config: PruneConfig) -> dict:
     return report
 
 
-def _report(config: PruneConfig, importance: Importance, num_records: int, pruned_loss: float, drop: list[int],
-            kept: list[int], kept_fraction: list[float] | None) -> dict:
-    """What pruning.json records: the options, every measured score, and what was cut."""
+def cut_width(model, importance: Importance, kept: list[int], config: PruneConfig,
+              widths: tuple[width.Width, width.Width] | None) -> dict:
+    """Slice the kept blocks (already the only ones in `model`) to the requested widths; returns the report's
+    "width" (MLP), "heads" and "hidden" sections, None for a width not cut."""
+    sections = {"width": None, "heads": None, "hidden": None}
+    if config.mlp_hidden_size is not None:
+        channels = [importance.channels[index] for index in kept]
+        kept_fraction = width.shrink_mlps(model, channels, config.mlp_hidden_size)
+        sections["width"] = _mlp_report(channels[0].numel() if channels else 0, config.mlp_hidden_size, kept,
+                                        kept_fraction)
+    if widths is None:
+        return sections
+    before, after = widths
+    if config.cuts_heads():
+        sections["heads"] = cut_heads(model, importance, kept, before, after)
+    if config.hidden_size is not None:
+        scores = importance.hidden_channels(kept)
+        channels = width.top_indices(scores, after.hidden_size)
+        width.shrink_hidden(model, channels)
+        sections["hidden"] = _hidden_report(scores, channels)
+    width.set_width(model.config, after)
+    return sections
+
+
+def cut_heads(model, importance: Importance, kept: list[int], before: width.Width, after: width.Width) -> dict:
+    """Keep, in each block, the best key-value groups and the best query heads within them; returns the report."""
+    per_layer = {}
+    for layer, index in zip(model.model.layers, kept, strict=True):
+        scores = importance.heads(index, before.head_dim)
+        groups, heads = width.select_heads(scores, before, after)
+        width.shrink_attention(layer.self_attn, groups, heads, before.head_dim)
+        per_layer[str(index)] = {
+            "head_importance": scores.tolist(),
+            "group_importance": scores.view(before.num_key_value_heads, -1).norm(dim=1).tolist(),
+            "kept_key_value_heads": groups.tolist(),
+            "kept_heads": heads.tolist(),
+        }
+    logger.info("kept %d of %d query heads and %d of %d key-value heads per block", after.num_attention_heads,
+                before.num_attention_heads, after.num_key_value_heads, before.num_key_value_heads)
+    return {
+        "importance_metric": "per query head: L2 norm over its head_dim channels of the o_proj input's channel "
+                             "scores (per text mean |x| over tokens, then L2 over texts)",
+        "group_importance_metric": "L2 norm of the group's query-head scores",
+        "num_attention_heads_before": before.num_attention_heads,
+        "num_attention_heads_after": after.num_attention_heads,
+        "num_key_value_heads_before": before.num_key_value_heads,
+        "num_key_value_heads_after": after.num_key_value_heads,
+        "head_dim": before.head_dim,
+        "layers": per_layer,
+    }
+
+
+def _report(config: PruneConfig, importance: Importance, num_records: int, drop: list[int], kept: list[int]) -> dict:
+    """What pruning.json records: the options, every measured score, and what was cut. The width sections (MLP
+    "width", "heads", "hidden"), the loss after pruning and the parameter counts are added by prune()."""
     return {
         "source": str(config.model_name_or_path),
         "options": asdict(config),
@@ -207,7 +317,7 @@ def _report(config: PruneConfig, importance: Importance, num_records: int, prune
             "records": num_records,
             "tokens": importance.num_tokens,
             "loss_before": importance.loss,
-            "loss_after": pruned_loss,
+            "loss_after": None,
         },
         "depth": {
             "importance_metric": "1 - mean over calibration tokens of cos(block input, block output)",
@@ -222,13 +332,46 @@ def _report(config: PruneConfig, importance: Importance, num_records: int, prune
             "dropped_layers": drop,
             "kept_layers": kept,
         },
-        "width": None if config.mlp_hidden_size is None else {
-            "importance_metric": "mean over calibration tokens of |act_fn(gate_proj(x)) * up_proj(x)| per channel",
-            "intermediate_size_before": importance.channels[0].numel(),
-            "intermediate_size_after": config.mlp_hidden_size,
-            "kept_importance_fraction": dict(zip(map(str, kept), kept_fraction)),
-        },
     }
+
+
+def _mlp_report(size_before: int, size_after: int, kept: list[int], kept_fraction: list[float]) -> dict:
+    return {
+        "importance_metric": "mean over calibration tokens of |act_fn(gate_proj(x)) * up_proj(x)| per channel",
+        "intermediate_size_before": size_before,
+        "intermediate_size_after": size_after,
+        "kept_importance_fraction": dict(zip(map(str, kept), kept_fraction)),
+    }
+
+
+def _hidden_report(scores: torch.Tensor, channels: torch.Tensor) -> dict:
+    kept_fraction = (scores[channels].sum() / scores.sum().clamp_min(1e-12)).item()
+    logger.info("kept %d of %d hidden channels (%.1f%% of their importance)", len(channels), len(scores),
+                100 * kept_fraction)
+    return {
+        "importance_metric": "per channel, summed over the kept blocks' input_layernorm and post_attention_layernorm "
+                             "outputs: L2 over texts of the mean |x| over the text's tokens",
+        "hidden_size_before": len(scores),
+        "hidden_size_after": len(channels),
+        "importance": scores.tolist(),
+        "kept_channels": channels.tolist(),
+        "kept_importance_fraction": kept_fraction,
+    }
+
+
+def parameter_counts(model) -> dict[str, int]:
+    """Parameters in all (a tied lm_head counted once) and outside the embedding and lm_head."""
+    total = sum(parameter.numel() for parameter in model.parameters())
+    embeddings = {id(module.weight): module.weight.numel()
+                  for module in (model.get_input_embeddings(), model.get_output_embeddings()) if module is not None}
+    return {"total": total, "non_embedding": total - sum(embeddings.values())}
+
+
+def load_config(ref: ModelRef):
+    try:
+        return AutoConfig.from_pretrained(ref.name, **ref.kwargs())
+    except (OSError, ValueError) as error:
+        raise ModelError(f"{ref.flag} {ref.name}: cannot read its config ({' '.join(str(error).split())})") from None
 
 
 def load_model(ref: ModelRef):
@@ -287,8 +430,9 @@ def tokenize_calibration(tokenizer, texts: list[str], max_length: int) -> list[t
 
 @torch.no_grad()
 def measure_importance(model, batches: list[torch.Tensor], window_size: int = 0) -> Importance:
-    """Block Influence of every decoder block (and of every run of `window_size` blocks when > 0) and the
-    activation importance of every MLP channel, from one forward pass per calibration text.
+    """Block Influence of every decoder block (and of every run of `window_size` blocks when > 0), the activation
+    importance of every MLP channel, and Minitron's scores of hidden channels and heads, from one forward pass per
+    calibration text.
 
     Texts run one at a time so that no padding enters the averages. Hooks see the residual stream at each block
     boundary: boundary[i] enters block i, boundary[L] leaves the last block (before the final norm).
@@ -314,10 +458,23 @@ def measure_importance(model, batches: list[torch.Tensor], window_size: int = 0)
             channel_sums[index] += args[0].detach().float().abs().reshape(-1, args[0].shape[-1]).sum(0).double().cpu()
         return hook
 
+    def record_activations(key):
+        def hook(module, args, output=None):  # a norm's output, or o_proj's input
+            activations = args[0] if output is None else output
+            # Minitron's aggregation, batch by batch: |x| averaged over the sequence, squared, summed over the batch.
+            total = activations.detach().float().abs().mean(dim=1).pow(2).sum(dim=0).double().cpu()
+            activation_sums[key] = activation_sums.get(key, 0) + total
+        return hook
+
     handles = []
+    activation_sums: dict[tuple[int, str], torch.Tensor] = {}
     for index, layer in enumerate(layers):
         handles.append(layer.register_forward_hook(record_block(index), with_kwargs=True))
         handles.append(layer.mlp.down_proj.register_forward_pre_hook(record_channels(index)))
+        for name, module in _width_modules(layer).items():
+            hook = record_activations((index, name))
+            handles.append(module.register_forward_pre_hook(hook) if name == ATTENTION_OUTPUT
+                           else module.register_forward_hook(hook))
     device = next(model.parameters()).device
     num_tokens, loss_sum, loss_tokens = 0, 0.0, 0
     try:
@@ -341,7 +498,15 @@ def measure_importance(model, batches: list[torch.Tensor], window_size: int = 0)
         channels=[sums.div(num_tokens).float() for sums in channel_sums],
         loss=loss_sum / max(loss_tokens, 1),
         num_tokens=num_tokens,
+        activations={key: total.sqrt().float() for key, total in activation_sums.items()},
     )
+
+
+def _width_modules(layer) -> dict[str, nn.Module]:
+    """The modules of a block whose activations score hidden channels and heads, those the block has."""
+    modules = {name: getattr(layer, name, None) for name in width.BLOCK_NORMS}
+    modules[ATTENTION_OUTPUT] = getattr(getattr(layer, "self_attn", None), "o_proj", None)
+    return {name: module for name, module in modules.items() if module is not None}
 
 
 def _cosine_sum(before: torch.Tensor, after: torch.Tensor) -> float:
@@ -386,35 +551,6 @@ def drop_decoder_layers(model, drop: list[int]) -> None:
     config.num_hidden_layers = len(kept)
 
 
-def shrink_mlps(model, channel_importance: list[torch.Tensor], layers: list[int], size: int) -> list[float]:
-    """Keep the `size` most important MLP channels of each listed layer; returns, per layer, the share of its
-    total channel importance that was kept (1.0 means nothing active was cut)."""
-    kept_fraction = []
-    for index in layers:
-        mlp = model.model.layers[index].mlp
-        scores = channel_importance[index]
-        channels = torch.topk(scores, size).indices.sort().values  # sorted: keeps the original channel order
-        kept_fraction.append((scores[channels].sum() / scores.sum().clamp_min(1e-12)).item())
-        channels = channels.to(mlp.down_proj.weight.device)
-        _take(mlp.gate_proj, channels, dim=0)
-        _take(mlp.up_proj, channels, dim=0)
-        _take(mlp.down_proj, channels, dim=1)
-        if hasattr(mlp, "intermediate_size"):
-            mlp.intermediate_size = size
-    model.config.intermediate_size = size
-    return kept_fraction
-
-
-def _take(linear: nn.Linear, channels: torch.Tensor, dim: int) -> None:
-    linear.weight = nn.Parameter(linear.weight.index_select(dim, channels).clone())
-    if dim == 0:
-        if linear.bias is not None:
-            linear.bias = nn.Parameter(linear.bias[channels].clone())
-        linear.out_features = len(channels)
-    else:
-        linear.in_features = len(channels)
-
-
 @torch.no_grad()
 def sample_reply(folder: Path, question: str, max_new_tokens: int) -> str:
     """Greedy reply of the saved model, reloaded with from_pretrained: proves the folder loads and the KV cache
@@ -445,10 +581,20 @@ def _layers_to_drop_given(config: PruneConfig, total: int) -> list[int] | None:
     return list(config.drop_layers)
 
 
-def _check_mlp_size(model, size: int, name: str) -> None:
-    current = model.config.intermediate_size
-    if size > current:
-        raise ConfigError(f"--mlp_hidden_size {size} is larger than {name}'s intermediate_size {current}")
+def _check_width_request(model_config, config: PruneConfig, name: str) -> tuple[width.Width, width.Width] | None:
+    """Refuse, before any weight loads, widths the model cannot be cut to; returns the hidden and attention widths
+    before and after, or None when neither the hidden size nor the heads are cut."""
+    if config.mlp_hidden_size is not None and config.mlp_hidden_size > model_config.intermediate_size:
+        raise ConfigError(f"--mlp_hidden_size {config.mlp_hidden_size} is larger than {name}'s intermediate_size "
+                          f"{model_config.intermediate_size}")
+    if not config.cuts_hidden_or_heads():
+        return None
+    width.check_model_type(model_config, name)
+    before = width.model_width(model_config)
+    after = width.target_width(before, config.hidden_size, config.num_attention_heads, config.num_key_value_heads,
+                               name)
+    width.check_config_accepts(model_config, after)
+    return before, after
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -462,7 +608,17 @@ def main(argv: list[str] | None = None) -> int:
     report = prune(config)
     depth = report["depth"]
     print(f"saved {depth['num_layers_after']}-layer student to {config.output_dir} (dropped {depth['dropped_layers']})")
+    print(parameter_summary(report["parameters"]))
     return 0
+
+
+def parameter_summary(parameters: dict) -> str:
+    teacher, student = parameters["teacher"], parameters["student"]
+    return "; ".join(
+        f"{label} parameters: student {student[key]:,} of the teacher's {teacher[key]:,} "
+        f"({student[key] / max(teacher[key], 1):.1%})"
+        for key, label in (("total", "total"), ("non_embedding", "non-embedding"))
+    )
 
 
 def cli() -> None:
