@@ -10,7 +10,8 @@ import torch
 
 
 def pad_batch(samples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Collate {"prompt_ids", "completion_ids"} lists into prompt_ids/prompt_mask/completion_ids/completion_mask."""
+    """Collate {"prompt_ids", "completion_ids"} lists into prompt_ids/prompt_mask/completion_ids/completion_mask (and
+    `index`, `is_text` when the samples have them)."""
     prompt_width = max(len(sample["prompt_ids"]) for sample in samples)
     # At least one completion column, so a batch of prompt-only records still has a well-formed (all-masked) target.
     completion_width = max(1, max(len(sample["completion_ids"]) for sample in samples))
@@ -27,12 +28,16 @@ def pad_batch(samples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]
         if completion:
             completion_ids[row, : len(completion)] = torch.tensor(completion)
             completion_mask[row, : len(completion)] = 1
-    return {
+    batch = {
         "prompt_ids": prompt_ids,
         "prompt_mask": prompt_mask,
         "completion_ids": completion_ids,
         "completion_mask": completion_mask,
     }
+    for key in ("index", "is_text"):  # a sample's row (its key in a teacher cache); plain text or chat
+        if key in samples[0]:
+            batch[key] = torch.tensor([sample[key] for sample in samples])
+    return batch
 
 
 def mask_after_stop(completion_ids: torch.Tensor, valid: torch.Tensor, stop_token_ids: list[int]) -> torch.Tensor:
@@ -52,3 +57,25 @@ def left_pad_prompts(batches: list[dict], pad_token_id: int) -> tuple[torch.Tens
         ids.append(torch.nn.functional.pad(batch["prompt_ids"], (missing, 0), value=pad_token_id))
         masks.append(torch.nn.functional.pad(batch["prompt_mask"], (missing, 0), value=0))
     return torch.cat(ids), torch.cat(masks)
+
+
+def text_prompts(batch: dict, prompt_tokens: int, pad_token_id: int) -> dict:
+    """On-policy steps on plain text: the first `prompt_tokens` tokens of each text window become its prompt (the
+    student continues them); chat rows keep theirs. Returns the batch with new prompt_ids and prompt_mask."""
+    if "is_text" not in batch or not bool(batch["is_text"].any()):
+        return batch
+    prompts = []
+    for row in range(batch["prompt_ids"].shape[0]):
+        prompt = batch["prompt_ids"][row][batch["prompt_mask"][row].bool()]
+        if bool(batch["is_text"][row]):
+            window = torch.cat([prompt, batch["completion_ids"][row][batch["completion_mask"][row].bool()]])
+            prompt = window[:prompt_tokens]
+        prompts.append(prompt)
+    width = max(len(prompt) for prompt in prompts)
+    prompt_ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
+    prompt_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        prompt_ids[row, width - len(prompt):] = prompt
+        prompt_mask[row, width - len(prompt):] = 1
+    return {**batch, "prompt_ids": prompt_ids.to(batch["prompt_ids"].device),
+            "prompt_mask": prompt_mask.to(batch["prompt_mask"].device)}

@@ -452,6 +452,9 @@ def check_together(script_args: ScriptArguments, model_args: ModelArguments, tra
     if evaluates and not script_args.eval_dataset_name and _is_local(script_args.dataset_name):
         raise ConfigError(f"--eval_strategy {training_args.eval_strategy} needs evaluation data: give "
                           "--eval_dataset_name")
+    if kind == "cache" and (script_args.eval_dataset_name or evaluates):
+        raise ConfigError("--teacher_logits_path holds the teacher's view of the training data only: evaluate with a "
+                          "live teacher or a server, or drop --eval_strategy / --eval_dataset_name")
     if kind == "cache":
         if training_args.lmbda > 0 or training_args.lmbda_start > 0 or training_args.seq_kd:
             raise ConfigError(

@@ -1,22 +1,18 @@
-"""Generalized Jensen-Shannon divergence for GKD, as pure functions: a full-logits reference and a chunked path.
+"""The distillation losses, as pure functions: the generalized JSD with a full-logits reference and a chunked fused
+path, the same divergence over a teacher's top-K support (the sparse loss), and cross-entropy mixed in.
 
-Normalisation contract: every function here returns a SUM over token positions, never a mean. The trainer divides
-by the number of completion tokens in the whole gradient-accumulation window (`count_tokens` over the window), so
-the loss and its gradients do not depend on how a batch is split into micro-batches or across ranks. A per-micro-batch
-mean would weight a token by 1 / (tokens in its micro-batch) instead.
+Every function returns a SUM over token positions, never a mean: the trainer divides by the completion tokens of the
+whole gradient-accumulation window on all ranks, so results do not depend on how a batch is split into micro-batches or
+ranks. `temperature` is the LOSS temperature (both distributions softened before comparing), not the sampling one.
 
-`temperature` here is the LOSS temperature (both distributions are softened by it before comparing them). It is a
-separate setting from the SAMPLING temperature used to generate on-policy completions; the two can differ.
-
-Where we diverge from TRL 1.16 (`GKDTrainer.generalized_jsd_loss`): TRL computes softmax and the divergence in the
-input dtype, so bf16 logits give bf16 arithmetic and users saw negative divergences; we always compute in at least
-float32. TRL also materialises full [batch, seq, vocab] logits; `chunked_generalized_jsd` never holds more than
-[chunk_size, vocab] at a time: it projects hidden states a chunk at a time and turns each chunk's analytic gradient
-into hidden-state and lm_head gradients during the forward pass (as Liger-Kernel's fused linear JSD does, in plain
-PyTorch), so no [chunk_size, vocab] tensor outlives its chunk and backward only scales the stored gradients.
+Unlike TRL 1.16, the divergence runs in at least float32 (TRL's bf16 softmax gave negative divergences), and the
+chunked path never holds [tokens, vocab] logits: it projects hidden states a chunk at a time and turns each chunk's
+analytic gradient into hidden-state and lm_head gradients during the forward pass (Liger-Kernel's fused linear JSD, in
+plain PyTorch). Its design and measurements: docs/performance.md.
 """
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -177,58 +173,193 @@ def _projection_dtype(weight: torch.Tensor) -> torch.dtype:
     return weight.dtype
 
 
-def _fused_linear_jsd(
-    student_hidden: torch.Tensor,
-    student_weight: torch.Tensor,
-    student_bias: torch.Tensor | None,
-    teacher_hidden: torch.Tensor,
-    teacher_weight: torch.Tensor,
-    teacher_bias: torch.Tensor | None,
-    beta: float,
-    temperature: float,
-    chunk_size: int,
-    needs_grad: tuple[bool, bool, bool],
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """The divergence summed over rows and, for the student tensors flagged in `needs_grad`, its gradients.
 
-    Chunk by chunk: project (4 matmuls per chunk with every gradient: student and teacher logits, then
-    dlogits @ W into the chunk's rows of the hidden gradient and dlogits.T @ h into an accumulated weight gradient),
-    and let the chunk's [rows, V] tensors go. The dtypes are decided once, up front, and autocast is switched off
-    inside so that each matmul runs exactly where stated: projections in `_projection_dtype` (bf16 under a bf16
-    autocast, as autograd's F.linear would), the divergence and dlogits in at least float32, dlogits cast back to the
-    projection dtype for the two gradient matmuls (as autograd's linear backward would), and the weight and bias
-    gradients accumulated across chunks in at least float32.
+# ------------------------------------------------------------------------------------------- the sparse divergence
 
-    Returns:
-        (scalar sum, grad_hidden [N, H_s] in the projection dtype, grad_weight [V, H_s] and grad_bias [V] in the
-        accumulation dtype), each gradient None unless flagged. All unscaled: the caller multiplies by grad_output.
-    """
+# The teacher's tail, 1 - sum(top-K), is taken as at least this: fp16 log-probabilities can sum to a little over 1.
+TAIL_FLOOR = 1e-7
+
+
+@dataclass
+class DenseTeacher:
+    """The teacher as its final hidden states [N, H_t] and lm_head ([V_t, H_t], bias [V_t]): the full distribution."""
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+
+
+@dataclass
+class SparseTeacher:
+    """The teacher as K (id, log-probability) pairs per position, [N, K] each, log-probabilities over the whole
+    vocabulary at temperature 1; `valid` [N, K] is false where a slot holds nothing (its id is ignored)."""
+
+    ids: torch.Tensor
+    log_probs: torch.Tensor
+    valid: torch.Tensor
+
+
+def _log1mexp(log_x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(log_x)) for log_x < 0, accurate both near 0 and far below it (Maechler's two branches)."""
+    return torch.where(log_x > -math.log(2.0), torch.log(-torch.expm1(log_x)), torch.log1p(-torch.exp(log_x)))
+
+
+def sparse_buckets(student_log_probs: torch.Tensor, teacher_log_probs: torch.Tensor, valid: torch.Tensor,
+                   tail: bool = True, renormalize: bool = False):
+    """Both distributions over the sparse support, as log-probabilities [R, K (+1)], and which buckets count.
+
+    With `tail` (TRL's `loss_add_tail`), one more bucket holds the rest of each distribution: the teacher's
+    1 - sum(top-K) against the student's mass outside those ids, so the student is also taught how much mass belongs
+    elsewhere. With `renormalize` (NeMo-Aligner's top-K KD), both are renormalised over the K ids instead."""
+    neg_inf = torch.tensor(float("-inf"), dtype=student_log_probs.dtype, device=student_log_probs.device)
+    student = torch.where(valid, student_log_probs, neg_inf)
+    teacher = torch.where(valid, teacher_log_probs.to(student.dtype), neg_inf)
+    if renormalize:
+        return student.log_softmax(dim=-1), teacher.log_softmax(dim=-1), valid
+    if not tail:
+        return student, teacher, valid
+    ceiling = math.log1p(-TAIL_FLOOR)
+    student_tail = _log1mexp(torch.logsumexp(student, dim=-1, keepdim=True).clamp(max=ceiling))
+    teacher_tail = _log1mexp(torch.logsumexp(teacher, dim=-1, keepdim=True).clamp(max=ceiling))
+    everywhere = torch.ones_like(valid[..., :1])
+    return (torch.cat([student, student_tail], -1), torch.cat([teacher, teacher_tail], -1),
+            torch.cat([valid, everywhere], -1))
+
+
+def bucket_jsd(student: torch.Tensor, teacher: torch.Tensor, valid: torch.Tensor, beta: float) -> torch.Tensor:
+    """`generalized_jsd` per row between two distributions given as log-probabilities over buckets, empty buckets
+    (not `valid`) holding no mass."""
+    zero = torch.zeros((), dtype=student.dtype, device=student.device)
+    # Empty buckets become 0 before any arithmetic: -inf - -inf, and logaddexp's gradient at -inf, are NaN.
+    student, teacher = torch.where(valid, student, zero), torch.where(valid, teacher, zero)
+
+    def kl(log_p, log_q):
+        return torch.where(valid, log_p.exp() * (log_p - log_q), zero).sum(dim=-1)
+
+    if beta == 0.0:
+        return kl(teacher, student)
+    if beta == 1.0:
+        return kl(student, teacher)
+    mixture = torch.logaddexp(student + math.log1p(-beta), teacher + math.log(beta))
+    return beta * kl(teacher, mixture) + (1.0 - beta) * kl(student, mixture)
+
+
+def sparse_generalized_jsd(student_logits: torch.Tensor, teacher: SparseTeacher, beta: float,
+                           temperature: float = 1.0, tail: bool = True, renormalize: bool = False) -> torch.Tensor:
+    """Per-position generalized JSD over the teacher's sparse support: the reference of the sparse loss.
+
+    `student_logits` [N, V]; the student's log-probabilities are over its whole vocabulary (at `temperature`), read
+    at the teacher's ids. When the support is the whole vocabulary there is no tail, and this equals
+    `generalized_jsd` (tested)."""
+    beta, temperature = float(beta), float(temperature)
+    _check_beta_temperature(beta, temperature)
+    student_log_probs = _log_probs(student_logits, temperature)
+    gathered = student_log_probs.gather(-1, torch.where(teacher.valid, teacher.ids, 0))  # empty slots: any id
+    tail = tail and teacher.ids.shape[-1] < student_logits.shape[-1]
+    student, target, buckets = sparse_buckets(gathered, teacher.log_probs.to(gathered.dtype), teacher.valid, tail,
+                                              renormalize)
+    return bucket_jsd(student, target, buckets, beta)
+
+
+def _sparse_jsd_and_logit_grad_(student_log_probs: torch.Tensor, teacher: SparseTeacher, beta: float,
+                                temperature: float, with_grad: bool, tail: bool, renormalize: bool):
+    """`sparse_generalized_jsd` per row from the student's log_softmax [R, V], which it OVERWRITES, and the gradient
+    w.r.t. the student's logits.
+
+    The divergence depends on the logits z only through s_k = z_{id_k} / T - logsumexp(z / T), so with g = dL/ds
+    (autograd on the small [R, K] tensors), dL/dz_j = (sum_k g_k [id_k = j] - p_j sum_k g_k) / T."""
+    ids = torch.where(teacher.valid, teacher.ids, 0)  # an empty slot's id may be anything, even beyond V
+    gathered = student_log_probs.gather(1, ids).detach().requires_grad_(with_grad)
+    tail = tail and ids.shape[-1] < student_log_probs.shape[-1]
+    with torch.enable_grad():
+        student, target, buckets = sparse_buckets(gathered, teacher.log_probs, teacher.valid, tail, renormalize)
+        per_row = bucket_jsd(student, target, buckets, beta)
+        if not with_grad:
+            return per_row.detach(), None
+        (bucket_grad,) = torch.autograd.grad(per_row.sum(), gathered)
+    logit_grad = student_log_probs.exp_().mul_(-bucket_grad.sum(dim=-1, keepdim=True))
+    return per_row.detach(), logit_grad.scatter_add_(1, ids, bucket_grad).div_(temperature)
+
+
+# ------------------------------------------------------------------------------------ the chunked fused path
+
+
+@dataclass(frozen=True)
+class LossOptions:
+    """What the fused loss computes besides its inputs: the divergence, its weight and the SFT term's."""
+
+    beta: float
+    temperature: float = 1.0
+    chunk_size: int = 512
+    kd_weight: float = 1.0
+    sft_weight: float = 0.0
+    tail: bool = True
+    renormalize: bool = False
+
+
+@dataclass
+class LossParts:
+    """The weighted total (what is differentiated) and its two sums, for logging."""
+
+    total: torch.Tensor
+    kd: torch.Tensor
+    sft: torch.Tensor
+
+
+def _fused_linear_distillation(student_hidden, student_weight, student_bias, teacher, labels, options: LossOptions,
+                               needs_grad: tuple[bool, bool, bool]):
+    """The loss sums over rows and, for the student tensors flagged in `needs_grad`, the gradients of the total.
+
+    Chunk by chunk: project the student (and a dense teacher), compute each term's value and its gradient w.r.t. the
+    chunk's logits in at least float32, turn the weighted sum of those into the chunk's rows of the hidden gradient
+    (dlogits @ W) and into an accumulated weight gradient (dlogits.T @ h), and let the chunk's [rows, V] tensors go:
+    4 vocabulary matmuls per chunk with a dense teacher, 3 with a sparse one. The dtypes are decided up front and
+    autocast is off inside, so each matmul runs exactly where autograd's F.linear would run it: projections in
+    `_projection_dtype`, dlogits cast back to it for the two gradient matmuls, weight and bias gradients accumulated
+    in at least float32. The cross-entropy is at temperature 1, whatever the loss temperature.
+
+    Returns (total, kd sum, sft sum, grad_hidden, grad_weight, grad_bias), gradients unscaled by grad_output."""
     need_hidden, need_weight, need_bias = needs_grad
-    student_dtype, teacher_dtype = _projection_dtype(student_weight), _projection_dtype(teacher_weight)
+    with_grad = any(needs_grad)
+    student_dtype = _projection_dtype(student_weight)
+    dense = isinstance(teacher, DenseTeacher) and options.kd_weight > 0
+    teacher_dtype = _projection_dtype(teacher.weight) if dense else student_dtype
     accumulate_dtype = torch.promote_types(torch.promote_types(student_dtype, teacher_dtype), torch.float32)
     device = student_hidden.device
     with torch.autocast(device.type, enabled=False):
         student_hidden, student_weight = student_hidden.to(student_dtype), student_weight.to(student_dtype)
         student_bias = None if student_bias is None else student_bias.to(student_dtype)
-        teacher_hidden, teacher_weight = teacher_hidden.to(teacher_dtype), teacher_weight.to(teacher_dtype)
-        teacher_bias = None if teacher_bias is None else teacher_bias.to(teacher_dtype)
-
+        if dense:
+            teacher = DenseTeacher(teacher.hidden.to(teacher_dtype), teacher.weight.to(teacher_dtype),
+                                   None if teacher.bias is None else teacher.bias.to(teacher_dtype))
         num_rows, vocab_size = student_hidden.shape[0], student_weight.shape[0]
         grad_hidden = torch.empty(student_hidden.shape, dtype=student_dtype, device=device) if need_hidden else None
         grad_weight = torch.zeros(student_weight.shape, dtype=accumulate_dtype, device=device) if need_weight else None
         grad_bias = torch.zeros(vocab_size, dtype=accumulate_dtype, device=device) if need_bias else None
-        total = torch.zeros((), dtype=accumulate_dtype, device=device)
-        for start in range(0, num_rows, chunk_size):
-            rows = slice(start, start + chunk_size)
-            # Logits only as temporaries: each is freed as soon as its log-probabilities exist.
-            per_row, logit_grad = _jsd_and_logit_grad_from_log_probs_(
-                _log_probs(F.linear(student_hidden[rows], student_weight, student_bias), temperature),
-                _log_probs(F.linear(teacher_hidden[rows], teacher_weight, teacher_bias), temperature),
-                beta,
-                temperature,
-                with_grad=any(needs_grad),
-            )
-            total += per_row.sum()
+        kd_sum = torch.zeros((), dtype=accumulate_dtype, device=device)
+        sft_sum = torch.zeros((), dtype=accumulate_dtype, device=device)
+        for start in range(0, num_rows, options.chunk_size):
+            rows = slice(start, start + options.chunk_size)
+            logits = F.linear(student_hidden[rows], student_weight, student_bias)
+            own_temperature = options.sft_weight > 0 and options.temperature != 1.0
+            cross_entropy_log_probs = _log_probs(logits, 1.0) if own_temperature else None
+            student_log_probs = _log_probs(logits, options.temperature)
+            del logits  # freed at once: one [chunk, V] buffer fewer at the peak
+            logit_grad = None
+            if options.sft_weight > 0:  # before the divergence overwrites student_log_probs
+                sft_rows, logit_grad = _cross_entropy_and_logit_grad(
+                    student_log_probs if cross_entropy_log_probs is None else cross_entropy_log_probs, labels[rows],
+                    with_grad, options.sft_weight)
+                sft_sum += sft_rows.sum()
+                del cross_entropy_log_probs
+            if options.kd_weight > 0:
+                kd_rows, kd_grad = _divergence_and_logit_grad_(student_log_probs, teacher, rows, options, with_grad)
+                kd_sum += kd_rows.sum()
+                if kd_grad is not None:
+                    kd_grad.mul_(options.kd_weight)
+                    logit_grad = kd_grad if logit_grad is None else kd_grad.add_(logit_grad)
+                del kd_grad
+            del student_log_probs
             if logit_grad is not None:
                 if grad_bias is not None:
                     grad_bias += logit_grad.sum(dim=0)
@@ -240,98 +371,117 @@ def _fused_linear_jsd(
                 elif grad_weight is not None:  # a bf16 product per chunk, summed in float32
                     grad_weight += torch.mm(logit_grad.T, student_hidden[rows])
             del logit_grad  # else it lives on through the next chunk's projections: one more [chunk, V] at the peak
-    return total, grad_hidden, grad_weight, grad_bias
+    total = options.kd_weight * kd_sum + options.sft_weight * sft_sum
+    return total, kd_sum, sft_sum, grad_hidden, grad_weight, grad_bias
+
+
+def _divergence_and_logit_grad_(student_log_probs, teacher, rows: slice, options: LossOptions, with_grad: bool):
+    if isinstance(teacher, DenseTeacher):  # the teacher's logits only as a temporary, freed once normalised
+        teacher_log_probs = _log_probs(F.linear(teacher.hidden[rows], teacher.weight, teacher.bias), options.temperature)
+        return _jsd_and_logit_grad_from_log_probs_(student_log_probs, teacher_log_probs, options.beta,
+                                                   options.temperature, with_grad)
+    chunk = SparseTeacher(teacher.ids[rows], teacher.log_probs[rows], teacher.valid[rows])
+    return _sparse_jsd_and_logit_grad_(student_log_probs, chunk, options.beta, options.temperature, with_grad,
+                                       options.tail, options.renormalize)
+
+
+def _cross_entropy_and_logit_grad(log_probs: torch.Tensor, labels: torch.Tensor, with_grad: bool, weight: float):
+    """-log p(label) per row, and weight * (p - onehot(label)), its gradient w.r.t. the logits (a new buffer)."""
+    per_row = -log_probs.gather(1, labels[:, None]).squeeze(1)
+    if not with_grad:
+        return per_row, None
+    return per_row, log_probs.exp().scatter_add_(1, labels[:, None], torch.full_like(per_row[:, None], -1.0)).mul_(
+        weight)
 
 
 def _scaled(gradient: torch.Tensor | None, grad_output: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
-    """gradient * grad_output, written straight into `dtype` (one rounding, no intermediate copy in the wider dtype).
-
-    Out of place on purpose: scaling the stored gradient in place would save a [V, H] buffer, but a second backward
-    through the same graph (retain_graph, gradcheck's reentrancy check) would then scale it twice."""
+    """gradient * grad_output, written straight into `dtype` (one rounding). Out of place on purpose: a second
+    backward through the same graph (retain_graph, gradcheck) would otherwise scale it twice."""
     if gradient is None:
         return None
     return torch.mul(gradient, grad_output, out=torch.empty(gradient.shape, dtype=dtype, device=gradient.device))
 
 
-class _FusedLinearJSD(torch.autograd.Function):
-    """Autograd wrapper around `_fused_linear_jsd`: gradients are computed in forward, backward only scales them."""
+class _FusedLinearDistillation(torch.autograd.Function):
+    """Autograd wrapper of `_fused_linear_distillation`: gradients are computed in forward, backward scales them."""
 
     @staticmethod
-    def forward(ctx, *inputs):
-        """`inputs` are `_fused_linear_jsd`'s arguments up to `chunk_size`; the first three are the student's."""
-        total, *gradients = _fused_linear_jsd(*inputs, needs_grad=tuple(ctx.needs_input_grad[:3]))
+    def forward(ctx, student_hidden, student_weight, student_bias, teacher, labels, options):
+        total, kd_sum, sft_sum, *gradients = _fused_linear_distillation(
+            student_hidden, student_weight, student_bias, teacher, labels, options, tuple(ctx.needs_input_grad[:3]))
         ctx.save_for_backward(*gradients)
-        ctx.input_dtypes = [None if tensor is None else tensor.dtype for tensor in inputs[:3]]
-        return total
+        ctx.input_dtypes = [None if tensor is None else tensor.dtype
+                            for tensor in (student_hidden, student_weight, student_bias)]
+        ctx.mark_non_differentiable(kd_sum, sft_sum)
+        return total, kd_sum, sft_sum
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_output):
-        gradients = [_scaled(g, grad_output, dtype) for g, dtype in zip(ctx.saved_tensors, ctx.input_dtypes)]
-        return *gradients, None, None, None, None, None, None  # teacher tensors, beta, temperature, chunk_size
+    def backward(ctx, grad_total, _grad_kd, _grad_sft):
+        gradients = [_scaled(g, grad_total, dtype) for g, dtype in zip(ctx.saved_tensors, ctx.input_dtypes)]
+        return *gradients, None, None, None  # teacher, labels, options
 
 
-def chunked_generalized_jsd(
-    student_hidden: torch.Tensor,
-    student_weight: torch.Tensor,
-    teacher_hidden: torch.Tensor,
-    teacher_weight: torch.Tensor,
-    beta: float,
-    temperature: float = 1.0,
-    chunk_size: int = 512,
-    student_bias: torch.Tensor | None = None,
-    teacher_bias: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Sum over rows of `generalized_jsd(student_hidden @ student_weight.T, teacher_hidden @ teacher_weight.T)`.
+def chunked_distillation_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor,
+                              teacher: DenseTeacher | SparseTeacher | None, options: LossOptions,
+                              labels: torch.Tensor | None = None, student_bias: torch.Tensor | None = None
+                              ) -> LossParts:
+    """kd_weight * sum of the generalized JSD + sft_weight * sum of the cross-entropy of `labels`, over N rows.
 
-    The memory-lean path: full [N, V] logits (N completion tokens x a 150k vocab, in fp32) dominate GKD's memory.
-    Here the lm_head projection is done `chunk_size` rows at a time, and each chunk's gradient is computed in the
-    forward pass itself (analytically, `jsd_and_logit_grad`) and immediately turned into gradients for the hidden
-    states, weight and bias (Liger-Kernel's fused linear JSD, in plain PyTorch). So at most [chunk_size, V] logits are
-    alive at any time, autograd saves only the [N, H_s] and [V, H_s] gradients, and each chunk costs 4 vocabulary
-    matmuls (student and teacher projections, two gradient matmuls) where recomputing in backward would cost 6.
-    Only the gradients that are needed are computed: with a frozen lm_head (LoRA) there is no [V, H_s] matmul, and
-    under `torch.no_grad()` (evaluation) or with nothing requiring grad, only the value.
+    The memory-lean path: the student's lm_head projection runs `options.chunk_size` rows at a time and each chunk's
+    gradient is computed in the forward pass, so at most [chunk_size, V] logits are alive at any time and autograd
+    keeps only the [N, H_s] and [V, H_s] gradients. Only the gradients that are needed are computed: with a frozen
+    lm_head (LoRA) there is no [V, H_s] matmul, and under `torch.no_grad()` only the values.
 
     Args:
-        student_hidden: [N, H_s] final hidden states at the completion positions already selected by the caller.
-        student_weight, student_bias: the student's lm_head, [V_s, H_s] and [V_s]. Gradients flow to these and to
-            `student_hidden` (a tied embedding just accumulates the lm_head part).
-        teacher_hidden, teacher_weight, teacher_bias: [N, H_t], [V_t, H_t], [V_t]. Treated as constants (detached).
-        beta, temperature: as in `generalized_jsd`; temperature is the LOSS temperature, not the sampling one.
-        chunk_size: rows projected at once; need not divide N.
+        student_hidden: [N, H_s] final hidden states at the positions trained on (selected by the caller).
+        student_weight, student_bias: the student's lm_head; gradients flow to these and to `student_hidden`.
+        teacher: a `DenseTeacher` (the full distribution) or a `SparseTeacher` (K log-probabilities per row);
+            treated as constants. None only when `options.kd_weight` is 0.
+        labels: [N] the tokens at those positions, for the cross-entropy term (needed when `sft_weight` > 0).
 
-    The projection runs in the weights' dtype (as the model's own lm_head would), or in autocast's dtype when autocast
-    is on, as F.linear would; the divergence and its gradient are computed in at least float32. Gradients come back in
-    each input's dtype. Vocab sizes may differ (a padded embedding): the weights are sliced to the smaller one, see
-    `align_vocab`.
-
-    Returns:
-        float32 scalar (float64 for float64 inputs): the SUM over the N rows. The trainer divides by the token count of
-        the whole gradient-accumulation window. Not twice differentiable.
+    Vocab sizes may differ (a padded embedding): the weights are sliced to the smaller one, see `align_vocab`.
+    Returns float32 sums (float64 for float64 inputs). Not twice differentiable.
     """
-    beta, temperature = float(beta), float(temperature)
+    beta, temperature = float(options.beta), float(options.temperature)
     _check_beta_temperature(beta, temperature)
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
-    if student_hidden.dim() != 2 or teacher_hidden.dim() != 2 or student_hidden.shape[0] != teacher_hidden.shape[0]:
-        raise ValueError(
-            f"expected hidden states [N, H_s] and [N, H_t], got {tuple(student_hidden.shape)} "
-            f"and {tuple(teacher_hidden.shape)}"
-        )
-    # Slice only a padded head: a full-range slice would still make autograd scatter its gradient into a new [V, H].
-    vocab_size = min(student_weight.shape[0], teacher_weight.shape[0])
-    if student_weight.shape[0] > vocab_size:
-        student_weight = student_weight[:vocab_size]
-        student_bias = None if student_bias is None else student_bias[:vocab_size]
-    teacher_hidden, teacher_weight = teacher_hidden.detach(), teacher_weight.detach()[:vocab_size]
-    teacher_bias = None if teacher_bias is None else teacher_bias.detach()[:vocab_size]
-
+    if options.chunk_size < 1:
+        raise ValueError(f"chunk_size must be at least 1, got {options.chunk_size}")
+    if options.sft_weight > 0 and labels is None:
+        raise ValueError("sft_weight > 0 needs labels")
+    if options.kd_weight > 0 and teacher is None:
+        raise ValueError("kd_weight > 0 needs a teacher")
+    if student_hidden.dim() != 2:
+        raise ValueError(f"expected hidden states [N, H_s], got {tuple(student_hidden.shape)}")
+    if isinstance(teacher, DenseTeacher):
+        if teacher.hidden.dim() != 2 or teacher.hidden.shape[0] != student_hidden.shape[0]:
+            raise ValueError(f"expected teacher hidden states [N, H_t], got {tuple(teacher.hidden.shape)} for "
+                             f"{student_hidden.shape[0]} rows")
+        # Slice only a padded head: a full-range slice would still make autograd scatter its gradient into a new [V, H].
+        vocab_size = min(student_weight.shape[0], teacher.weight.shape[0])
+        teacher = DenseTeacher(teacher.hidden.detach(), teacher.weight.detach()[:vocab_size],
+                               None if teacher.bias is None else teacher.bias.detach()[:vocab_size])
+        if student_weight.shape[0] > vocab_size:
+            student_weight = student_weight[:vocab_size]
+            student_bias = None if student_bias is None else student_bias[:vocab_size]
+    elif isinstance(teacher, SparseTeacher):
+        compute_dtype = torch.promote_types(student_hidden.dtype, torch.float32)
+        teacher = SparseTeacher(teacher.ids, teacher.log_probs.detach().to(compute_dtype), teacher.valid.bool())
     student_side = (student_hidden, student_weight, student_bias)
-    teacher_side = (teacher_hidden, teacher_weight, teacher_bias)
     if torch.is_grad_enabled() and any(tensor is not None and tensor.requires_grad for tensor in student_side):
-        return _FusedLinearJSD.apply(*student_side, *teacher_side, beta, temperature, chunk_size)
-    # Evaluation, or nothing to differentiate: the value alone. (Inside `Function.forward`, `needs_input_grad` reflects
-    # only `requires_grad`, not `torch.no_grad()`, so this decision is made here.)
-    total, *_ = _fused_linear_jsd(*student_side, *teacher_side, beta, temperature, chunk_size, (False, False, False))
-    return total
+        total, kd_sum, sft_sum = _FusedLinearDistillation.apply(*student_side, teacher, labels, options)
+    else:  # evaluation, or nothing to differentiate: the values alone (`needs_input_grad` ignores torch.no_grad())
+        total, kd_sum, sft_sum, *_ = _fused_linear_distillation(*student_side, teacher, labels, options,
+                                                                (False, False, False))
+    return LossParts(total, kd_sum, sft_sum)
+
+
+def chunked_generalized_jsd(student_hidden: torch.Tensor, student_weight: torch.Tensor, teacher_hidden: torch.Tensor,
+                            teacher_weight: torch.Tensor, beta: float, temperature: float = 1.0, chunk_size: int = 512,
+                            student_bias: torch.Tensor | None = None, teacher_bias: torch.Tensor | None = None
+                            ) -> torch.Tensor:
+    """Sum over rows of `generalized_jsd(student_hidden @ student_weight.T, teacher_hidden @ teacher_weight.T)`,
+    through the fused path (`chunked_distillation_loss` with a dense teacher and no SFT term)."""
+    options = LossOptions(beta=beta, temperature=temperature, chunk_size=chunk_size)
+    teacher = DenseTeacher(teacher_hidden, teacher_weight, teacher_bias)
+    return chunked_distillation_loss(student_hidden, student_weight, teacher, options, student_bias=student_bias).total

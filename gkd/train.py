@@ -35,27 +35,23 @@ def main(argv: list[str] | None = None) -> None:
     hide_checkpointing_deprecations()
     script_args, model_args, training_args = parse_args(argv)
 
-    from gkd import data, launch, models, run_folder
+    from gkd import data, launch, models, run_folder, teachers
 
     launch.warn_about_launch(training_args)  # a DeepSpeed config that is not active, ranks that came up alone
     training_args.resume_from_checkpoint = run_folder.resolve_resume(training_args, model_args.use_peft)
     run_folder.check(training_args)
     student_ref = models.ModelRef(model_args.model_name_or_path, model_args.model_revision,
                                   model_args.trust_remote_code, "--model_name_or_path")
-    teacher_ref = models.ModelRef(model_args.teacher_model_name_or_path, model_args.teacher_model_revision,
-                                  model_args.trust_remote_code, "--teacher_model_name_or_path")
     models.check_model(student_ref)
-    models.check_model(teacher_ref)
     tokenizer = models.load_tokenizer(student_ref)
-    models.check_same_vocabulary(
-        tokenizer, models.load_tokenizer(teacher_ref), teacher_ref.name,
-        {student_ref.name: models.embedding_size(student_ref), teacher_ref.name: models.embedding_size(teacher_ref)},
-    )
+    teacher_ref = teachers.check_teacher(model_args, training_args, tokenizer, student_ref)
     if model_args.use_peft:
         models.check_lora_targets(student_ref, model_args.lora_target_modules)
     stop_ids = models.stop_token_ids(tokenizer, student_ref)
 
     train_dataset, eval_dataset = data.training_datasets(script_args, training_args, tokenizer, stop_ids)
+    teacher_source = teachers.open_source(model_args, training_args, script_args, tokenizer, stop_ids,
+                                          len(train_dataset), len(tokenizer))
 
     if training_args.process_index == 0:
         run_folder.prepare(training_args)  # lock it; move an overwritten run aside; clear a failed start's files
@@ -64,10 +60,12 @@ def main(argv: list[str] | None = None) -> None:
     from gkd.trainer import GKDTrainer
 
     student = models.load_causal_lm(student_ref, model_args.dtype, model_args.attn_implementation)
-    teacher = models.load_frozen(teacher_ref, model_args.dtype, model_args.attn_implementation)
+    teacher = None if teacher_ref is None else models.load_frozen(teacher_ref, model_args.dtype,
+                                                                  model_args.attn_implementation)
     trainer = GKDTrainer(
         model=student,
         teacher=teacher,
+        teacher_source=teacher_source,
         args=training_args,
         stop_token_ids=stop_ids,
         processing_class=tokenizer,

@@ -4,7 +4,8 @@ Where and why this differs from TRL 1.16's experimental `GKDTrainer`:
 - The on-policy coin is flipped once per optimizer step, from the seed and the step, so every rank and every
   micro-batch of a gradient-accumulation window agree (TRL flips `random.random()` per micro-batch and per rank:
   under ZeRO-3 a rank that generates waits forever for one that does not).
-- Completions for the whole window are sampled in one batched decode, before the window's first forward.
+- Completions for the whole window are sampled in one batched decode, before the window's first forward; a teacher
+  that answers over the network (a cache or a server) is asked for the whole window then too.
 - The loss is normalised by the completion tokens actually trained on in the whole window, on all ranks (TRL
   counts the dataset's label tokens even when it trains on freshly generated completions).
 - The divergence is computed in fp32, from hidden states projected chunk by chunk, never as [batch, length, vocab].
@@ -19,14 +20,17 @@ from trl.models.utils import _ForwardRedirection, unwrap_model_for_generation
 from trl.trainer.utils import disable_dropout_in_model
 
 from . import losses
-from .batching import left_pad_prompts, pad_batch
+from .batching import left_pad_prompts, mask_after_stop, pad_batch, text_prompts
 from .checkpoints import complete_checkpoint
 from .decoding import StaticDecoder
+from .errors import GKDError
 from .generation import MergedLoraCopies, default_compile_options, generate, resolve_backend
-from .guards import NonFiniteGuard
+from .guards import NonFiniteGuard, any_rank
 from .run_folder import MetricsFileCallback
 from .signals import StopOnSignal
-from .steps import DATASET, STUDENT, TEACHER, completion_source, lmbda_at, sampling_rng
+from .steps import DATASET, STUDENT, TEACHER, completion_source, lmbda_at, sampling_rng, step_seed
+from .teachers import SparseTargets
+from .teachers.live import dense, last_hidden_state, sparse_teacher, top_k_targets
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +44,11 @@ class PromptCompletionCollator:
 
 
 class GKDTrainer(Trainer):
-    def __init__(self, model, teacher, args, stop_token_ids, processing_class, peft_config=None, **kwargs):
+    """`teacher` is a model beside the student, or None with `teacher_source`: a `TeacherCache` or `TeacherServer`
+    (gkd/teachers/) whose top-K log-probabilities the batches carry."""
+
+    def __init__(self, model, teacher, args, stop_token_ids, processing_class, peft_config=None, teacher_source=None,
+                 **kwargs):
         if peft_config is not None:
             from peft import get_peft_model
             from transformers import set_seed
@@ -70,14 +78,18 @@ class GKDTrainer(Trainer):
         self.loss_is_scaled_for_ga = True
         self.stop_token_ids = stop_token_ids
         self.pad_token_id = processing_class.pad_token_id
-        if self.is_deepspeed_enabled:
+        self.teacher, self.teacher_source = None, teacher_source
+        if teacher is not None and self.is_deepspeed_enabled:
             from trl.models.utils import prepare_deepspeed
 
             self.teacher = prepare_deepspeed(teacher, self.accelerator)
-        else:
+        elif teacher is not None:
             self.teacher = self.accelerator.prepare_model(teacher, evaluation_mode=True)
-        self.teacher.eval()
+        if self.teacher is not None:
+            self.teacher.eval()
         self._metrics = defaultdict(list)
+        self._part_sums = defaultdict(float)  # this rank's kd / sft per-token sums since the last log
+        self._window = {"tokens": None, "sft": False}  # the current window's token count and whether SFT applies
         self._forward_redirection = _ForwardRedirection()
         zero3 = self.is_deepspeed_enabled and _zero_stage(self.accelerator) == 3
         if args.generation_backend in ("static", "compiled") and zero3:
@@ -95,7 +107,8 @@ class GKDTrainer(Trainer):
         # Samples may only hold ids that both models embed and the tokenizer knows. A padded embedding's extra rows
         # (the teacher's or the student's) are untrained and get sampled now and then; the other model's forward
         # then indexes past its embedding. TRL's GKD samples from the whole padded vocabulary.
-        self.shared_vocab_size = min(len(processing_class), _vocab_size(model), _vocab_size(teacher))
+        sizes = [len(processing_class), _vocab_size(model)] + ([_vocab_size(teacher)] if teacher is not None else [])
+        self.shared_vocab_size = min(sizes)
 
     # ---- one optimizer step's data: who writes the completions, and how many tokens the window trains on ----
 
@@ -109,21 +122,69 @@ class GKDTrainer(Trainer):
         source = completion_source(args.seed, step, lmbda, args.seq_kd)
         if source != DATASET:
             batches = self._sample_window(batches, source)
+        batches = self._with_teacher_targets(batches)
         local_tokens = sum(batch["completion_mask"].sum() for batch in batches).to(device)
         window_tokens = self.accelerator.gather(local_tokens.reshape(1)).sum()
         rows = torch.tensor([sum(batch["completion_mask"].shape[0] for batch in batches)], device=device)
         window_rows = self.accelerator.gather(rows).sum()
+        # The SFT term trains on the dataset's or the teacher's completions, never on the student's own samples.
+        self._window = {"tokens": window_tokens, "sft": args.sft_loss_weight > 0 and source != STUDENT}
         self._metrics["lmbda"].append(lmbda)
         self._metrics["on_policy"].append(float(source == STUDENT))
         self._metrics["teacher_generated"].append(float(source == TEACHER))
         self._metrics["completion_tokens"].append(window_tokens.item() / max(window_rows.item(), 1))
+        self._metrics["sft_steps"].append(float(self._window["sft"]))
         return batches, window_tokens
+
+    def _with_teacher_targets(self, batches: list[dict]) -> list[dict]:
+        """A cache's or a server's top-K for every micro-batch of the window, fetched before its first forward: if
+        the server cannot answer (after its retries) on any rank, every rank saves a checkpoint at the last finished
+        step and the run stops, so no step ever trains on missing teacher data."""
+        if self.teacher_source is None or self.args.kd_loss_weight == 0:
+            return batches
+        top_k = self.args.teacher_top_k or getattr(self.teacher_source, "top_k", None)
+        failure = None
+        try:
+            batches = [self.teacher_source.targets(batch, top_k, self.shared_vocab_size).into_batch(batch)
+                       if "teacher_ids" not in batch else batch for batch in batches]
+        except GKDError as error:
+            failure = error
+        if any_rank(self.accelerator, failure is not None, self.args.device):
+            self._save_checkpoint(self.model, trial=None)
+            checkpoint = f"{self.args.output_dir}/checkpoint-{self.state.global_step}"
+            reason = str(failure) if failure else "another rank lost the teacher"
+            raise GKDError(f"{reason}; saved {checkpoint}: resume with --resume_from_checkpoint last")
+        return batches
 
     def _sample_window(self, batches: list[dict], source: str) -> list[dict]:
         """One batched decode for every prompt of the window; each micro-batch keeps its prompts and rows."""
+        if self.args.text_prompt_tokens:  # plain text: the window's first tokens are the prompt to continue
+            batches = [text_prompts(batch, self.args.text_prompt_tokens, self.pad_token_id) for batch in batches]
+        prompt_ids, prompt_mask = left_pad_prompts(batches, self.pad_token_id)
+        if source == TEACHER and self.teacher is None:
+            completion_ids, completion_mask = self._served_completions(prompt_ids, prompt_mask)
+        else:
+            completion_ids, completion_mask = self._decode(source, prompt_ids, prompt_mask)
+        sampled, start = [], 0
+        for batch in batches:
+            rows = slice(start, start + batch["prompt_ids"].shape[0])
+            start = rows.stop
+            width = max(1, int(completion_mask[rows].sum(dim=1).max().item()))
+            carried = {key: batch[key] for key in ("index", "is_text") if key in batch}
+            sampled.append(
+                {
+                    "prompt_ids": batch["prompt_ids"],
+                    "prompt_mask": batch["prompt_mask"],
+                    "completion_ids": completion_ids[rows, :width],
+                    "completion_mask": completion_mask[rows, :width],
+                    **carried,
+                }
+            )
+        return sampled
+
+    def _decode(self, source: str, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor):
         device = self.args.device
         model = self.model_wrapped if source == STUDENT else self.teacher
-        prompt_ids, prompt_mask = left_pad_prompts(batches, self.pad_token_id)
         # Seeded from the step, not drawn from the global RNG: a resumed run samples what the first run did.
         seeded = sampling_rng(self.args.seed, self.state.global_step, self.args.process_index, device)
         # Under ZeRO-3 every rank runs this (the draw is the same on all ranks), and transformers' generate keeps them
@@ -149,87 +210,123 @@ class GKDTrainer(Trainer):
                 lora_copies=self._lora_copies if source == STUDENT else None,
                 suppress_ids=_ids_beyond(generator, self.shared_vocab_size),
             )
-        sampled, start = [], 0
-        for batch in batches:
-            rows = slice(start, start + batch["prompt_ids"].shape[0])
-            start = rows.stop
-            width = max(1, int(completion_mask[rows].sum(dim=1).max().item()))
-            sampled.append(
-                {
-                    "prompt_ids": batch["prompt_ids"],
-                    "prompt_mask": batch["prompt_mask"],
-                    "completion_ids": completion_ids[rows, :width],
-                    "completion_mask": completion_mask[rows, :width],
-                }
-            )
-        return sampled
+        return completion_ids, completion_mask
+
+    def _served_completions(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor):
+        """--seq_kd with a served teacher: the server samples, through the same API it scores with."""
+        prompts = [row[mask.bool()].tolist() for row, mask in zip(prompt_ids, prompt_mask)]
+        seeds = [step_seed(self.args.seed, self.state.global_step, "served", self.args.process_index * 100_000 + row)
+                 for row in range(len(prompts))]
+        completions = self.teacher_source.sample(prompts, self.args.max_new_tokens, self.args.temperature,
+                                                        self.args.top_p, self.stop_token_ids, seeds)
+        width = max(1, max(len(ids) for ids in completions))
+        completion_ids = torch.full((len(prompts), width), self.pad_token_id, dtype=torch.long)
+        for row, ids in enumerate(completions):
+            completion_ids[row, :len(ids)] = torch.tensor(ids[:width], dtype=torch.long)
+        lengths = torch.tensor([len(ids) for ids in completions])
+        valid = torch.arange(width)[None, :] < lengths[:, None]
+        completion_mask = mask_after_stop(completion_ids, valid, self.stop_token_ids)
+        completion_ids = completion_ids.masked_fill(completion_mask == 0, self.pad_token_id)
+        device = self.args.device
+        return completion_ids.to(device), completion_mask.to(device)
 
     # ---- the loss ----
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        divergence_sum = self._divergence_sum(model, inputs)
+        parts = self._loss_parts(model, inputs, with_sft=self._window["sft"])
         if num_items_in_batch is None:
             num_items_in_batch = self.accelerator.gather(inputs["completion_mask"].sum().reshape(1)).sum()
         # Gradients are averaged over ranks by DDP/DeepSpeed; the window's token count is global, so scale back up.
-        loss = divergence_sum / num_items_in_batch.clamp(min=1).to(divergence_sum.device)
-        loss = loss * self.accelerator.num_processes
+        scale = self.accelerator.num_processes / num_items_in_batch.clamp(min=1).to(parts.total.device)
+        if model.training:
+            # Kept as tensors until the log line: `.item()` here would sync the GPU every micro-batch.
+            self._part_sums["kd_loss"] = self._part_sums["kd_loss"] + parts.kd.detach() * scale
+            self._part_sums["sft_loss"] = self._part_sums["sft_loss"] + parts.sft.detach() * scale
+        loss = parts.total * scale
         return (loss, None) if return_outputs else loss
 
-    def _divergence_sum(self, model, inputs) -> torch.Tensor:
-        """Sum over completion tokens of the generalized JSD between student and teacher next-token distributions."""
-        prompt_width = inputs["prompt_ids"].shape[1]
-        completion_width = inputs["completion_ids"].shape[1]
+    def _loss_parts(self, model, inputs, with_sft: bool) -> losses.LossParts:
+        """kd_loss_weight x (sum over completion tokens of the generalized JSD to the teacher) + sft_loss_weight x
+        (sum of their cross-entropy), and the two sums."""
+        args = self.args
+        prompt_width, completion_width = inputs["prompt_ids"].shape[1], inputs["completion_ids"].shape[1]
         input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
         attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
         mask = inputs["completion_mask"].bool()
-        # Logits at column prompt_width - 1 + t predict completion token t.
+        labels = inputs["completion_ids"][mask]
+        # Hidden states at column prompt_width - 1 + t predict completion token t.
         columns = slice(prompt_width - 1, prompt_width - 1 + completion_width)
-        if self.args.objective == "sft":
-            return self._nll_sum(model, input_ids, attention_mask, inputs["completion_ids"], mask)
+        options = losses.LossOptions(
+            beta=args.beta, temperature=args.loss_temperature, chunk_size=max(args.loss_chunk_size, 1),
+            kd_weight=args.kd_loss_weight, sft_weight=args.sft_loss_weight if with_sft else 0.0,
+            renormalize=args.topk_renormalize,
+        )
         unwrapped = self.accelerator.unwrap_model(model)
         if self._use_chunked_loss(unwrapped):
             # Calling the backbones directly bypasses the autocast that accelerate wraps around `model.forward`
             # (TRL's DistillationTrainer has the same gap): without this, --bf16 with fp32 weights would run student
             # and teacher in fp32 here, while the logits path and generation run in bf16.
-            return self._chunked_divergence_sum(model, unwrapped, input_ids, attention_mask, columns, mask)
-        keep = completion_width + 1
-        student_logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits
+            with self.accelerator.autocast():
+                student_hidden = self._redirected_hidden_state(model, unwrapped, input_ids, attention_mask)
+                student_hidden = student_hidden[:, columns][mask]
+                head = unwrapped.get_output_embeddings()
+                teacher = self._chunked_teacher(inputs, input_ids, attention_mask, columns, mask, labels)
+                weight, bias = head.weight, head.bias
+                if isinstance(teacher, losses.SparseTeacher) and weight.shape[0] > self.shared_vocab_size:
+                    weight = weight[: self.shared_vocab_size]  # the tail bucket: real tokens only
+                    bias = None if bias is None else bias[: self.shared_vocab_size]
+                return losses.chunked_distillation_loss(student_hidden, weight, teacher, options, labels, bias)
+        return self._logits_loss(model, inputs, input_ids, attention_mask, mask, labels, options)
+
+    def _chunked_teacher(self, inputs, input_ids, attention_mask, columns, mask, labels):
+        """The teacher at the completion positions: dense hidden states, a live teacher's top-K, or the top-K a cache
+        or server sent with the batch. None when the distillation term has no weight."""
+        args = self.args
+        if args.kd_loss_weight == 0:
+            return None
+        carried = SparseTargets.from_batch(inputs)
+        if carried is not None:
+            return sparse_teacher(carried, args.teacher_top_k, args.beta, labels)
+        teacher_model = self.accelerator.unwrap_model(self.teacher)
         with torch.no_grad():
-            teacher_logits = self.teacher(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits
-        student_logits, teacher_logits = losses.align_vocab(student_logits[:, :-1], teacher_logits[:, :-1])
-        per_token = losses.generalized_jsd(
-            student_logits, teacher_logits, beta=self.args.beta, temperature=self.args.loss_temperature
-        )
-        return losses.masked_sum(per_token, mask)
+            hidden = last_hidden_state(teacher_model, input_ids, attention_mask)[:, columns][mask]
+            head = teacher_model.get_output_embeddings()
+            if args.teacher_top_k is None:
+                return dense(hidden, head)
+            targets = top_k_targets(hidden, head, args.teacher_top_k, args.loss_temperature, self.shared_vocab_size,
+                                    labels, args.loss_chunk_size or 512)
+        return sparse_teacher(targets, args.teacher_top_k, args.beta, labels)
 
-    def _nll_sum(self, model, input_ids, attention_mask, completion_ids, mask) -> torch.Tensor:
-        """The SFT baseline: cross-entropy of the completion tokens, the teacher unused (see --objective)."""
-        keep = completion_ids.shape[1] + 1
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits[:, :-1]
-        nll = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), completion_ids, reduction="none")
-        return losses.masked_sum(nll, mask)
-
-    def _chunked_divergence_sum(self, model, unwrapped, input_ids, attention_mask, columns, mask) -> torch.Tensor:
-        """The chunked loss from hidden states, under the run's mixed-precision autocast (teacher without autograd)."""
-        with self.accelerator.autocast():
-            student_hidden = self._redirected_hidden_state(model, unwrapped, input_ids, attention_mask)
-            student_hidden = student_hidden[:, columns][mask]
-            teacher_model = self.accelerator.unwrap_model(self.teacher)
-            with torch.no_grad():
-                teacher_hidden = _last_hidden_state(teacher_model, input_ids, attention_mask)[:, columns][mask]
-            student_head = unwrapped.get_output_embeddings()
-            teacher_head = teacher_model.get_output_embeddings()
-            return losses.chunked_generalized_jsd(
-                student_hidden,
-                student_head.weight,
-                teacher_hidden,
-                teacher_head.weight,
-                beta=self.args.beta,
-                temperature=self.args.loss_temperature,
-                chunk_size=self.args.loss_chunk_size,
-                student_bias=student_head.bias,
-                teacher_bias=teacher_head.bias,
-            )
+    def _logits_loss(self, model, inputs, input_ids, attention_mask, mask, labels, options) -> losses.LossParts:
+        """The reference path (--loss_chunk_size 0, and ZeRO-3 whose lm_head weights are shards): logits at the
+        completion columns only, the same sums as the chunked path."""
+        keep = inputs["completion_ids"].shape[1] + 1
+        student_logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits
+        student_logits = student_logits[:, :-1][mask]
+        zero = torch.zeros((), device=student_logits.device)
+        sft = zero
+        if options.sft_weight > 0:
+            sft = torch.nn.functional.cross_entropy(student_logits.float(), labels, reduction="sum")
+        kd = zero
+        if options.kd_weight > 0:
+            carried = SparseTargets.from_batch(inputs)
+            if carried is None and self.args.teacher_top_k is None:
+                with torch.no_grad():
+                    teacher_logits = self.teacher(input_ids=input_ids, attention_mask=attention_mask,
+                                                  logits_to_keep=keep).logits[:, :-1][mask]
+                aligned_student, teacher_logits = losses.align_vocab(student_logits, teacher_logits)
+                kd = losses.generalized_jsd(aligned_student, teacher_logits, options.beta, options.temperature).sum()
+            else:
+                if carried is None:
+                    with torch.no_grad():
+                        teacher_logits = self.teacher(input_ids=input_ids, attention_mask=attention_mask,
+                                                      logits_to_keep=keep).logits[:, :-1][mask]
+                        carried = _top_k_of_logits(teacher_logits, self.args.teacher_top_k, options.temperature,
+                                                   self.shared_vocab_size, labels)
+                teacher = sparse_teacher(carried, self.args.teacher_top_k, options.beta, labels)
+                kd = losses.sparse_generalized_jsd(student_logits[:, : self.shared_vocab_size], teacher, options.beta,
+                                                   options.temperature, renormalize=options.renormalize).sum()
+        return losses.LossParts(options.kd_weight * kd + options.sft_weight * sft, kd.detach(), sft.detach())
 
     def _redirected_hidden_state(self, model, unwrapped, input_ids, attention_mask):
         """The student backbone's output, called through the wrapper's forward (DDP/DeepSpeed hooks run).
@@ -239,7 +336,7 @@ class GKDTrainer(Trainer):
         captured a second time after the first training step. So the entry is removed again unless it was there."""
         had_instance_forward = "forward" in vars(unwrapped)
         try:
-            return self._forward_redirection(model, unwrapped, _last_hidden_state, unwrapped, input_ids, attention_mask)
+            return self._forward_redirection(model, unwrapped, last_hidden_state, unwrapped, input_ids, attention_mask)
         finally:
             if not had_instance_forward:
                 vars(unwrapped).pop("forward", None)
@@ -251,8 +348,8 @@ class GKDTrainer(Trainer):
         there (it still only projects the completion columns)."""
         if self.args.loss_chunk_size == 0 or self.is_deepspeed_enabled and _zero_stage(self.accelerator) == 3:
             return False
-        teacher = self.accelerator.unwrap_model(self.teacher)
-        for model in (unwrapped, teacher):
+        models = [unwrapped] + ([self.accelerator.unwrap_model(self.teacher)] if self.teacher is not None else [])
+        for model in models:
             head = model.get_output_embeddings()
             config = model.config.get_text_config()
             if type(head) is not torch.nn.Linear or _has_logit_transform(config):
@@ -262,10 +359,13 @@ class GKDTrainer(Trainer):
     # ---- evaluation and logging ----
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        """Eval loss: per-token divergence on the dataset's responses (teacher-forced)."""
+        """Eval loss: the per-token loss on the dataset's responses (teacher-forced), both terms weighted."""
+        if self.teacher_source is not None and self.args.kd_loss_weight > 0 and "teacher_ids" not in inputs:
+            top_k = self.args.teacher_top_k or getattr(self.teacher_source, "top_k", None)
+            inputs = self.teacher_source.targets(inputs, top_k, self.shared_vocab_size).into_batch(inputs)
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad(), self.compute_loss_context_manager():
-            total = self._divergence_sum(model, inputs)
+            total = self._loss_parts(model, inputs, with_sft=self.args.sft_loss_weight > 0).total
         tokens = inputs["completion_mask"].sum().clamp(min=1)
         return (total / tokens).detach(), None, None
 
@@ -280,19 +380,35 @@ class GKDTrainer(Trainer):
 
     def log(self, logs: dict, start_time: float | None = None) -> None:
         if "loss" in logs:  # one `on_policy` entry per optimizer step since the last log
-            self.nonfinite_guard.add_to_log(logs, steps=len(self._metrics.get("on_policy", ())))
+            steps = len(self._metrics.get("on_policy", ()))
+            self.nonfinite_guard.add_to_log(logs, steps=steps)
+            self._log_loss_parts(logs, steps)
         if self._metrics and "loss" in logs:
+            self._metrics.pop("sft_steps", None)
             for key, values in self._metrics.items():
                 logs[key] = sum(values) / len(values)
             self._metrics.clear()
         super().log(logs, start_time)
 
+    def _log_loss_parts(self, logs: dict, steps: int) -> None:
+        """kd_loss and sft_loss per token, each averaged over the steps it trained on (sft: not the on-policy ones),
+        over all ranks as Trainer's `loss` is. Every rank logs, so the gather is one collective on each."""
+        sft_steps = sum(self._metrics.get("sft_steps", ()))
+        local = torch.stack([torch.as_tensor(self._part_sums[key], dtype=torch.float32, device=self.args.device)
+                             for key in ("kd_loss", "sft_loss")])
+        kd_sum, sft_sum = self.accelerator.gather(local.reshape(1, 2)).mean(dim=0).tolist()
+        self._part_sums.clear()
+        if self.args.kd_loss_weight > 0 and steps:
+            logs["kd_loss"] = kd_sum / steps
+        if self.args.sft_loss_weight > 0 and sft_steps:
+            logs["sft_loss"] = sft_sum / sft_steps
 
-def _last_hidden_state(model, input_ids, attention_mask):
-    """The backbone's output, without running lm_head (PEFT-wrapped or not)."""
-    if hasattr(model, "peft_config"):
-        model = model.base_model.model
-    return model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+
+def _top_k_of_logits(logits, k, temperature, vocab_size, labels) -> SparseTargets:
+    log_probs = losses._log_probs(logits, temperature)
+    top = log_probs.topk(k, dim=-1)
+    actual = log_probs.gather(1, labels[:, None]).squeeze(1)
+    return SparseTargets(top.indices, top.values.float(), top.indices < vocab_size, actual.float())
 
 
 def _has_logit_transform(config) -> bool:

@@ -356,7 +356,6 @@ def test_encode_example_dataset(tokenizer):
             assert item["completion_ids"] == []
         else:
             assert tokenizer.decode(item["completion_ids"]) == conversation_.completion + IM_END
-    completion_lengths = [len(item["completion_ids"]) for item in items if item["completion_ids"]]
 
 
 def test_encode_cuts_after_the_first_stop_token(tokenizer):

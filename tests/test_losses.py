@@ -20,11 +20,16 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from gkd.losses import (
+    DenseTeacher,
+    LossOptions,
+    SparseTeacher,
     align_vocab,
+    chunked_distillation_loss,
     chunked_generalized_jsd,
     generalized_jsd,
     jsd_and_logit_grad,
     masked_sum,
+    sparse_generalized_jsd,
 )
 
 BETAS = [0.0, 0.1, 0.5, 0.9, 1.0]
@@ -687,3 +692,199 @@ def test_chunked_working_memory_is_four_chunks_of_logits(beta):
     chunk_buffer, gradients = chunk_size * vocab * 4, (vocab + n) * hidden * 4
     assert memory.peak <= 4 * chunk_buffer + gradients + 1024  # 1 KiB: per-row sums and scalars
     assert memory.peak > 3 * chunk_buffer  # the counter does see the chunk's buffers
+
+
+# ---------------------------------------------------------------- the sparse loss: the teacher's top-K and a tail
+
+
+def reference_sparse(student_logits, teacher_log_probs_full, ids, beta, temperature=1.0, tail=True, renormalize=False,
+                     valid=None):
+    """The sparse divergence written out in float64 from its definition: buckets for the support ids (and one for the
+    rest of each distribution), or both renormalised over the support; then Eq. 1 over the buckets."""
+    q = torch.softmax(student_logits.double() / temperature, dim=-1)
+    p = torch.exp(teacher_log_probs_full.double())
+    valid = torch.ones_like(ids, dtype=torch.bool) if valid is None else valid
+    q_k = torch.where(valid, q.gather(-1, ids), 0.0)
+    p_k = torch.where(valid, p.gather(-1, ids), 0.0)
+    if renormalize:
+        q_b, p_b = q_k / q_k.sum(-1, keepdim=True), p_k / p_k.sum(-1, keepdim=True)
+    elif tail:
+        q_b = torch.cat([q_k, 1 - q_k.sum(-1, keepdim=True)], -1)
+        p_b = torch.cat([p_k, 1 - p_k.sum(-1, keepdim=True)], -1)
+    else:
+        q_b, p_b = q_k, p_k
+
+    def kl(a, b):
+        return torch.where(a > 0, a * torch.log(a / b), 0.0).sum(-1)
+
+    if beta == 0:
+        return kl(p_b, q_b)
+    if beta == 1:
+        return kl(q_b, p_b)
+    m = beta * p_b + (1 - beta) * q_b
+    return beta * kl(p_b, m) + (1 - beta) * kl(q_b, m)
+
+
+def top_k_teacher(teacher_logits, k, temperature=1.0):
+    log_probs = torch.log_softmax(teacher_logits.double() / temperature, dim=-1)
+    top = log_probs.topk(k, dim=-1)
+    return SparseTeacher(top.indices, top.values, torch.ones_like(top.indices, dtype=torch.bool)), log_probs
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("beta", BETAS)
+def test_sparse_with_the_whole_vocabulary_is_the_full_loss_value_and_gradient(beta, temperature):
+    student = random_logits((6, 23), 90, dtype=torch.float64).requires_grad_()
+    teacher_logits = random_logits((6, 23), 91, dtype=torch.float64)
+    teacher, _ = top_k_teacher(teacher_logits, 23, temperature)  # K = V: every id, in descending order
+    sparse = sparse_generalized_jsd(student, teacher, beta, temperature)
+    full = generalized_jsd(student, teacher_logits, beta, temperature)
+    torch.testing.assert_close(sparse, full, rtol=1e-12, atol=1e-12)
+    (sparse_grad,) = torch.autograd.grad(sparse.sum(), student)
+    (full_grad,) = torch.autograd.grad(full.sum(), student)
+    torch.testing.assert_close(sparse_grad, full_grad, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("renormalize,tail", [(False, True), (True, False), (False, False)])
+@pytest.mark.parametrize("beta", BETAS)
+def test_sparse_matches_its_fp64_definition(beta, renormalize, tail):
+    student = random_logits((2, 5, 31), 92)
+    teacher, teacher_full = top_k_teacher(random_logits((2, 5, 31), 93), 4)
+    ours = sparse_generalized_jsd(student, teacher, beta, tail=tail, renormalize=renormalize)
+    expected = reference_sparse(student, teacher_full, teacher.ids, beta, tail=tail, renormalize=renormalize)
+    assert ours.shape == (2, 5) and ours.dtype == torch.float32
+    torch.testing.assert_close(ours.double(), expected, **FP32_VS_FP64)
+    if tail or renormalize:  # both proper distributions over the buckets: a divergence, never below 0
+        assert (ours >= -1e-6).all()
+
+
+def test_sparse_of_a_teacher_that_is_the_student_is_zero():
+    student = random_logits((4, 19), 94)
+    teacher, _ = top_k_teacher(student, 5)
+    for beta in BETAS:
+        torch.testing.assert_close(sparse_generalized_jsd(student, teacher, beta), torch.zeros(4), atol=1e-6, rtol=0)
+
+
+def test_sparse_empty_slots_carry_no_mass_and_no_nan():
+    """Fewer than K ids at a position (a server's short answer): empty slots are skipped; an all-empty position
+    compares two tails that hold everything, so its divergence is 0."""
+    student = random_logits((3, 17), 95, dtype=torch.float64).requires_grad_()
+    teacher, teacher_full = top_k_teacher(random_logits((3, 17), 96, dtype=torch.float64), 4)
+    valid = torch.tensor([[True, True, False, False], [True, True, True, True], [False] * 4])
+    ids = teacher.ids.masked_fill(~valid, 0)
+    sparse = SparseTeacher(ids, teacher.log_probs.masked_fill(~valid, float("-inf")), valid)
+    for beta in BETAS:
+        ours = sparse_generalized_jsd(student, sparse, beta)
+        expected = reference_sparse(student.detach(), teacher_full, ids, beta, valid=valid)
+        torch.testing.assert_close(ours.detach(), expected, rtol=1e-10, atol=1e-12)
+        (grad,) = torch.autograd.grad(ours.sum(), student)
+        assert torch.isfinite(grad).all() and abs(ours[2].item()) < 1e-12
+
+
+def test_sparse_tolerates_teacher_log_probs_rounded_to_fp16():
+    """fp16 rounding can make the stored top-K sum to a little over 1: the tail is floored, nothing goes NaN."""
+    student = random_logits((5, 11), 97)
+    logits = torch.zeros(5, 11)
+    logits[:, 0] = 30.0  # the teacher is sure: its top-1 holds all but ~1e-12 of the mass
+    teacher, _ = top_k_teacher(logits, 3)
+    teacher.log_probs = teacher.log_probs.half().float() + 1e-3  # pushed over 1 on purpose
+    for beta in BETAS:
+        value = sparse_generalized_jsd(student, teacher, beta)
+        assert torch.isfinite(value).all() and (value >= -1e-6).all()
+
+
+def sparse_case(n, vocab, k, seed, dtype=torch.float64):
+    hidden = 7
+    student_hidden = random_logits((n, hidden), seed, 1.0, dtype).requires_grad_()
+    weight = random_logits((vocab, hidden), seed + 1, 1.0, dtype).requires_grad_()
+    bias = random_logits((vocab,), seed + 2, 1.0, dtype).requires_grad_()
+    teacher, teacher_full = top_k_teacher(random_logits((n, vocab), seed + 3, 2.0, dtype), k)
+    return student_hidden, weight, bias, teacher, teacher_full
+
+
+@pytest.mark.parametrize("renormalize", [False, True])
+@pytest.mark.parametrize("beta", BETAS)
+@pytest.mark.parametrize("chunk_size", [3, 64])
+def test_fused_sparse_loss_matches_autograd_through_the_reference(beta, renormalize, chunk_size):
+    student_hidden, weight, bias, teacher, teacher_full = sparse_case(11, 29, 5, seed=100)
+    options = LossOptions(beta=beta, temperature=1.0, chunk_size=chunk_size, renormalize=renormalize)
+    ours = chunked_distillation_loss(student_hidden, weight, teacher, options, student_bias=bias).total
+    ours.backward()
+    gradients = [tensor.grad.clone() for tensor in (student_hidden, weight, bias)]
+    for tensor in (student_hidden, weight, bias):
+        tensor.grad = None
+    logits = student_hidden @ weight.T + bias
+    expected = reference_sparse(logits, teacher_full, teacher.ids, beta, renormalize=renormalize).sum()
+    expected.backward()
+    torch.testing.assert_close(ours, expected, rtol=1e-10, atol=1e-12)
+    for ours_grad, tensor in zip(gradients, (student_hidden, weight, bias)):
+        torch.testing.assert_close(ours_grad, tensor.grad, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_gradcheck_fused_sparse_loss(beta):
+    student_hidden, weight, bias, teacher, _ = sparse_case(5, 13, 3, seed=110)
+    options = LossOptions(beta=beta, chunk_size=2)
+
+    def loss(hidden, head, head_bias):
+        return chunked_distillation_loss(hidden, head, teacher, options, student_bias=head_bias).total
+
+    assert torch.autograd.gradcheck(loss, (student_hidden, weight, bias))
+
+
+def test_sparse_path_holds_no_full_logits():
+    """With a sparse teacher a chunk needs one fewer vocabulary buffer than with a dense one (no teacher logits)."""
+    n, vocab, hidden, chunk_size = 40, 4000, 4, 16
+    student_hidden = random_logits((n, hidden), 120, 1.0).requires_grad_()
+    weight = random_logits((vocab, hidden), 121, 0.5).requires_grad_()
+    teacher, _ = top_k_teacher(random_logits((n, vocab), 122), 20)
+    teacher = SparseTeacher(teacher.ids, teacher.log_probs.float(), teacher.valid)
+    with PeakBytesAlive(student_hidden, weight, teacher.ids, teacher.log_probs, teacher.valid) as memory:
+        chunked_distillation_loss(student_hidden, weight, teacher, LossOptions(beta=0.5, chunk_size=chunk_size)
+                                  ).total.backward()
+    chunk_buffer, gradients = chunk_size * vocab * 4, (vocab + n) * hidden * 4
+    assert 2 * chunk_buffer < memory.peak <= 3 * chunk_buffer + gradients + 4096
+
+
+# ---------------------------------------------------------------- KD and SFT mixed in one pass
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("kd_weight,sft_weight", [(1.0, 0.4), (0.0, 1.0), (0.3, 0.7)])
+def test_kd_plus_sft_matches_the_weighted_reference(kd_weight, sft_weight, temperature):
+    """NeMo-Aligner's kd_loss_weight * KD + sft_loss_weight * CE, the CE always at temperature 1."""
+    case = lm_head_case(9, 17, 17, seed=130, dtype=torch.float64, bias=True)
+    labels = torch.randint(0, 17, (9,), generator=torch.Generator().manual_seed(131))
+    teacher = DenseTeacher(case["teacher_hidden"], case["teacher_weight"], case["teacher_bias"])
+    options = LossOptions(beta=0.5, temperature=temperature, chunk_size=4, kd_weight=kd_weight, sft_weight=sft_weight)
+    parts = chunked_distillation_loss(case["student_hidden"], case["student_weight"], teacher, options, labels=labels,
+                                      student_bias=case["student_bias"])
+    parts.total.backward()
+    student = (case["student_hidden"], case["student_weight"], case["student_bias"])
+    gradients = [tensor.grad.clone() for tensor in student]
+    for tensor in student:
+        tensor.grad = None
+    logits = case["student_hidden"] @ case["student_weight"].T + case["student_bias"]
+    teacher_logits = case["teacher_hidden"] @ case["teacher_weight"].T + case["teacher_bias"]
+    kd = reference_jsd(logits, teacher_logits, 0.5, temperature).sum()
+    sft = torch.nn.functional.cross_entropy(logits, labels, reduction="sum")
+    (kd_weight * kd + sft_weight * sft).backward()
+    # A term of weight 0 is not computed at all (the teacher is not even projected): its sum reads 0.
+    torch.testing.assert_close(parts.kd, kd.detach() if kd_weight else torch.zeros((), dtype=torch.float64),
+                               rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(parts.sft, sft.detach(), rtol=1e-10, atol=1e-12)
+    for ours, tensor in zip(gradients, student):
+        torch.testing.assert_close(ours, tensor.grad, rtol=1e-9, atol=1e-11)
+    assert not parts.kd.requires_grad and not parts.sft.requires_grad  # logged, not differentiated
+
+
+def test_sft_only_needs_no_teacher():
+    case = lm_head_case(5, 11, 11, seed=140, dtype=torch.float64)
+    labels = torch.tensor([1, 2, 3, 4, 5])
+    options = LossOptions(beta=0.5, kd_weight=0.0, sft_weight=1.0, chunk_size=2)
+    parts = chunked_distillation_loss(case["student_hidden"], case["student_weight"], None, options, labels=labels)
+    logits = case["student_hidden"] @ case["student_weight"].T
+    torch.testing.assert_close(parts.total, torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
+    with pytest.raises(ValueError, match="needs labels"):
+        chunked_distillation_loss(case["student_hidden"], case["student_weight"], None,
+                                  LossOptions(beta=0.5, sft_weight=1.0))

@@ -55,3 +55,52 @@ def completion_rows(batch: dict) -> list[tuple[list[int], list[int]]]:
     ):
         rows.append((prompt[prompt_mask.bool()].tolist(), completion[completion_mask.bool()].tolist()))
     return rows
+
+
+def check_teacher(model_args, training_args, student_tokenizer, student_ref):
+    """Before any weight loads: a live teacher is a usable model sharing the student's vocabulary (its ModelRef is
+    returned); a server answers, names a tokenizer that matches, and can give K log-probabilities (None returned);
+    a cache is checked against the encoded data later (`open_source`)."""
+    from .. import models
+
+    kind = model_args.teacher_kind
+    if kind == "live":
+        ref = models.ModelRef(model_args.teacher_model_name_or_path, model_args.teacher_model_revision,
+                              model_args.trust_remote_code, "--teacher_model_name_or_path")
+        models.check_model(ref)
+        models.check_same_vocabulary(
+            student_tokenizer, models.load_tokenizer(ref), ref.name,
+            {student_ref.name: models.embedding_size(student_ref), ref.name: models.embedding_size(ref)})
+        return ref
+    return None
+
+
+def open_source(model_args, training_args, script_args, student_tokenizer, stop_token_ids, num_samples: int,
+                vocab_size: int):
+    """The cache or the server a run reads its teacher from, checked against the run (None for a live teacher)."""
+    kind = model_args.teacher_kind
+    if kind == "cache":
+        from ..data import DataSource
+        from ..data.pipeline import tokenizer_fingerprint
+        from ..data.sources import fingerprint
+        from .cache import CacheIdentity, TeacherCache, check_fits, read_manifest
+
+        source = DataSource(script_args.dataset_name, script_args.dataset_config, script_args.dataset_train_split)
+        identity = CacheIdentity(fingerprint(source), tokenizer_fingerprint(student_tokenizer),
+                                 training_args.max_length, training_args.max_new_tokens, tuple(stop_token_ids),
+                                 num_samples)
+        check_fits(read_manifest(model_args.teacher_logits_path), identity, training_args.teacher_top_k,
+                   model_args.teacher_logits_path)
+        return TeacherCache(model_args.teacher_logits_path, vocab_size)
+    if kind == "server":
+        from .server import TeacherServer, check_tokenizer
+
+        server = TeacherServer(model_args.teacher_server_url, training_args.teacher_server_timeout,
+                               training_args.teacher_server_retries, training_args.teacher_server_concurrency)
+        server.describe()
+        check_tokenizer(server, student_tokenizer, model_args.teacher_tokenizer_name_or_path,
+                        model_args.trust_remote_code)
+        server.check(training_args.teacher_top_k or 1, training_args.max_length)
+        server.top_k = training_args.teacher_top_k
+        return server
+    return None

@@ -61,7 +61,13 @@ class TeacherServer:
         if self.max_model_len is not None and self.max_model_len < max_length + 1:
             raise TeacherServerError(f"{self.url} serves {self.model} with max_model_len {self.max_model_len}, "
                                      f"shorter than --max_length {max_length}; restart it with a longer context")
-        self.score([([0, 0], [0])], top_k)  # a 3-token probe: a server whose max-logprobs is below K refuses it
+        try:
+            self.score([([0, 0], [0])], top_k)  # a 3-token probe: a server whose max-logprobs is below K refuses it
+        except TeacherServerError as error:
+            if "HTTP 400" not in str(error):
+                raise
+            raise TeacherServerError(f"{self.url} cannot give {top_k} log-probabilities per token ({error}); start "
+                                     f"vLLM with --max-logprobs {top_k} or above, or lower --teacher_top_k") from None
 
     # ---- scoring and sampling
 

@@ -1,0 +1,156 @@
+"""A cache of the teacher's top-K log-probabilities at every completion token of a dataset, built once
+(`gkd-cache-teacher`, gkd/tools/cache_teacher.py) and trained from with `--teacher_logits_path`, after NeMo-Aligner's
+KD-logit workflow: the teacher is never in memory during training, and epochs after the first cost no teacher passes.
+
+Layout: `cache.json` (what produced it: teacher, tokenizer, K, the data's fingerprint, the encoding options; written
+last, when every shard is complete) and `shard-NNNNN/` folders written by `datasets.save_to_disk`, one row per encoded
+sample in the order of the run's encoded dataset: `index`, `completion_ids` (int32, to check the run encodes the same
+tokens), `topk_ids` (int32) and `topk_log_probs` (float16 or bfloat16) flattened [tokens x K] in descending order, and
+`actual_log_probs` (float32, the teacher's log-probability of each completion token).
+"""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError
+from . import SparseTargets
+
+FORMAT = "gkd-teacher-cache-1"
+MANIFEST = "cache.json"
+PROGRESS = "cache.partial.json"
+
+
+@dataclass(frozen=True)
+class CacheIdentity:
+    """What makes a cache fit a run: the same encoded samples (data, tokenizer, options) and enough K."""
+
+    data_fingerprint: str
+    tokenizer_fingerprint: str
+    max_length: int
+    max_new_tokens: int
+    stop_token_ids: tuple[int, ...]
+    num_samples: int
+
+
+def shard_name(number: int) -> str:
+    return f"shard-{number:05d}"
+
+
+def read_manifest(folder: str | Path) -> dict:
+    folder = Path(folder)
+    path = folder / MANIFEST
+    if not path.is_file():
+        partial = " (its build did not finish: run gkd-cache-teacher again with the same options to complete it)" \
+            if (folder / PROGRESS).is_file() else ""
+        raise ConfigError(f"--teacher_logits_path {folder}: no {MANIFEST}, so not a finished teacher cache{partial}")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"--teacher_logits_path {folder}: unreadable {MANIFEST} ({error})") from None
+    if manifest.get("format") != FORMAT:
+        raise ConfigError(f"--teacher_logits_path {folder}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    return manifest
+
+
+def check_fits(manifest: dict, identity: CacheIdentity, top_k: int | None, folder: str | Path) -> None:
+    """Refuse a cache built for other samples, naming the first difference."""
+    recorded = manifest["identity"]
+    differences = [
+        ("data", "data_fingerprint", "another dataset, or edited records"),
+        ("tokenizer", "tokenizer_fingerprint", "another tokenizer or chat template"),
+        ("max_length", "max_length", None),
+        ("max_new_tokens", "max_new_tokens", None),
+        ("stop tokens", "stop_token_ids", None),
+        ("number of samples", "num_samples", None),
+    ]
+    mine = identity.__dict__
+    for label, key, meaning in differences:
+        ours, theirs = mine[key], recorded.get(key)
+        if (list(ours) if isinstance(ours, tuple) else ours) != theirs:
+            detail = meaning or f"cache {theirs}, this run {ours}"
+            raise ConfigError(f"--teacher_logits_path {folder} does not match this run: its {label} differs "
+                              f"({detail}); rebuild it with the run's options")
+    if top_k is not None and top_k > manifest["top_k"]:
+        raise ConfigError(f"--teacher_top_k {top_k}: the cache at {folder} holds only the top {manifest['top_k']}")
+
+
+class TeacherCache:
+    """Read access to a finished cache: the sparse targets of any encoded sample, by its `index`."""
+
+    def __init__(self, folder: str | Path, vocab_size: int):
+        import datasets
+
+        self.folder = Path(folder)
+        self.manifest = read_manifest(self.folder)
+        self.top_k = self.manifest["top_k"]
+        self.vocab_size = vocab_size
+        shards = []
+        for shard in self.manifest["shards"]:
+            path = self.folder / shard["name"]
+            try:
+                dataset = datasets.load_from_disk(str(path))
+            except (OSError, ValueError) as error:
+                raise ConfigError(f"--teacher_logits_path {self.folder}: {shard['name']} cannot be read ({error}); "
+                                  "rebuild the cache") from None
+            if len(dataset) != shard["rows"]:
+                raise ConfigError(f"--teacher_logits_path {self.folder}: {shard['name']} has {len(dataset)} rows, "
+                                  f"{shard['rows']} were written (truncated?); rebuild the cache")
+            shards.append(dataset)
+        self.rows = datasets.concatenate_datasets(shards).with_format("numpy")
+
+    def targets(self, batch: dict, top_k: int | None = None, vocab_size: int | None = None) -> SparseTargets:
+        """The targets of one padded micro-batch's completion positions, looked up by the samples' `index` (all K of
+        them; the trainer keeps the first `--teacher_top_k`). Ids at or beyond the shared vocabulary are invalid."""
+        vocab_size = vocab_size or self.vocab_size
+        indices = batch["index"].tolist()
+        records = self.rows[indices]
+        lengths = batch["completion_mask"].sum(dim=1).tolist()
+        ids, log_probs, actual = [], [], []
+        for row, length in enumerate(lengths):
+            cached = np.asarray(records["completion_ids"][row])
+            if len(cached) < length:
+                raise ConfigError(f"--teacher_logits_path {self.folder}: sample {indices[row]} has {len(cached)} "
+                                  f"cached tokens, the run trains on {length}; rebuild the cache")
+            k = self.top_k
+            ids.append(np.asarray(records["topk_ids"][row]).reshape(-1, k)[:length])
+            log_probs.append(np.asarray(records["topk_log_probs"][row], dtype=np.float32).reshape(-1, k)[:length])
+            actual.append(np.asarray(records["actual_log_probs"][row], dtype=np.float32)[:length])
+        ids = torch.from_numpy(np.concatenate(ids).astype(np.int64))
+        log_probs = torch.from_numpy(np.concatenate(log_probs))
+        valid = ids < vocab_size
+        return SparseTargets(ids.masked_fill(~valid, 0), log_probs, valid, torch.from_numpy(np.concatenate(actual)))
+
+
+@torch.no_grad()
+def score_batch(model, batch: dict, top_k: int, chunk_size: int = 512) -> list[dict]:
+    """The teacher's top-K ids and log-probabilities, and the actual token's, at every completion position of each
+    row of a padded batch (`batching.pad_batch`'s layout), as the rows of a cache shard."""
+    from .live import last_hidden_state, top_k_targets
+
+    input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
+    attention_mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
+    prompt_width, completion_width = batch["prompt_ids"].shape[1], batch["completion_ids"].shape[1]
+    hidden = last_hidden_state(model, input_ids, attention_mask)[:, prompt_width - 1:prompt_width - 1 + completion_width]
+    mask = batch["completion_mask"].bool()
+    if not mask.any():  # prompt-only samples: nothing to score, but each keeps its row in the shard
+        targets = SparseTargets(*(torch.zeros(0, top_k, dtype=dtype) for dtype in (torch.long, torch.float32)),
+                                torch.zeros(0, top_k, dtype=torch.bool), torch.zeros(0))
+    else:
+        targets = top_k_targets(hidden[mask], model.get_output_embeddings(), top_k, 1.0, 1 << 62,
+                                batch["completion_ids"][mask], chunk_size)
+    rows, start = [], 0
+    for row, length in enumerate(mask.sum(dim=1).tolist()):
+        positions = slice(start, start + length)
+        start += length
+        rows.append({
+            "index": int(batch["index"][row]),
+            "completion_ids": batch["completion_ids"][row, :length].int().tolist(),
+            "topk_ids": targets.ids[positions].int().flatten().tolist(),
+            "topk_log_probs": targets.log_probs[positions].flatten().tolist(),
+            "actual_log_probs": targets.actual_log_probs[positions].tolist(),
+        })
+    return rows

@@ -1,0 +1,218 @@
+"""Build a cache of the teacher's top-K log-probabilities once, then train from it with `--teacher_logits_path`.
+
+    gkd-cache-teacher --teacher_model_name_or_path T --dataset_name D --top_k 100 --output_dir C \\
+        [--max_length 1024 --max_new_tokens 128]          (the values the training run will use)
+    accelerate launch --num_processes N -m gkd.tools.cache_teacher ...   (each rank scores its share of the shards)
+    python scripts/cache_teacher_logits.py ...                           (the same command)
+
+Records are read, rendered and cut exactly as training does (the same data pipeline, chat template, max_length and
+max_new_tokens), and the cache records the fingerprints of all of it, so a run whose samples differ is refused before
+it trains. Shards are written one at a time, each under a hidden name until complete, so memory stays flat and a killed
+build resumes from its complete shards when run again with the same options. The layout: gkd/teachers/cache.py.
+"""
+
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from gkd.errors import ConfigError
+from gkd.teachers.cache import FORMAT, MANIFEST, PROGRESS, CacheIdentity, score_batch, shard_name
+
+logger = logging.getLogger(__name__)
+
+STORAGE_DTYPES = {"float16": "float16", "bfloat16": "bfloat16"}
+
+
+@dataclass
+class CacheConfig:
+    """Options of gkd-cache-teacher."""
+
+    teacher_model_name_or_path: str = field(metadata={"help": "The teacher: a model folder or a Hub model id."})
+    dataset_name: str = field(metadata={"help": "The training data, in any form gkd/train.py reads."})
+    output_dir: str = field(metadata={"help": "Folder for the cache (cache.json and shard-NNNNN folders)."})
+    top_k: int = field(default=100, metadata={"help": "Log-probabilities kept per token, most likely first."})
+    tokenizer_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "The tokenizer (and chat template) training renders with: the student's. Default: the "
+                  "teacher's, which shares the vocabulary; give the student when its chat template differs."},
+    )
+    teacher_model_revision: str = field(default="main", metadata={"help": "Branch, tag or commit of a Hub teacher."})
+    dataset_config: str | None = field(default=None, metadata={"help": "Configuration of a Hub dataset."})
+    dataset_train_split: str = field(default="train", metadata={"help": "Split to cache."})
+    max_length: int = field(default=1024, metadata={"help": "As the training run's --max_length."})
+    max_new_tokens: int = field(default=128, metadata={"help": "As the training run's --max_new_tokens."})
+    batch_size: int = field(default=8, metadata={"help": "Samples per teacher forward."})
+    shard_size: int = field(default=1024, metadata={"help": "Samples per shard (the unit a killed build resumes)."})
+    storage_dtype: str = field(default="float16", metadata={"help": "float16 or bfloat16 log-probabilities.",
+                                                            "choices": list(STORAGE_DTYPES)})
+    dtype: str = field(default="auto", metadata={"help": "Precision the teacher runs in ('auto' = as stored)."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow models that ship their own code."})
+    dataset_num_proc: int | None = field(default=None, metadata={"help": "Processes that tokenize the data."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace a finished cache, or another run's partial one."})
+
+    def __post_init__(self):
+        for name in ("top_k", "batch_size", "shard_size", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_length <= self.max_new_tokens:
+            raise ConfigError(f"--max_length ({self.max_length}) must exceed --max_new_tokens ({self.max_new_tokens})")
+
+
+def build(config: CacheConfig) -> Path:
+    """Score every sample's completion with the teacher and write the cache; returns its folder."""
+    from accelerate import PartialState
+
+    from gkd import data, models
+    from gkd.launch import cpu_deepspeed_backend
+
+    backend = cpu_deepspeed_backend(torch.cuda.is_available())  # CPU ranks need gloo named: see gkd/launch.py
+    state = PartialState(backend=backend) if backend else PartialState()
+    teacher_ref = models.ModelRef(config.teacher_model_name_or_path, config.teacher_model_revision,
+                                  config.trust_remote_code, "--teacher_model_name_or_path")
+    models.check_model(teacher_ref)
+    tokenizer_ref = models.ModelRef(config.tokenizer_name_or_path, flag="--tokenizer_name_or_path",
+                                    trust_remote_code=config.trust_remote_code) \
+        if config.tokenizer_name_or_path else teacher_ref
+    if config.tokenizer_name_or_path:
+        models.check_model(tokenizer_ref)
+    tokenizer = models.load_tokenizer(tokenizer_ref)
+    models.check_same_vocabulary(tokenizer, models.load_tokenizer(teacher_ref), teacher_ref.name)
+    stop_ids = models.stop_token_ids(tokenizer, tokenizer_ref)
+    options = data.EncodeOptions(config.max_length, config.max_new_tokens, tuple(stop_ids))
+    source = data.DataSource(config.dataset_name, config.dataset_config, config.dataset_train_split)
+    with state.main_process_first():
+        encoded, stats, _ = data.prepare_dataset(source, tokenizer, options, num_proc=config.dataset_num_proc)
+    identity = CacheIdentity(data.sources.fingerprint(source), data.pipeline.tokenizer_fingerprint(tokenizer),
+                             config.max_length, config.max_new_tokens, tuple(stop_ids), len(encoded))
+    folder = Path(config.output_dir)
+    if state.is_main_process:
+        _prepare_folder(folder, config, identity)
+    state.wait_for_everyone()
+
+    shards = [(number, start, min(start + config.shard_size, len(encoded)))
+              for number, start in enumerate(range(0, len(encoded), config.shard_size))]
+    mine = [shard for shard in shards if shard[0] % state.num_processes == state.process_index
+            and not (folder / shard_name(shard[0])).is_dir()]
+    if mine:
+        model = models.load_frozen(teacher_ref, config.dtype).to(state.device)
+        _score_shards(model, encoded, mine, folder, config, tokenizer.pad_token_id, state)
+    state.wait_for_everyone()
+    if state.is_main_process:
+        _write_manifest(folder, config, identity, shards, stats)
+    state.wait_for_everyone()
+    return folder
+
+
+def _prepare_folder(folder: Path, config: CacheConfig, identity: CacheIdentity) -> None:
+    """A new folder, a partial build of the same cache (resumed), or a refusal naming what is there."""
+    settings = {"identity": asdict(identity), "top_k": config.top_k, "storage_dtype": config.storage_dtype,
+                "shard_size": config.shard_size, "teacher": config.teacher_model_name_or_path,
+                "teacher_revision": config.teacher_model_revision}
+    progress = folder / PROGRESS
+    if (folder / MANIFEST).is_file() or (folder.is_dir() and any(folder.iterdir()) and not progress.is_file()):
+        if not config.overwrite:
+            what = "a finished teacher cache" if (folder / MANIFEST).is_file() else "other files"
+            raise ConfigError(f"--output_dir {folder} holds {what}; pass --overwrite to replace it, or choose another")
+        shutil.rmtree(folder)
+    elif progress.is_file():
+        previous = json.loads(progress.read_text())
+        if json.loads(json.dumps(settings)) != previous and not config.overwrite:
+            raise ConfigError(f"--output_dir {folder} holds a partial cache built with other options; pass "
+                              "--overwrite to start it over, or give the same options to resume it")
+        if json.loads(json.dumps(settings)) != previous:
+            shutil.rmtree(folder)
+        else:
+            done = sorted(path.name for path in folder.glob("shard-*") if path.is_dir())
+            logger.info("resuming the partial cache in %s: %d shards already complete", folder, len(done))
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob(".shard-*"):  # a killed build's half-written shard
+        shutil.rmtree(stale, ignore_errors=True)
+    progress.write_text(json.dumps(settings, indent=1))
+
+
+def _score_shards(model, encoded, shards, folder: Path, config: CacheConfig, pad_token_id: int, state) -> None:
+    import datasets
+    from tqdm.auto import tqdm
+
+    from gkd.batching import pad_batch
+
+    features = datasets.Features({
+        "index": datasets.Value("int64"),
+        "completion_ids": datasets.Sequence(datasets.Value("int32")),
+        "topk_ids": datasets.Sequence(datasets.Value("int32")),
+        "topk_log_probs": datasets.Sequence(datasets.Value(config.storage_dtype)),
+        "actual_log_probs": datasets.Sequence(datasets.Value("float32")),
+    })
+    total = sum(end - start for _, start, end in shards)
+    progress = tqdm(total=total, desc=f"caching the teacher (rank {state.process_index})", unit="sample",
+                    disable=not state.is_local_main_process and state.num_processes > 1)
+    for number, start, end in shards:
+        rows = []
+        for batch_start in range(start, end, config.batch_size):
+            samples = encoded[batch_start:min(batch_start + config.batch_size, end)]
+            batch = pad_batch([dict(zip(samples, values)) for values in zip(*samples.values())], pad_token_id)
+            batch = {key: value.to(state.device) for key, value in batch.items()}
+            rows.extend(score_batch(model, batch, config.top_k))  # prompt-only samples get empty rows
+            progress.update(len(samples["index"]))
+        staging = folder / f".{shard_name(number)}.partial-{os.getpid()}"
+        shard = datasets.Dataset.from_dict({key: [row[key] for row in rows] for key in features}, features=features)
+        shard.save_to_disk(str(staging))
+        staging.rename(folder / shard_name(number))
+    progress.close()
+
+
+def _write_manifest(folder: Path, config: CacheConfig, identity: CacheIdentity, shards, stats) -> None:
+    listed, positions = [], 0
+    for number, start, end in shards:
+        import datasets
+
+        shard = datasets.load_from_disk(str(folder / shard_name(number)))
+        tokens = int(sum(len(ids) for ids in shard["completion_ids"]))
+        positions += tokens
+        listed.append({"name": shard_name(number), "start": start, "end": end, "rows": len(shard), "tokens": tokens})
+    manifest = {
+        "format": FORMAT, "identity": asdict(identity), "top_k": config.top_k, "storage_dtype": config.storage_dtype,
+        "teacher": config.teacher_model_name_or_path, "teacher_revision": config.teacher_model_revision,
+        "tokenizer": config.tokenizer_name_or_path or config.teacher_model_name_or_path,
+        "dataset": {"name": config.dataset_name, "config": config.dataset_config, "split": config.dataset_train_split,
+                    "records": stats.num_records},
+        "tokens": positions, "bytes": sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()),
+        "created": time.strftime("%Y-%m-%d %H:%M:%S"), "shards": listed,
+    }
+    staging = folder / f".{MANIFEST}.tmp"
+    staging.write_text(json.dumps(manifest, indent=1))
+    os.replace(staging, folder / MANIFEST)  # last: a cache.json marks a finished cache
+    (folder / PROGRESS).unlink(missing_ok=True)
+    logger.info("cached %d tokens of %d samples, top %d, %.1f bytes per token, in %s", positions,
+                identity.num_samples, config.top_k, manifest["bytes"] / max(positions, 1), folder)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from gkd.cli import parse, quiet_libraries
+
+    (config,) = parse(CacheConfig, argv, description=__doc__.splitlines()[0])
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    quiet_libraries()
+    started = time.time()
+    folder = build(config)
+    print(f"wrote {folder} in {time.time() - started:.0f} s", file=sys.stderr)
+    return 0
+
+
+def cli() -> None:
+    """The `gkd-cache-teacher` console script."""
+    from gkd.cli import run
+
+    run(main)
+
+
+if __name__ == "__main__":
+    cli()
+
