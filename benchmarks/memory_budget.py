@@ -77,7 +77,7 @@ def saved_activation_bytes(preset: bench.Preset, num_layers: int, lora: bool) ->
 
     width = preset.prompt_length + preset.completion_length
     input_ids = torch.randint(3, preset.vocab_size, (1, width))
-    from gkd.trainer import _last_hidden_state
+    from gkd.teachers.live import last_hidden_state
 
     # Under bf16 autocast, as the trainer runs a bf16 preset (--bf16): PEFT keeps LoRA weights in float32, and the
     # inputs their matmuls save are autocast's bf16 copies rather than float32 ones.
@@ -85,7 +85,7 @@ def saved_activation_bytes(preset: bench.Preset, num_layers: int, lora: bool) ->
         torch.autocast("cpu", dtype=torch.bfloat16, enabled=preset.bf16),
         torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor),
     ):
-        _last_hidden_state(model, input_ids, torch.ones_like(input_ids))
+        last_hidden_state(model, input_ids, torch.ones_like(input_ids))
     return sum(saved.values())
 
 

@@ -231,3 +231,42 @@ def _child_entry(sender, function, args) -> None:
         sender.send(("error", traceback.format_exc()))
     finally:
         sender.close()
+
+
+def run_command(command: list[str], cwd, env: dict, first_line_marker: str | None = None) -> dict:
+    """Run a command line to its end, watching it: wall seconds, seconds until a stdout line containing
+    `first_line_marker` appeared, the process's high-water resident memory (VmHWM, read until it exits), its output.
+    Raises RuntimeError with the output's end when it fails."""
+    import subprocess
+    import threading
+    import time
+    from pathlib import Path
+
+    started = time.perf_counter()
+    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    peak = {"kib": 0}
+
+    def watch():
+        status = Path(f"/proc/{process.pid}/status")
+        while process.poll() is None:
+            try:
+                for line in status.read_text().splitlines():
+                    if line.startswith("VmHWM:"):
+                        peak["kib"] = max(peak["kib"], int(line.split()[1]))
+            except OSError:
+                return
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    first, output = None, []
+    for line in process.stdout:
+        output.append(line)
+        if first is None and first_line_marker and first_line_marker in line:
+            first = time.perf_counter() - started
+    process.wait()
+    watcher.join()
+    if process.returncode != 0:
+        raise RuntimeError("".join(output[-40:]))
+    return {"seconds": time.perf_counter() - started, "first_marker_seconds": first,
+            "peak_rss_gib": peak["kib"] / 2**20, "output": "".join(output)}

@@ -2,8 +2,8 @@
 
 Why not transformers' `generate(cache_implementation="static")`: around its compiled forward it runs Python every
 token (the 4D attention mask rebuilt, logits processors and sampling as separate small kernels, `input_ids` grown by
-concatenation), which on a GPU costs as much as the 0.5B student's forward itself: the issue measured 1.0 s for
-8 x 256 tokens against a 0.08 s memory-bandwidth floor. Here a decode step -- the forward on one token, the logit
+concatenation), which on a GPU costs as much as a small student's forward itself (docs/design-notes.md). Here a
+decode step -- the forward on one token, the logit
 bias, temperature, top-p and the draw -- is one function that `torch.compile` captures whole (CUDA graphs with
 mode="reduce-overhead"). Its inputs have the same shapes at every step of every call: the cache holds the run's
 `max_length` whatever the prompt width, the 2D attention mask spans the whole cache (causality hides the slots not

@@ -113,11 +113,9 @@ def leave_process_group(accelerator, settle_seconds: float = 1.0) -> None:
     """End a run on every rank together, and leave no collective's clean-up behind for the interpreter's exit.
 
     gloo (CPU ranks) marks a collective done before its worker thread drops the work, and dropping it releases tensors
-    that need the GIL. A rank that reaches interpreter shutdown first aborts in C++ ("terminate called without an
-    active exception", `ProcessGroupGloo::runLoop` -> `decref_pyobject` -> `PyThread_exit_thread`) after a finished
-    run, and the launcher reports the run as failed: one CPU ZeRO-3 run in four on a busy 2-core machine. So: one last
-    barrier (a barrier holds no tensors), a pause with the GIL released for the worker threads to finish, then the
-    process groups are closed. NCCL ranks need none of the pause."""
+    that need the GIL: a rank that reaches interpreter shutdown first aborts in C++ after a finished run
+    (docs/design-notes.md). So: one last barrier (a barrier holds no tensors), a pause with the GIL released for the
+    worker threads to finish, then the process groups are closed. NCCL ranks need none of the pause."""
     import time
 
     import torch

@@ -32,6 +32,7 @@ def parse_args(argv: list[str] | None = None):
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    logging.getLogger("torch").setLevel(logging.WARNING)  # its INFO lines (cache stats at exit) are not ours to show
     hide_checkpointing_deprecations()
     script_args, model_args, training_args = parse_args(argv)
 

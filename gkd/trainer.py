@@ -12,6 +12,7 @@ Where and why this differs from TRL 1.16's experimental `GKDTrainer`:
 """
 
 import logging
+import time
 from collections import defaultdict
 
 import torch
@@ -143,12 +144,13 @@ class GKDTrainer(Trainer):
         if self.teacher_source is None or self.args.kd_loss_weight == 0:
             return batches
         top_k = self.args.teacher_top_k or getattr(self.teacher_source, "top_k", None)
-        failure = None
+        failure, started = None, time.perf_counter()
         try:
             batches = [self.teacher_source.targets(batch, top_k, self.shared_vocab_size).into_batch(batch)
                        if "teacher_ids" not in batch else batch for batch in batches]
         except GKDError as error:
             failure = error
+        self._metrics["teacher_seconds"].append(time.perf_counter() - started)
         if any_rank(self.accelerator, failure is not None, self.args.device):
             self._save_checkpoint(self.model, trial=None)
             checkpoint = f"{self.args.output_dir}/checkpoint-{self.state.global_step}"
@@ -214,11 +216,13 @@ class GKDTrainer(Trainer):
 
     def _served_completions(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor):
         """--seq_kd with a served teacher: the server samples, through the same API it scores with."""
+        started = time.perf_counter()
         prompts = [row[mask.bool()].tolist() for row, mask in zip(prompt_ids, prompt_mask)]
         seeds = [step_seed(self.args.seed, self.state.global_step, "served", self.args.process_index * 100_000 + row)
                  for row in range(len(prompts))]
         completions = self.teacher_source.sample(prompts, self.args.max_new_tokens, self.args.temperature,
-                                                        self.args.top_p, self.stop_token_ids, seeds)
+                                                 self.args.top_p, self.stop_token_ids, seeds)
+        self._metrics["teacher_sampling_seconds"].append(time.perf_counter() - started)
         width = max(1, max(len(ids) for ids in completions))
         completion_ids = torch.full((len(prompts), width), self.pad_token_id, dtype=torch.long)
         for row, ids in enumerate(completions):

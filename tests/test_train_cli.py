@@ -104,3 +104,20 @@ def test_yaml_config(tiny_models, chat_data, tmp_path):
     run_config = json.loads((out / "run_config.json").read_text())
     assert run_config["training_args"]["lmbda"] == 1.0 and run_config["training_args"]["beta"] == 0.0
     assert all(m["on_policy"] == 1 for m in metrics(out))
+
+
+def test_a_two_step_run_logs_the_pinned_losses(tiny_models, chat_data, tmp_path):
+    """torchtune's recipe tests pin their losses: a change of behaviour (data order, the coin, sampling, the loss's
+    terms or normalisation) cannot pass silently. Step 1 is a dataset step with KD + SFT, step 2 on-policy (KD only:
+    the SFT term never trains on the student's samples); the tiny random models are near-uniform, so KD is small.
+    Recorded on the project's x86-64 CPUs with torch 2.13.0; a tolerance of 1e-4 absorbs another CPU's kernels."""
+    student, teacher = tiny_models
+    out = tmp_path / "pinned"
+    assert_ok(run_cli(train_args(student, teacher, chat_data, out, "--lmbda", "0.5", "--seed", "2",
+                                 "--learning_rate", "1e-2", "--sft_loss_weight", "0.5")))
+    first, second = metrics(out)
+    assert (first["on_policy"], second["on_policy"]) == (0, 1)
+    assert first["loss"] == pytest.approx(2.85530948638916, rel=1e-4)
+    assert first["kd_loss"] == pytest.approx(0.003238097997382283, rel=1e-4)
+    assert first["sft_loss"] == pytest.approx(5.7041425704956055, rel=1e-4)
+    assert second["loss"] == pytest.approx(0.003250731620937586, rel=1e-4) and "sft_loss" not in second

@@ -119,9 +119,12 @@ def train(folder: Path, student: str, config: CompareConfig, args: list[str], se
     if folder.exists():
         print(f"== {folder}: left unfinished by an earlier run of this study, training it again", flush=True)
         shutil.rmtree(folder)
-    command = [sys.executable, str(REPO / "gkd/train.py"), "--model_name_or_path", student,
-               "--teacher_model_name_or_path", config.teacher, "--dataset_name", config.train_data,
-               "--output_dir", str(folder), "--save_strategy", "no", "--report_to", "none", "--seed", str(seed), *args]
+    # A run that reads its teacher from a cache or a server names it itself; the others distil from --teacher.
+    own_teacher = any(flag in args for flag in ("--teacher_logits_path", "--teacher_server_url"))
+    teacher = [] if own_teacher else ["--teacher_model_name_or_path", config.teacher]
+    command = [sys.executable, str(REPO / "gkd/train.py"), "--model_name_or_path", student, *teacher,
+               "--dataset_name", config.train_data, "--output_dir", str(folder), "--save_strategy", "no",
+               "--report_to", "none", "--seed", str(seed), *args]
     print(f"== {folder.name}: {' '.join(command[2:])}", flush=True)
     started = time.time()
     result = subprocess.run(command, cwd=REPO)

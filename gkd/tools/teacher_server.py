@@ -92,9 +92,14 @@ class Teacher:
                 raise RequestError(400, f"This model's maximum context length is {self.max_model_len} tokens; the "
                                         f"request has {len(prompt)} prompt tokens and asks for {max_tokens} more.")
         with self.lock, torch.no_grad():
-            scored = [self._prompt_logprobs(p, prompt_logprobs) for p in prompts] if prompt_logprobs is not None \
-                else [None] * len(prompts)
-            sampled = self._sample(prompts, max_tokens, body)
+            if prompt_logprobs is not None:
+                scored, last_logits = zip(*(self._prompt_logprobs(p, prompt_logprobs) for p in prompts))
+            else:
+                scored, last_logits = [None] * len(prompts), None
+            if max_tokens == 1 and last_logits is not None:  # scoring: the one new token from the same forward
+                sampled = [self._next_token(logits, body) for logits in last_logits]
+            else:
+                sampled = self._sample(prompts, max_tokens, body)
         choices = []
         for index, (prompt, (ids, finish_reason), scores) in enumerate(zip(prompts, sampled, scored)):
             choice = {"index": index, "text": self.tokenizer.decode(ids, skip_special_tokens=True), "logprobs": None,
@@ -123,8 +128,20 @@ class Teacher:
             raise RequestError(400, f"token id out of range for a vocabulary of {vocab_size}")
         return prompt
 
-    def _prompt_logprobs(self, prompt: list[int], k: int) -> list:
-        """vLLM's prompt_logprobs: None for the first token; then the actual token (its true rank) and the top k."""
+    def _next_token(self, logits: torch.Tensor, body: dict) -> tuple[list[int], str]:
+        temperature = float(body.get("temperature", 1.0))
+        if temperature == 0:
+            token = int(logits.argmax())
+        else:
+            if body.get("seed") is not None:
+                torch.manual_seed(int(body["seed"]))
+            token = int(torch.multinomial(torch.softmax(logits / temperature, dim=-1), 1))
+        stop_ids = set(body.get("stop_token_ids") or []) | {self.tokenizer.eos_token_id}
+        return [token], "stop" if token in stop_ids else "length"
+
+    def _prompt_logprobs(self, prompt: list[int], k: int) -> tuple[list, torch.Tensor]:
+        """vLLM's prompt_logprobs: None for the first token; then the actual token (its true rank) and the top k.
+        Also the last position's logits, from which a one-token completion is drawn."""
         logits = self.model(input_ids=torch.tensor([prompt])).logits[0].float()
         log_probs = torch.log_softmax(logits[:-1], dim=-1)  # position t predicts token t + 1
         actual = torch.tensor(prompt[1:])
@@ -139,7 +156,7 @@ class Teacher:
                                                              top.values[position]), start=1):
                     entry.setdefault(str(token_id), self._logprob(token_id, value, rank))
             entries.append(entry)
-        return entries
+        return entries, logits[-1]
 
     def _logprob(self, token: int, value: torch.Tensor, rank: int) -> dict:
         return {"logprob": max(float(value), -9999.0), "rank": rank, "decoded_token": self.tokenizer.decode([token])}
