@@ -80,15 +80,7 @@ def generalized_jsd(
             f"and {tuple(teacher_logits.shape)}"
         )
     student_logits, teacher_logits = align_vocab(student_logits, teacher_logits)
-    student_log_probs = _log_probs(student_logits, temperature)
-    teacher_log_probs = _log_probs(teacher_logits, temperature)
-    if beta == 0.0:
-        return _kl(teacher_log_probs, student_log_probs)
-    if beta == 1.0:
-        return _kl(student_log_probs, teacher_log_probs)
-    # log m = logaddexp(log(1 - beta) + log p_S, log(beta) + log p_T): stable, never forms p_S or p_T in the sum.
-    mixture_log_probs = torch.logaddexp(student_log_probs + math.log1p(-beta), teacher_log_probs + math.log(beta))
-    return beta * _kl(teacher_log_probs, mixture_log_probs) + (1.0 - beta) * _kl(student_log_probs, mixture_log_probs)
+    return bucket_jsd(_log_probs(student_logits, temperature), _log_probs(teacher_logits, temperature), None, beta)
 
 
 def masked_sum(per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -226,20 +218,24 @@ def sparse_buckets(student_log_probs: torch.Tensor, teacher_log_probs: torch.Ten
             torch.cat([valid, everywhere], -1))
 
 
-def bucket_jsd(student: torch.Tensor, teacher: torch.Tensor, valid: torch.Tensor, beta: float) -> torch.Tensor:
-    """`generalized_jsd` per row between two distributions given as log-probabilities over buckets, empty buckets
-    (not `valid`) holding no mass."""
-    zero = torch.zeros((), dtype=student.dtype, device=student.device)
-    # Empty buckets become 0 before any arithmetic: -inf - -inf, and logaddexp's gradient at -inf, are NaN.
-    student, teacher = torch.where(valid, student, zero), torch.where(valid, teacher, zero)
+def bucket_jsd(student: torch.Tensor, teacher: torch.Tensor, valid: torch.Tensor | None, beta: float) -> torch.Tensor:
+    """Eq. 1 over the last dimension between two distributions given as log-probabilities (vocabulary ids or sparse
+    buckets), empty buckets (not `valid`; None: none empty) holding no mass, TRL's convention at the endpoints."""
+    if valid is None:
+        kl = _kl
+    else:
+        zero = torch.zeros((), dtype=student.dtype, device=student.device)
+        # Empty buckets become 0 before any arithmetic: -inf - -inf, and logaddexp's gradient at -inf, are NaN.
+        student, teacher = torch.where(valid, student, zero), torch.where(valid, teacher, zero)
 
-    def kl(log_p, log_q):
-        return torch.where(valid, log_p.exp() * (log_p - log_q), zero).sum(dim=-1)
+        def kl(log_p, log_q):
+            return torch.where(valid, log_p.exp() * (log_p - log_q), zero).sum(dim=-1)
 
     if beta == 0.0:
         return kl(teacher, student)
     if beta == 1.0:
         return kl(student, teacher)
+    # log m = logaddexp(log(1 - beta) + log p_S, log(beta) + log p_T): stable, never forms p_S or p_T in the sum.
     mixture = torch.logaddexp(student + math.log1p(-beta), teacher + math.log(beta))
     return beta * kl(teacher, mixture) + (1.0 - beta) * kl(student, mixture)
 

@@ -192,31 +192,25 @@ def _trim_metrics(folder: Path, step: int) -> None:
     """A resumed run logs its steps again after the checkpoint's: drop the old lines past it, and a last line cut by
     a crash, so metrics.jsonl reads as one run."""
     path = folder / METRICS_FILE
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict) and record.get("step", 0) <= step:
-            kept.append(line)
-    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    if path.exists():
+        kept = [line for line, record in _metric_lines(path) if record.get("step", 0) <= step]
+        path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
 
 def read_metrics(folder: str | Path) -> list[dict]:
     """Every whole line of a run's metrics.jsonl (a line cut short by a crash is skipped)."""
-    path = Path(folder) / METRICS_FILE
-    records = []
+    return [record for _, record in _metric_lines(Path(folder) / METRICS_FILE)]
+
+
+def _metric_lines(path: Path):
+    """(line, record) for each line of metrics.jsonl that is a whole JSON object."""
     for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
             record = json.loads(line)
         except ValueError:
             continue
         if isinstance(record, dict):
-            records.append(record)
-    return records
+            yield line, record
 
 
 class MetricsFileCallback(TrainerCallback):
