@@ -1,6 +1,8 @@
 """The training CLI end to end, in subprocesses, on tiny models: what a user runs is what is tested."""
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -85,9 +87,11 @@ def test_lmbda_and_beta(tiny_models, chat_data, tmp_path, lmbda, beta):
 
 
 def test_seq_kd_trains_on_teacher_completions(tiny_models, chat_data, tmp_path):
+    """Run as `python -m gkd.train`, the form `accelerate launch -m gkd.train` uses."""
     student, teacher = tiny_models
     out = tmp_path / "seqkd"
-    result = run_cli(train_args(student, teacher, chat_data, out, "--lmbda", "0", "--seq_kd", "True"))
+    result = run_cli(["-m", "gkd.train", *train_args(student, teacher, chat_data, out, "--lmbda", "0", "--seq_kd",
+                                                       "True")[1:]])
     assert_ok(result)
     assert all(m["teacher_generated"] == 1 and m["on_policy"] == 0 for m in metrics(out))
 
@@ -99,7 +103,8 @@ def test_yaml_config(tiny_models, chat_data, tmp_path):
     config.write_text(f"lmbda: 1.0\nbeta: 0.0\nmodel_name_or_path: {student}\n")
     args = train_args("unused", teacher, chat_data, out)
     args[args.index("--model_name_or_path") : args.index("--model_name_or_path") + 2] = []
-    result = run_cli(args + ["--config", config])
+    console_script = Path(sys.executable).parent / "gkd-train"  # installed by pyproject.toml
+    result = run_cli(args[1:] + ["--config", config], launcher=[str(console_script)])
     assert_ok(result)
     run_config = json.loads((out / "run_config.json").read_text())
     assert run_config["training_args"]["lmbda"] == 1.0 and run_config["training_args"]["beta"] == 0.0
