@@ -32,6 +32,7 @@ from .signals import StopOnSignal
 from .steps import DATASET, STUDENT, TEACHER, completion_source, lmbda_at, sampling_rng, step_seed
 from .teachers import SparseTargets
 from .teachers.live import dense, last_hidden_state, sparse_teacher, top_k_targets
+from .teachers.server import TeacherServerError
 
 logger = logging.getLogger(__name__)
 
@@ -121,9 +122,14 @@ class GKDTrainer(Trainer):
         step = self.state.global_step
         lmbda = lmbda_at(step, args.lmbda, args.lmbda_schedule, args.lmbda_warmup_steps, args.lmbda_start)
         source = completion_source(args.seed, step, lmbda, args.seq_kd)
-        if source != DATASET:
-            batches = self._sample_window(batches, source)
-        batches = self._with_teacher_targets(batches)
+        failure = None
+        try:
+            if source != DATASET:
+                batches = self._sample_window(batches, source)
+            batches = self._with_teacher_targets(batches)
+        except TeacherServerError as error:
+            failure = error
+        self._stop_if_the_teacher_is_lost(failure)
         local_tokens = sum(batch["completion_mask"].sum() for batch in batches).to(device)
         window_tokens = self.accelerator.gather(local_tokens.reshape(1)).sum()
         rows = torch.tensor([sum(batch["completion_mask"].shape[0] for batch in batches)], device=device)
@@ -138,25 +144,25 @@ class GKDTrainer(Trainer):
         return batches, window_tokens
 
     def _with_teacher_targets(self, batches: list[dict]) -> list[dict]:
-        """A cache's or a server's top-K for every micro-batch of the window, fetched before its first forward: if
-        the server cannot answer (after its retries) on any rank, every rank saves a checkpoint at the last finished
-        step and the run stops, so no step ever trains on missing teacher data."""
+        """A cache's or a server's top-K for every micro-batch of the window, fetched before its first forward."""
         if self.teacher_source is None or self.args.kd_loss_weight == 0:
             return batches
         top_k = self.args.teacher_top_k or getattr(self.teacher_source, "top_k", None)
-        failure, started = None, time.perf_counter()
-        try:
-            batches = [self.teacher_source.targets(batch, top_k, self.shared_vocab_size).into_batch(batch)
-                       if "teacher_ids" not in batch else batch for batch in batches]
-        except GKDError as error:
-            failure = error
+        started = time.perf_counter()
+        batches = [self.teacher_source.targets(batch, top_k, self.shared_vocab_size).into_batch(batch)
+                   if "teacher_ids" not in batch else batch for batch in batches]
         self._metrics["teacher_seconds"].append(time.perf_counter() - started)
-        if any_rank(self.accelerator, failure is not None, self.args.device):
-            self._save_checkpoint(self.model, trial=None)
-            checkpoint = f"{self.args.output_dir}/checkpoint-{self.state.global_step}"
-            reason = str(failure) if failure else "another rank lost the teacher"
-            raise GKDError(f"{reason}; saved {checkpoint}: resume with --resume_from_checkpoint last")
         return batches
+
+    def _stop_if_the_teacher_is_lost(self, failure: Exception | None) -> None:
+        """A server that cannot answer (after its retries) on any rank: every rank saves a checkpoint at the last
+        finished step and the run stops, between optimizer steps, so no step ever trains on missing teacher data."""
+        if self.teacher_source is None or not any_rank(self.accelerator, failure is not None, self.args.device):
+            return
+        self._save_checkpoint(self.model, trial=None)
+        checkpoint = f"{self.args.output_dir}/checkpoint-{self.state.global_step}"
+        reason = str(failure) if failure else "another rank lost the teacher server"
+        raise GKDError(f"{reason}; saved {checkpoint}: resume with --resume_from_checkpoint last")
 
     def _sample_window(self, batches: list[dict], source: str) -> list[dict]:
         """One batched decode for every prompt of the window; each micro-batch keeps its prompts and rows."""
