@@ -31,9 +31,22 @@ def parse(dataclass_types, argv: list[str] | None = None, description: str | Non
     try:
         # HfArgumentParser appends a namespace of what no dataclass took (here `config`): keep the dataclasses.
         parsed = tuple(parser.parse_args_and_config(argv, return_remaining_strings=allow_extra))
+        for options in parsed[: len(types)]:
+            check_finite(options)
         return parsed[: len(types)] + ((parsed[-1],) if allow_extra else ())
     except (ValueError, TypeError) as error:  # unknown flags or keys, TrainingArguments' own checks
         raise ConfigError(_one_line(error)) from None
+
+
+def check_finite(options) -> None:
+    """NaN passes every range check (`nan <= 0` is False), and inf most: refuse both in every float option."""
+    import dataclasses
+    import math
+
+    for option in dataclasses.fields(options):
+        value = getattr(options, option.name, None)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"--{option.name} must be a finite number, got {value}")
 
 
 def _parser_class():

@@ -6,14 +6,13 @@ command lines keep working; legacy spellings are aliases, not second fields. Eac
 `__post_init__`; `check_together` checks what spans groups. All of it runs before any model or dataset loads.
 """
 
-import dataclasses
 import importlib.util
 import logging
-import math
 from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
+from .cli import check_finite
 from .errors import ConfigError
 from .generation import BACKENDS
 from .launch import cpu_deepspeed_backend
@@ -23,14 +22,6 @@ logger = logging.getLogger(__name__)
 
 DTYPES = ["auto", "bfloat16", "float16", "float32"]
 GENERATION_BACKENDS = ["auto", *BACKENDS]
-
-
-def check_finite(options) -> None:
-    """NaN passes every range check (`nan <= 0` is False), and inf most: refuse both in every float option."""
-    for option in dataclasses.fields(options):
-        value = getattr(options, option.name, None)
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ConfigError(f"--{option.name} must be a finite number, got {value}")
 
 
 @dataclass

@@ -354,6 +354,8 @@ def test_merge_refuses_unknown_flags_and_missing_adapters(capfd, tmp_path):
     refused(capfd, merge.main, ["--adapter_path", tmp_path / "nope", "--output_dir", tmp_path / "o"],
             "does not exist")
     refused(capfd, merge.main, ["--output_dir", tmp_path / "o"], "--adapter_path")
+    refused(capfd, merge.main, ["--adapter_path", tmp_path, "--output_dir", tmp_path / "o", "--verify_tolerance",
+                                "nan"], "--verify_tolerance must be a finite number")  # every CLI, every float
 
 
 @pytest.mark.parametrize(
