@@ -173,11 +173,13 @@ def test_train_refuses_model_folders_it_cannot_use(capfd, tiny_models, chat_data
         ([GOOD, {"messages": [{"role": "user", "content": None}]}], ["record 1", "messages[0].content", "got null"]),
         ([GOOD, {"messages": [{"role": "bot", "content": "x"}]}], ["record 1", "messages[0].role", "got 'bot'"]),
         ([{"messages": [{"role": "user", "content": "hi"}]}] * 3, ["every record is prompt-only", "--seq_kd"]),
+        ([{"text": "plain text to continue"}] * 3, ["plain-text records", "--text_prompt_tokens"]),
     ],
 )
 def test_train_refuses_bad_data_before_any_model_loads(capfd, tiny_models, tmp_path, records, expected):
     data = write_jsonl(tmp_path / "data.jsonl", *records)
-    argv = train_args(*tiny_models, data, tmp_path / "out", "--lmbda", "0")[1:]
+    lmbda = "0.5" if "text" in records[0] else "0"
+    argv = train_args(*tiny_models, data, tmp_path / "out", "--lmbda", lmbda)[1:]
     refused(capfd, train.main, argv, "data.jsonl", *expected)
 
 

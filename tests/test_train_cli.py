@@ -126,3 +126,20 @@ def test_a_two_step_run_logs_the_pinned_losses(tiny_models, chat_data, tmp_path)
     assert first["kd_loss"] == pytest.approx(0.003238097997382283, rel=1e-4)
     assert first["sft_loss"] == pytest.approx(5.7041425704956055, rel=1e-4)
     assert second["loss"] == pytest.approx(0.003250731620937586, rel=1e-4) and "sft_loss" not in second
+
+
+def test_plain_text_trains_on_every_token_and_continues_windows_on_policy(tiny_models, tmp_path):
+    """NeMo-style logit distillation on raw text: windows of --max_length, the first --text_prompt_tokens of a window
+    as the prompt on on-policy steps."""
+    student, teacher = tiny_models
+    data = tmp_path / "text.jsonl"
+    text = "the quick brown fox jumps over the lazy dog. two plus two is four. " * 12
+    data.write_text("\n".join(json.dumps({"text": text[: 200 + 40 * i]}) for i in range(4)) + "\n")
+    out = tmp_path / "text"
+    result = run_cli(train_args(student, teacher, data, out, "--lmbda", "0.5", "--seed", "2",
+                                "--text_prompt_tokens", "6", "--max_length", "64"))
+    assert_ok(result)
+    assert "plain-text windows" in result.stderr
+    logged = metrics(out)
+    assert [m["on_policy"] for m in logged] == [0, 1]
+    assert logged[0]["completion_tokens"] > 30  # a dataset step trains on the whole window but its first token
