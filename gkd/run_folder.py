@@ -99,13 +99,21 @@ def _check_checkpoint_kind(checkpoint: Path, use_peft: bool, flag: str) -> None:
         raise ConfigError(f"{flag} holds a fully fine-tuned model, not a LoRA adapter: resume it without --use_peft")
 
 
-def check(training_args) -> None:
-    """What every rank checks, read-only, before any model loads: the folder can be written, and writing into it
-    loses nothing. `training_args.resume_from_checkpoint` is already resolved."""
+def check(training_args, inputs: list[str | None] = ()) -> None:
+    """What every rank checks, read-only, before any model loads: the folder can be written, writing into it loses
+    nothing, and it is none of the run's `inputs` (model folders, data, a teacher cache) nor a folder holding one.
+    `training_args.resume_from_checkpoint` is already resolved."""
     output_dir = Path(training_args.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise ConfigError(f"--output_dir {output_dir} is a file, not a folder")
     check_writable(output_dir, "--output_dir")
+    target = output_dir.resolve()
+    for name in inputs:
+        if name and Path(name).exists():
+            source = Path(name).resolve()
+            if source == target or target in source.parents:
+                raise ConfigError(f"--output_dir {output_dir} holds the run's input {name}; writing the run there "
+                                  "could replace it: choose another --output_dir")
     results = results_in(output_dir)
     checkpoint = training_args.resume_from_checkpoint
     if checkpoint:

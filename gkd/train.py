@@ -40,7 +40,9 @@ def main(argv: list[str] | None = None) -> None:
 
     launch.warn_about_launch(training_args)  # a DeepSpeed config that is not active, ranks that came up alone
     training_args.resume_from_checkpoint = run_folder.resolve_resume(training_args, model_args.use_peft)
-    run_folder.check(training_args)
+    run_folder.check(training_args, [model_args.model_name_or_path, model_args.teacher_model_name_or_path,
+                                     model_args.teacher_logits_path, script_args.dataset_name,
+                                     script_args.eval_dataset_name])
     student_ref = models.ModelRef(model_args.model_name_or_path, model_args.model_revision,
                                   model_args.trust_remote_code, "--model_name_or_path")
     models.check_model(student_ref)

@@ -108,6 +108,9 @@ TRAIN_CASES = {
     "sft_on_policy": (lambda s, t, d, tmp: ["--objective", "sft", "--lmbda", "0.5"], ["on-policy", "--lmbda 0"]),
     # output folders
     "output_is_a_file": (lambda s, t, d, tmp: ["--output_dir", _file(tmp / "file", "x")], ["is a file"]),
+    "output_is_the_student": (lambda s, t, d, tmp: ["--output_dir", s, "--overwrite_output_dir"],
+                              ["holds the run's input", "choose another --output_dir"]),
+    "output_holds_the_data": (lambda s, t, d, tmp: ["--output_dir", d.parent], ["holds the run's input"]),
 }
 
 
@@ -124,6 +127,7 @@ def test_train_refuses_bad_options_in_one_line(capfd, tiny_models, chat_data, tm
     argv = train_args(student, teacher, chat_data, out, *build(student, teacher, chat_data, tmp_path))[1:]
     refused(capfd, train.main, argv, *expected)
     assert not out.exists()
+    assert (Path(student) / "model.safetensors").exists()  # nothing moved aside
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes anywhere")
