@@ -19,13 +19,20 @@ def check_output_folder(output_dir: str | Path, overwrite: bool, inputs: list[st
         raise ConfigError(f"output_dir {output_dir} exists and is not a folder")
     if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
         raise ConfigError(f"output_dir {output_dir} is not empty; pass --overwrite to replace it")
-    target = output_dir.resolve()
-    for path in inputs:
-        source = Path(path).resolve()
-        if source == target or target in source.parents:
-            raise ConfigError(f"output_dir {output_dir} would replace the input {path}; choose another folder")
+    check_not_an_input(output_dir, inputs, "output_dir")
     check_writable(output_dir, "output_dir")
     return output_dir
+
+
+def check_not_an_input(output_dir: str | Path, inputs, flag: str) -> None:
+    """Refuse an output folder that is one of the inputs (model folders, data, caches) or a folder holding one:
+    replacing or clearing it would take the input with it."""
+    target = Path(output_dir).resolve()
+    for name in inputs:
+        if name and Path(name).exists():
+            source = Path(name).resolve()
+            if source == target or target in source.parents:
+                raise ConfigError(f"{flag} {output_dir} would replace the input {name}; choose another folder")
 
 
 def check_writable(folder: str | Path, flag: str) -> None:

@@ -28,7 +28,7 @@ from transformers import TrainerCallback
 
 from .checkpoints import checkpoint_problem, checkpoints_by_step, last_complete_checkpoint
 from .errors import ConfigError
-from .folders import check_writable, move_aside
+from .folders import check_not_an_input, check_writable, move_aside
 from .launch import launch_problems
 
 logger = logging.getLogger(__name__)
@@ -107,13 +107,7 @@ def check(training_args, inputs: list[str | None] = ()) -> None:
     if output_dir.exists() and not output_dir.is_dir():
         raise ConfigError(f"--output_dir {output_dir} is a file, not a folder")
     check_writable(output_dir, "--output_dir")
-    target = output_dir.resolve()
-    for name in inputs:
-        if name and Path(name).exists():
-            source = Path(name).resolve()
-            if source == target or target in source.parents:
-                raise ConfigError(f"--output_dir {output_dir} holds the run's input {name}; writing the run there "
-                                  "could replace it: choose another --output_dir")
+    check_not_an_input(output_dir, inputs, "--output_dir")
     results = results_in(output_dir)
     checkpoint = training_args.resume_from_checkpoint
     if checkpoint:

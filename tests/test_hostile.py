@@ -109,8 +109,8 @@ TRAIN_CASES = {
     # output folders
     "output_is_a_file": (lambda s, t, d, tmp: ["--output_dir", _file(tmp / "file", "x")], ["is a file"]),
     "output_is_the_student": (lambda s, t, d, tmp: ["--output_dir", s, "--overwrite_output_dir"],
-                              ["holds the run's input", "choose another --output_dir"]),
-    "output_holds_the_data": (lambda s, t, d, tmp: ["--output_dir", d.parent], ["holds the run's input"]),
+                              ["would replace the input", "choose another folder"]),
+    "output_holds_the_data": (lambda s, t, d, tmp: ["--output_dir", d.parent], ["would replace the input"]),
 }
 
 

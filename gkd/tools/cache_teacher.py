@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from gkd.errors import ConfigError
+from gkd.folders import check_not_an_input
 from gkd.teachers.cache import FORMAT, MANIFEST, PROGRESS, CacheIdentity, score_batch, shard_name
 
 logger = logging.getLogger(__name__)
@@ -92,6 +93,8 @@ def build(config: CacheConfig) -> Path:
     identity = CacheIdentity(data.sources.fingerprint(source), data.pipeline.tokenizer_fingerprint(tokenizer),
                              config.max_length, config.max_new_tokens, tuple(stop_ids), len(encoded))
     folder = Path(config.output_dir)
+    check_not_an_input(folder, [config.teacher_model_name_or_path, config.tokenizer_name_or_path,
+                                config.dataset_name], "--output_dir")
     if state.is_main_process:
         _prepare_folder(folder, config, identity)
     state.wait_for_everyone()
