@@ -45,6 +45,11 @@ class GenerationBenchArguments:
     repeats: int = field(default=3, metadata={"help": "Timed calls per backend, after one untimed first call."})
     seed: int = field(default=0, metadata={"help": "Seed of the model, the prompts and the sampling."})
     threads: int | None = field(default=None, metadata={"help": "torch intra-op threads (default: torch's)."})
+    models: list[str] | None = field(
+        default=None,
+        metadata={"help": "Time real model folders instead of the preset's random student (NAME=PATH each), in "
+                          "their stored dtype, with the preset's lengths: how fast a pruned student samples."},
+    )
     output_json: str | None = field(default=None, metadata={"help": "Also write the results to this JSON file."})
 
     def __post_init__(self):
@@ -135,13 +140,26 @@ def run_backend(backend: str, model, prompt_ids, prompt_mask, max_new_tokens: in
     }
 
 
+def _models(bench, preset, device):
+    """(name, model) to time: the preset's random student, or each of --models loaded from its folder."""
+    if not bench.models:
+        yield "preset", build_model(preset.student, preset, bench.seed, device).eval()
+        return
+    from transformers import AutoModelForCausalLM
+
+    for item in bench.models:
+        name, path = item.split("=", 1) if "=" in item else (item, item)
+        yield name, AutoModelForCausalLM.from_pretrained(path, dtype="auto").to(device).eval()
+
+
 def markdown_table(results: list[dict]) -> str:
-    lines = ["| backend | s / call | ms / decode step | new tokens / s | first call s | peak GiB |",
-             "|---|---:|---:|---:|---:|---:|"]
+    lines = ["| model | backend | s / call | ms / decode step | new tokens / s | first call s | peak GiB |",
+             "|---|---|---:|---:|---:|---:|---:|"]
     for row in results:
         peak = "-" if row["peak_memory_gib"] is None else f"{row['peak_memory_gib']:.2f}"
-        lines.append(f"| {row['backend']} | {row['s_per_call']:.3f} | {row['ms_per_decode_step']:.2f} | "
-                     f"{row['new_tokens_per_s']:.0f} | {row['first_call_s']:.1f} | {peak} |")
+        lines.append(f"| {row['model']} | {row['backend']} | {row['s_per_call']:.3f} | "
+                     f"{row['ms_per_decode_step']:.2f} | {row['new_tokens_per_s']:.0f} | {row['first_call_s']:.1f} | "
+                     f"{peak} |")
     return "\n".join(lines)
 
 
@@ -156,22 +174,24 @@ def main(argv: list[str] | None = None) -> dict:
     batch_size = bench.batch_size or preset.batch_size
     max_new_tokens = bench.completion_length or preset.completion_length
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = build_model(preset.student, preset, bench.seed, device).eval()
-    model.generation_config.min_new_tokens = max_new_tokens  # every completion exactly max_new_tokens long
-    prompt_ids, prompt_mask = prompts(batch_size, preset.prompt_length, preset.vocab_size, bench.seed, device)
     results = []
-    for backend in bench.backends:
-        print(f"[bench_generation] {backend} ...", file=sys.stderr, flush=True)
-        results.append(run_backend(backend, model, prompt_ids, prompt_mask, max_new_tokens, bench.repeats, bench.seed))
+    for name, model in _models(bench, preset, device):
+        model.generation_config.min_new_tokens = max_new_tokens  # every completion exactly max_new_tokens long
+        vocab_size = model.get_input_embeddings().weight.shape[0]
+        prompt_ids, prompt_mask = prompts(batch_size, preset.prompt_length, vocab_size, bench.seed, device)
+        for backend in bench.backends:
+            print(f"[bench_generation] {name} {backend} ...", file=sys.stderr, flush=True)
+            result = run_backend(backend, model, prompt_ids, prompt_mask, max_new_tokens, bench.repeats, bench.seed)
+            results.append({"model": name, **result})
     report = {
-        "command": " ".join(["python", "-m", "benchmarks.bench_generation", *(argv if argv is not None else sys.argv[1:])]),
+        "command": " ".join(["python", "-m", "benchmarks.bench_generation",
+                             *(argv if argv is not None else sys.argv[1:])]),
         "preset": bench.preset,
         "student": asdict(preset.student),
         "vocab_size": preset.vocab_size,
         "batch_size": batch_size,
         "prompt_length": preset.prompt_length,
         "completion_length": max_new_tokens,
-        "dtype": str(model.dtype),
         **device_description(bench.threads),
         "versions": versions(),
         "results": results,
