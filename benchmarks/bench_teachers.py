@@ -101,7 +101,7 @@ def main(argv=None) -> dict:
                                    args.teacher, "--port", "0", "--max_logprobs", str(args.server_k)],
                                   cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         try:
-            url = re.search(r"(http://[\d.]+:\d+)/v1", server.stdout.readline()).group(1)
+            url = re.search(r"(http://[\d.]+:\d+)", server.stdout.readline()).group(1)
             report["runs"][f"server_k{args.server_k}"] = train(
                 args, f"server_k{args.server_k}", ["--teacher_server_url", url, "--teacher_top_k", str(args.server_k)],
                 work, env)

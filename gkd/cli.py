@@ -1,7 +1,11 @@
 """What every gkd command line shares: one parser (dataclasses, flags or a YAML `--config`), one runner (user errors
-as one `error: ...` line and exit 2, Ctrl-C as one line and exit 130), and quiet libraries."""
+as one `error: ...` line and exit 2, Ctrl-C and SIGTERM as one line and 130 or 143), and quiet libraries."""
 
+import difflib
+import importlib
+import signal
 import sys
+import threading
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -9,6 +13,11 @@ from pathlib import Path
 from .errors import ConfigError, GKDError
 
 INTERRUPTED_EXIT_CODE = 130
+TERMINATED_EXIT_CODE = 143
+
+
+class Terminated(BaseException):
+    """SIGTERM outside training (where it stops the run at a step's end instead): out, in one line."""
 
 
 def parse(dataclass_types, argv: list[str] | None = None, description: str | None = None,
@@ -26,6 +35,8 @@ def parse(dataclass_types, argv: list[str] | None = None, description: str | Non
     parser = _parser_class()(types, description=description, allow_abbrev=False)
     parser.add_argument("--config", help="A YAML file of the options below; command-line flags override it.")
     argv = list(sys.argv[1:] if argv is None else argv)
+    if not allow_extra:
+        _check_flags(parser, argv)
     if "--config" in argv:
         _check_config_file(parser, argv)
     try:
@@ -61,6 +72,17 @@ def _parser_class():
     return Parser
 
 
+def _check_flags(parser, argv: list[str]) -> None:
+    """Unknown flags first, by name: HfArgumentParser would build the dataclasses (whose own checks may complain of
+    something else) before it reported them."""
+    known = {name for action in parser._actions for name in action.option_strings}
+    for token in argv:
+        name = token.split("=", 1)[0]
+        if name.startswith("--") and name not in known:
+            close = difflib.get_close_matches(name, sorted(known), n=1)
+            raise ConfigError(f"unknown option {name}" + (f"; did you mean {close[0]}?" if close else ""))
+
+
 def _check_config_file(parser, argv: list[str]) -> None:
     """The checks TrlParser leaves to a traceback: the file exists, parses, is a mapping of known options of the
     right types."""
@@ -71,7 +93,7 @@ def _check_config_file(parser, argv: list[str]) -> None:
         raise ConfigError("--config needs a YAML file")
     path = Path(argv[index + 1])
     try:
-        config = yaml.safe_load(path.read_text(encoding="utf-8"))
+        config = yaml.load(path.read_text(encoding="utf-8"), Loader=_unique_key_loader())
     except FileNotFoundError:
         raise ConfigError(f"--config {path}: no such file") from None
     except (OSError, UnicodeDecodeError) as error:
@@ -90,12 +112,32 @@ def _check_config_file(parser, argv: list[str]) -> None:
         _check_yaml_value(path, key, value, action)
 
 
+def _unique_key_loader():
+    """yaml's SafeLoader, refusing a key given twice (it would keep the last without a word)."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            keys = [self.construct_object(key, deep=deep) for key, _ in node.value]
+            repeated = sorted({key for key in keys if keys.count(key) > 1}, key=str)
+            if repeated:
+                raise yaml.YAMLError(f"'{repeated[0]}' is given twice")
+            return super().construct_mapping(node, deep=deep)
+
+    return Loader
+
+
 def _check_yaml_value(path: Path, key: str, value, action) -> None:
     """YAML values bypass argparse's conversion unless they are strings: check the types argparse would enforce."""
     expected = action.type
     values = value if isinstance(value, list) else [value]
-    if isinstance(value, list) and action.nargs not in ("+", "*"):
+    listed = action.nargs in ("+", "*")
+    if value is None and action.default is not None:
+        raise ConfigError(f"--config {path}: '{key}' needs a value, got null")
+    if isinstance(value, list) and not listed:
         raise ConfigError(f"--config {path}: '{key}' expects one value, got a list")
+    if listed and not isinstance(value, list) and value is not None:
+        raise ConfigError(f"--config {path}: '{key}' expects a list, e.g. [{value}]")
     for item in values:
         if item is None or isinstance(item, str):
             continue  # argparse converts strings (and reports bad ones); None keeps the default
@@ -115,17 +157,80 @@ def _one_line(error: BaseException) -> str:
 
 
 def run(main: Callable[[], int | None]) -> None:
-    """Run a CLI's `main`: a `GKDError` becomes `error: ...` on stderr and exit code 2, Ctrl-C one line and 130;
-    anything else is a bug and keeps its traceback."""
+    """Run a CLI's `main`: a `GKDError` becomes `error: ...` on stderr and exit code 2, Ctrl-C and SIGTERM one line
+    and 130 or 143; anything else is a bug and keeps its traceback."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         code = main()
     except GKDError as error:
         print(f"error: {_one_line(error)}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        sys.exit(INTERRUPTED_EXIT_CODE)
+    except (KeyboardInterrupt, Terminated) as interruption:
+        _exit_interrupted(interruption)
+    except Exception as error:  # noqa: BLE001 -- an interruption that a library's import machinery wrapped
+        interruption = _interruption_within(error)
+        if interruption is None:
+            raise
+        _exit_interrupted(interruption)
     sys.exit(code or 0)
+
+
+def command(module: str) -> None:
+    """Run `module.main()` under `run`, importing the module inside it: a Ctrl-C while torch loads is one line too.
+    The console scripts and scripts/*.py start here."""
+    run(lambda: importlib.import_module(module).main())
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
+def _exit_interrupted(interruption: BaseException) -> None:
+    terminated = isinstance(interruption, Terminated)
+    print("error: terminated" if terminated else "error: interrupted", file=sys.stderr)
+    sys.exit(TERMINATED_EXIT_CODE if terminated else INTERRUPTED_EXIT_CODE)
+
+
+def _interruption_within(error: BaseException) -> BaseException | None:
+    """transformers' lazy imports turn a Ctrl-C during an import into an ImportError; find the Ctrl-C behind it."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, (KeyboardInterrupt, Terminated)):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def train_command() -> None:
+    """`gkd-train`."""
+    command("gkd.train")
+
+
+def merge_command() -> None:
+    """`gkd-merge`."""
+    command("gkd.tools.merge")
+
+
+def prune_command() -> None:
+    """`gkd-prune`."""
+    command("gkd.tools.prune")
+
+
+def eval_command() -> None:
+    """`gkd-eval`."""
+    command("gkd.tools.evaluate")
+
+
+def cache_teacher_command() -> None:
+    """`gkd-cache-teacher`."""
+    command("gkd.tools.cache_teacher")
+
+
+def teacher_serve_command() -> None:
+    """`gkd-teacher-serve`."""
+    command("gkd.tools.teacher_server")
 
 
 def quiet_libraries() -> None:
@@ -143,4 +248,5 @@ def hide_checkpointing_deprecations() -> None:
     """transformers 5.23 resolves its deprecated `gradient_checkpointing*` aliases itself and warns each time: for
     LLM-Dojo's `--gradient_checkpointing`, and for the calls peft 0.21.2 and trl 1.16.0 still make. None of these
     FutureWarnings is something a gkd user can act on."""
-    warnings.filterwarnings("ignore", message=r"`(is_)?gradient_checkpointing\w*` is deprecated", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r"`(is_)?gradient_checkpointing\w*` is deprecated",
+                            category=FutureWarning)

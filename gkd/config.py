@@ -111,7 +111,8 @@ class ModelArguments:
     dtype: str = field(
         default="auto",
         metadata={
-            "help": "Precision the student and teacher are loaded in ('auto' = as stored). `--torch_dtype` is an alias.",
+            "help": "Precision the student and teacher are loaded in ('auto' = as stored). `--torch_dtype` is an "
+            "alias.",
             "choices": DTYPES,
             "aliases": ["--torch_dtype"],
         },
@@ -146,7 +147,8 @@ class ModelArguments:
         if len(teachers) > 1:
             raise ConfigError(f"give one teacher, not {' and '.join(teachers)}")
         if self.teacher_server_url and not self.teacher_server_url.startswith(("http://", "https://")):
-            raise ConfigError(f"--teacher_server_url must start with http:// or https://, got {self.teacher_server_url}")
+            raise ConfigError("--teacher_server_url must start with http:// or https://, got "
+                              f"{self.teacher_server_url}")
         if self.lora_r <= 0 or self.lora_alpha <= 0:
             raise ConfigError("--lora_r and --lora_alpha must be positive")
         if not 0.0 <= self.lora_dropout < 1.0:
@@ -370,7 +372,8 @@ class GKDConfig(TrainingArguments):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"--{name} must be in [0, 1], got {getattr(self, name)}")
         if self.lmbda_schedule not in LMBDA_SCHEDULES:
-            raise ConfigError(f"--lmbda_schedule must be one of {', '.join(LMBDA_SCHEDULES)}, got {self.lmbda_schedule!r}")
+            raise ConfigError(f"--lmbda_schedule must be one of {', '.join(LMBDA_SCHEDULES)}, got "
+                              f"{self.lmbda_schedule!r}")
         if self.lmbda_warmup_steps < 0:
             raise ConfigError(f"--lmbda_warmup_steps must be >= 0, got {self.lmbda_warmup_steps}")
         if self.lmbda_schedule != "constant" and self.lmbda_warmup_steps == 0:
@@ -426,8 +429,8 @@ class GKDConfig(TrainingArguments):
         if self.seed < 0:
             raise ConfigError(f"--seed must be >= 0, got {self.seed}")
         if self.max_steps <= 0 and self.num_train_epochs <= 0:
-            raise ConfigError("--num_train_epochs is not positive and --max_steps is not set: the run would train on "
-                              "nothing")
+            raise ConfigError(f"--max_steps {self.max_steps} and --num_train_epochs {self.num_train_epochs}: the run "
+                              "would train on nothing; give a positive --max_steps or --num_train_epochs")
         if self.learning_rate < 0:
             raise ConfigError(f"--learning_rate must be >= 0, got {self.learning_rate}")
         if self.loss_chunk_size < 0:
@@ -441,8 +444,8 @@ def check_together(script_args: ScriptArguments, model_args: ModelArguments, tra
     kind = model_args.teacher_kind
     evaluates = str(training_args.eval_strategy).split(".")[-1].lower() != "no"
     if evaluates and not script_args.eval_dataset_name and _is_local(script_args.dataset_name):
-        raise ConfigError(f"--eval_strategy {training_args.eval_strategy} needs evaluation data: give "
-                          "--eval_dataset_name")
+        strategy = getattr(training_args.eval_strategy, "value", training_args.eval_strategy)
+        raise ConfigError(f"--eval_strategy {strategy} needs evaluation data: give --eval_dataset_name")
     if kind == "cache" and (script_args.eval_dataset_name or evaluates):
         raise ConfigError("--teacher_logits_path holds the teacher's view of the training data only: evaluate with a "
                           "live teacher or a server, or drop --eval_strategy / --eval_dataset_name")

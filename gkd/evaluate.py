@@ -1,6 +1,6 @@
 """`python -m gkd.evaluate` keeps working: the tool lives in gkd/tools/evaluate.py (also `gkd-eval`)."""
 
-from gkd.tools.evaluate import cli
+from gkd.cli import command
 
 if __name__ == "__main__":
-    cli()
+    command("gkd.tools.evaluate")

@@ -1,14 +1,21 @@
 """The one way gkd writes a folder a user keeps: refuse to clobber what is there, write everything under a hidden
 sibling, and rename it into place only when it is complete. An interrupted or failed write leaves no folder that looks
-finished, and the previous folder is replaced only by a complete new one."""
+finished; the previous folder is replaced only by a complete new one, and only moved aside (`<name>.replaced-N`),
+never deleted."""
 
+import fcntl
+import logging
 import os
 import secrets
 import shutil
+import socket
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import ConfigError
+
+logger = logging.getLogger(__name__)
 
 
 def check_output_folder(output_dir: str | Path, overwrite: bool, inputs: list[str | Path] = ()) -> Path:
@@ -17,9 +24,9 @@ def check_output_folder(output_dir: str | Path, overwrite: bool, inputs: list[st
     output_dir = Path(output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise ConfigError(f"output_dir {output_dir} exists and is not a folder")
-    if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
-        raise ConfigError(f"output_dir {output_dir} is not empty; pass --overwrite to replace it")
     check_not_an_input(output_dir, inputs, "output_dir")
+    if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
+        raise ConfigError(f"output_dir {output_dir} is not empty; pass --overwrite to move it aside and replace it")
     check_writable(output_dir, "output_dir")
     return output_dir
 
@@ -107,14 +114,13 @@ def _publish(staging: Path, output_dir: Path, overwrite: bool) -> None:
                 raise
     if any(output_dir.iterdir()) and not overwrite:  # filled while we were writing
         raise ConfigError(f"output_dir {output_dir} is not empty; pass --overwrite to replace it")
-    old = output_dir.parent / f".{output_dir.name}.replaced-{secrets.token_hex(3)}"
-    output_dir.rename(old)
+    old = move_aside(output_dir, "replaced")
     try:
         staging.rename(output_dir)
     except BaseException:
         old.rename(output_dir)
         raise
-    shutil.rmtree(old)
+    logger.warning("--overwrite: moved the previous %s to %s (delete it when you no longer need it)", output_dir, old)
 
 
 def move_aside(folder: Path, reason: str) -> Path:
@@ -126,3 +132,54 @@ def move_aside(folder: Path, reason: str) -> Path:
             folder.rename(aside)
             return aside
     raise ConfigError(f"{folder}: too many {folder.name}.{reason}-N folders beside it; delete some")
+
+
+LOCK_FILE = ".gkd-run.lock"
+_held_locks = []  # open lock files of this process: closing one releases its lock
+
+
+def check_not_busy(output_dir: str | Path) -> None:
+    """Refuse at once a folder another gkd process holds (before anything reads its checkpoints); writes nothing."""
+    path = Path(output_dir) / LOCK_FILE
+    if not path.is_file():
+        return
+    with open(path) as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = handle.read().strip() or "another process"
+            raise ConfigError(f"{path.parent} is in use by another gkd process ({holder}); wait for it to end or "
+                              "choose another --output_dir") from None
+        except OSError:
+            return
+        fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def lock_folder(folder: Path):
+    """An exclusive lock on `folder` for this process's lifetime (or until `release_lock`); the kernel drops it when
+    the process dies, so a crashed run never blocks the next. Refuses a folder another process holds."""
+    path = folder / LOCK_FILE
+    handle = open(path, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise ConfigError(f"{folder} is in use by another gkd process ({holder}); wait for it to end or "
+                          "choose another --output_dir") from None
+    except OSError as error:  # a filesystem without locks (some network mounts): run unguarded, and say so
+        logger.warning("cannot lock %s (%s): nothing stops a second run from writing into it", path, error)
+        return handle
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    handle.flush()
+    _held_locks.append(handle)
+    return handle
+
+
+def release_lock(handle) -> None:
+    if handle in _held_locks:
+        _held_locks.remove(handle)
+    handle.close()

@@ -44,10 +44,10 @@ def generate(
 
     `backend` is one of `BACKENDS` (module docstring). "compiled" sizes its cache for `max_cache_len` tokens (at least
     this batch's prompt width + `max_new_tokens`), "static" for the call; pass the same `decoder` and `lora_copies` on
-    every call of a run so cache, decode graph and merged copies are built once. `suppress_ids` are never sampled, besides
-    the generation config's own `suppress_tokens`; `min_new_tokens` comes from the generation config, as transformers'
-    `generate` reads it. Returns completion ids [B, C] and a mask that keeps each row's first stop token and nothing
-    after it; ids after it are `pad_token_id`."""
+    every call of a run so cache, decode graph and merged copies are built once. `suppress_ids` are never sampled,
+    besides the generation config's own `suppress_tokens`; `min_new_tokens` comes from the generation config, as
+    transformers' `generate` reads it. Returns completion ids [B, C] and a mask that keeps each row's first stop token
+    and nothing after it; ids after it are `pad_token_id`."""
     if backend not in BACKENDS:
         raise ValueError(f"generation backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     was_training = model.training

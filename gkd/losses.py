@@ -373,7 +373,9 @@ def _fused_linear_distillation(student_hidden, student_weight, student_bias, tea
 
 def _divergence_and_logit_grad_(student_log_probs, teacher, rows: slice, options: LossOptions, with_grad: bool):
     if isinstance(teacher, DenseTeacher):  # the teacher's logits only as a temporary, freed once normalised
-        teacher_log_probs = _log_probs(F.linear(teacher.hidden[rows], teacher.weight, teacher.bias), options.temperature)
+        teacher_logits = F.linear(teacher.hidden[rows], teacher.weight, teacher.bias)
+        teacher_log_probs = _log_probs(teacher_logits, options.temperature)
+        del teacher_logits
         return _jsd_and_logit_grad_from_log_probs_(student_log_probs, teacher_log_probs, options.beta,
                                                    options.temperature, with_grad)
     chunk = SparseTeacher(teacher.ids[rows], teacher.log_probs[rows], teacher.valid[rows])

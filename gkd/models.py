@@ -73,6 +73,10 @@ def _check_folder(folder: Path, flag: str) -> None:
             raise ModelError(f"{flag} {folder}: holds a LoRA adapter (a --use_peft run), not a model; merge it first "
                              f"(scripts/merge_lora.py --adapter_path {folder} --output_dir MERGED) or give its base")
         raise ModelError(f"{flag} {folder}: no config.json, so not a Hugging Face model folder")
+    try:
+        json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise ModelError(f"{flag} {folder}: config.json is not valid JSON ({_first_line(error)})") from None
     weights = [path for pattern in WEIGHT_PATTERNS for path in folder.glob(pattern)]
     if not weights:
         raise ModelError(f"{flag} {folder}: has config.json but no weights (*.safetensors or *.bin)")

@@ -13,14 +13,11 @@ The rules, checked before any model loads:
 """
 
 import dataclasses
-import fcntl
 import json
 import logging
 import os
 import shutil
-import socket
 import sys
-import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -28,13 +25,12 @@ from transformers import TrainerCallback
 
 from .checkpoints import checkpoint_problem, checkpoints_by_step, last_complete_checkpoint
 from .errors import ConfigError
-from .folders import check_not_an_input, check_writable, move_aside
+from .folders import check_not_an_input, check_writable, lock_folder, move_aside, release_lock
 from .launch import launch_problems
 
 logger = logging.getLogger(__name__)
 
 LIBRARIES = ["torch", "transformers", "trl", "accelerate", "peft", "deepspeed", "datasets"]
-LOCK_FILE = ".gkd-run.lock"
 METRICS_FILE = "metrics.jsonl"
 RUN_CONFIG = "run_config.json"
 # What a run leaves before it has saved anything: cleared when the folder is reused.
@@ -42,7 +38,6 @@ LEFTOVERS = (RUN_CONFIG, METRICS_FILE, "runs")
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
 MODEL_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                "pytorch_model.bin.index.json")
-_held_locks = []  # open lock files of this process: closing one releases its lock
 
 
 def results_in(folder: str | Path) -> list[str]:
@@ -54,13 +49,17 @@ def results_in(folder: str | Path) -> list[str]:
     return names + [path.name for path in checkpoints_by_step(folder)]
 
 
-def resolve_resume(training_args, use_peft: bool) -> str | None:
-    """`--resume_from_checkpoint`, checked and resolved before any model loads: a complete checkpoint of the kind
-    this run trains (adapter or full model), or `last`/`true` for the newest complete one in output_dir."""
+def resolve_resume(training_args, model_args, script_args=None) -> str | None:
+    """`--resume_from_checkpoint`, checked and resolved before any model loads: a complete checkpoint of the kind and
+    shape this run trains (adapter or full model, the same student and LoRA options), with steps left to train, that
+    is not older than results already in the folder it resumes into; or `last`/`true` for the newest complete one in
+    output_dir."""
     value = training_args.resume_from_checkpoint
     if value is None or value is False or str(value).strip() == "":
         return None
     flag = f"--resume_from_checkpoint {value}"
+    if training_args.overwrite_output_dir:
+        raise ConfigError(f"give {flag} (continue a run) or --overwrite_output_dir (start anew), not both")
     if str(value).lower() in ("last", "true"):
         checkpoint, skipped = last_complete_checkpoint(training_args.output_dir)
         for folder, problem in skipped:
@@ -76,8 +75,63 @@ def resolve_resume(training_args, use_peft: bool) -> str | None:
         problem = checkpoint_problem(checkpoint)
         if problem is not None:
             raise ConfigError(f"{flag}: {_not_a_checkpoint(checkpoint, problem)}")
-    _check_checkpoint_kind(checkpoint, use_peft, flag)
+    _check_checkpoint_kind(checkpoint, model_args.use_peft, flag)
+    if str(value).lower() not in ("last", "true"):  # `last` is the newest: nothing can lie past it
+        _check_not_rewound(checkpoint, Path(training_args.output_dir), flag)
+    _check_steps_left(checkpoint, training_args, flag)
+    _check_same_run(checkpoint, model_args, script_args, flag)
     return str(checkpoint)
+
+
+def _check_not_rewound(checkpoint: Path, output_dir: Path, flag: str) -> None:
+    """Resuming an older checkpoint into its own folder would leave the later checkpoints (which `last` would pick
+    next time) and the final model beside the new run's: refused; a new folder takes the branch."""
+    if checkpoint.resolve().parent != output_dir.resolve():
+        return
+    step = _step_of(checkpoint)
+    later = [path.name for path in checkpoints_by_step(output_dir)
+             if _step_of(path) > step and checkpoint_problem(path) is None]
+    later += [name for name in (*MODEL_FILES[1:], *ADAPTER_FILES[1:]) if (output_dir / name).exists()][:1]
+    if later:
+        raise ConfigError(f"{flag}: {output_dir} holds results past it ({_listing(later)}); resuming it there would "
+                          "mix two runs: resume it into a new folder (--output_dir NEW), or resume the newest with "
+                          "--resume_from_checkpoint last")
+
+
+def _step_of(checkpoint: Path) -> int:
+    return int(checkpoint.name.rsplit("-", 1)[-1]) if checkpoint.name.rsplit("-", 1)[-1].isdigit() else -1
+
+
+def _check_steps_left(checkpoint: Path, training_args, flag: str) -> None:
+    try:
+        step = json.loads((checkpoint / "trainer_state.json").read_text())["global_step"]
+    except (OSError, ValueError, KeyError):
+        return
+    if 0 < training_args.max_steps <= step:
+        raise ConfigError(f"{flag} is at step {step} and --max_steps is {training_args.max_steps}: nothing is left "
+                          "to train; raise --max_steps to continue the run")
+
+
+def _check_same_run(checkpoint: Path, model_args, script_args, flag: str) -> None:
+    """The student and LoRA options must be the checkpoint's own (its weights would not load into another shape);
+    other data only warrants a warning."""
+    try:
+        recorded = json.loads((checkpoint.parent / RUN_CONFIG).read_text())
+    except (OSError, ValueError):
+        return
+    was = recorded.get("model_args") or {}
+    student = recorded.get("model_name_or_path") or was.get("model_name_or_path")
+    if student and _absolute_if_folder(model_args.model_name_or_path) != student:
+        raise ConfigError(f"{flag} was trained from the student {student}; this run names "
+                          f"{model_args.model_name_or_path}: resume it with the same --model_name_or_path")
+    if model_args.use_peft:
+        for name in ("lora_r", "lora_alpha", "lora_target_modules"):
+            if name in was and was[name] != getattr(model_args, name):
+                raise ConfigError(f"{flag} was trained with --{name} {was[name]}; this run gives "
+                                  f"{getattr(model_args, name)}: resume it with the same LoRA options")
+    data = (recorded.get("script_args") or {}).get("dataset_name")
+    if script_args is not None and data and data != script_args.dataset_name:
+        logger.warning("%s was trained on %s; this run continues it on %s", checkpoint, data, script_args.dataset_name)
 
 
 def _not_a_checkpoint(folder: Path, problem: str) -> str:
@@ -132,62 +186,42 @@ def prepare(training_args) -> None:
     checkpoint = training_args.resume_from_checkpoint
     resumes_here = bool(checkpoint) and Path(checkpoint).resolve().parent == output_dir.resolve()
     if output_dir.is_dir():
-        old_lock = _lock(output_dir)
+        old_lock = lock_folder(output_dir)
         if results_in(output_dir) and not resumes_here:  # only with --overwrite_output_dir, `check` made sure
             aside = move_aside(output_dir, "replaced")
             logger.warning("--overwrite_output_dir: moved the previous run in %s to %s (delete it when you no longer "
                            "need it)", output_dir, aside)
-        elif not resumes_here:
-            _clear_leftovers(output_dir)
+        elif not resumes_here and _clear_leftovers(output_dir):
+            release_lock(old_lock)
+            old_lock = None
         if output_dir.is_dir():
             if resumes_here:
                 _trim_metrics(output_dir, int(Path(checkpoint).name.split("-")[-1]))
             return
-        _release(old_lock)
+        if old_lock is not None:
+            release_lock(old_lock)
     output_dir.mkdir(parents=True, exist_ok=True)
-    _lock(output_dir)
+    lock_folder(output_dir)
 
 
 def _listing(names: list[str]) -> str:
     return ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
 
 
-def _lock(folder: Path):
-    path = folder / LOCK_FILE
-    handle = open(path, "a+")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        holder = handle.read().strip() or "another process"
-        handle.close()
-        raise ConfigError(f"--output_dir {folder} is in use by another gkd run ({holder}); wait for it to end or "
-                          "choose another --output_dir") from None
-    except OSError as error:  # a filesystem without locks (some network mounts): run unguarded, and say so
-        logger.warning("cannot lock %s (%s): nothing stops a second run from writing into it", path, error)
-        return handle
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-    handle.flush()
-    _held_locks.append(handle)
-    return handle
-
-
-def _release(handle) -> None:
-    if handle in _held_locks:
-        _held_locks.remove(handle)
-    handle.close()
-
-
-def _clear_leftovers(folder: Path) -> None:
-    """A failed start's files (no results to lose): the new run replaces them."""
+def _clear_leftovers(folder: Path) -> bool:
+    """What a run that saved nothing left: a failed start's files are replaced; a run that logged training steps
+    before it died is moved aside whole (its metrics may be all its user has of it). True when moved aside."""
     found = [name for name in LEFTOVERS if (folder / name).exists()]
+    if (folder / METRICS_FILE).exists() and any("loss" in record for record in read_metrics(folder)):
+        aside = move_aside(folder, "replaced")
+        logger.warning("%s held a run that logged steps but saved nothing; moved it to %s", folder, aside)
+        return True
     for name in found:
         path = folder / name
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     if found:
         logger.info("%s held no results, only %s from a run that saved nothing: replaced", folder, ", ".join(found))
+    return False
 
 
 def _trim_metrics(folder: Path, step: int) -> None:
@@ -195,7 +229,8 @@ def _trim_metrics(folder: Path, step: int) -> None:
     a crash, so metrics.jsonl reads as one run."""
     path = folder / METRICS_FILE
     if path.exists():
-        kept = [line for line, record in _metric_lines(path) if record.get("step", 0) <= step]
+        kept = [line for line, record in _metric_lines(path)
+                if record.get("step", 0) <= step and "train_runtime" not in record]  # the end-of-run summary too
         path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
 

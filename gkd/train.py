@@ -37,9 +37,12 @@ def main(argv: list[str] | None = None) -> None:
     script_args, model_args, training_args = parse_args(argv)
 
     from gkd import data, launch, models, run_folder, teachers
+    from gkd.folders import check_not_busy
 
     launch.warn_about_launch(training_args)  # a DeepSpeed config that is not active, ranks that came up alone
-    training_args.resume_from_checkpoint = run_folder.resolve_resume(training_args, model_args.use_peft)
+    if training_args.process_index == 0:
+        check_not_busy(training_args.output_dir)  # another run's pid, before its checkpoints are read
+    training_args.resume_from_checkpoint = run_folder.resolve_resume(training_args, model_args, script_args)
     run_folder.check(training_args, [model_args.model_name_or_path, model_args.teacher_model_name_or_path,
                                      model_args.teacher_logits_path, script_args.dataset_name,
                                      script_args.eval_dataset_name])

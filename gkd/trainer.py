@@ -229,6 +229,10 @@ class GKDTrainer(Trainer):
         completions = self.teacher_source.sample(prompts, self.args.max_new_tokens, self.args.temperature,
                                                  self.args.top_p, self.stop_token_ids, seeds)
         self._metrics["teacher_sampling_seconds"].append(time.perf_counter() - started)
+        # A served teacher samples from its whole (maybe padded) vocabulary: a completion ends before an id the
+        # student cannot embed (the live teacher never samples one: see `_ids_beyond`).
+        completions = [ids[: next((i for i, token in enumerate(ids) if token >= self.shared_vocab_size), len(ids))]
+                       for ids in completions]
         width = max(1, max(len(ids) for ids in completions))
         completion_ids = torch.full((len(prompts), width), self.pad_token_id, dtype=torch.long)
         for row, ids in enumerate(completions):
@@ -424,7 +428,8 @@ def _top_k_of_logits(logits, k, temperature, vocab_size, labels) -> SparseTarget
 def _has_logit_transform(config) -> bool:
     return any(
         getattr(config, name, None) not in (None, 1, 1.0)
-        for name in ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier", "lm_head_multiplier")
+        for name in ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier",
+                     "lm_head_multiplier")
     )
 
 

@@ -6,7 +6,7 @@
 The same command as `gkd-cache-teacher`; see gkd/tools/cache_teacher.py.
 """
 
-from gkd.tools.cache_teacher import cli
+from gkd.cli import command
 
 if __name__ == "__main__":
-    cli()
+    command("gkd.tools.cache_teacher")

@@ -7,7 +7,7 @@ The runs, the plan file and the report: gkd/tools/compare.py. The studies in doc
 examples/studies/.
 """
 
-from gkd.tools.compare import cli
+from gkd.cli import command
 
 if __name__ == "__main__":
-    cli()
+    command("gkd.tools.compare")

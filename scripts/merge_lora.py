@@ -6,7 +6,7 @@ The same command as `gkd-merge`; the base model defaults to the one recorded in 
 run_config.json); see gkd/tools/merge.py.
 """
 
-from gkd.tools.merge import cli
+from gkd.cli import command
 
 if __name__ == "__main__":
-    cli()
+    command("gkd.tools.merge")

@@ -10,7 +10,7 @@ from_pretrained; its pruning.json records the measured importance, what was kept
 and student.
 """
 
-from gkd.tools.prune import cli
+from gkd.cli import command
 
 if __name__ == "__main__":
-    cli()
+    command("gkd.tools.prune")

@@ -578,3 +578,16 @@ def test_encoding_with_several_processes_reports_errors_with_their_record(tmp_pa
         prepare_dataset(DataSource(str(data)), fresh_tokenizer, options, num_proc=2, batch_size=2,
                         cache_root=tmp_path / "cache")
     assert not list((tmp_path / "cache").glob("*"))  # nothing half-encoded left to be reused
+
+
+def test_sub_folders_are_read_and_a_byte_order_mark_is_not_data(tmp_path):
+    folder = tmp_path / "data"
+    (folder / "sub").mkdir(parents=True)
+    (folder / ".hidden").mkdir()
+    (folder / "a.jsonl").write_bytes(b"\xef\xbb\xbf" + json.dumps(GOOD).encode() + b"\n")  # UTF-8 with a BOM
+    write_json(folder / "sub" / "b.json", [GOOD, GOOD])
+    (folder / "sub" / "c.json").write_bytes(b"\xef\xbb\xbf" + json.dumps([GOOD]).encode())
+    write_jsonl(folder / ".hidden" / "d.jsonl", [GOOD])
+    conversations = load_conversations(folder)
+    assert [c.source for c in conversations] == [f"{folder / 'a.jsonl'}:1", f"{folder / 'sub' / 'b.json'}[0]",
+                                                 f"{folder / 'sub' / 'b.json'}[1]", f"{folder / 'sub' / 'c.json'}[0]"]

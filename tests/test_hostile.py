@@ -106,6 +106,15 @@ TRAIN_CASES = {
     "schedule_without_warmup": (lambda s, t, d, tmp: ["--lmbda_schedule", "linear"], ["--lmbda_warmup_steps"]),
     "no_loss_terms": (lambda s, t, d, tmp: ["--kd_loss_weight", "0"], ["both 0", "nothing"]),
     "sft_on_policy": (lambda s, t, d, tmp: ["--objective", "sft", "--lmbda", "0.5"], ["on-policy", "--lmbda 0"]),
+    "config_null": (lambda s, t, d, tmp: ["--config", _file(tmp / "null.yaml", "lmbda: null\n")],
+                    ["null.yaml", "'lmbda' needs a value, got null"]),
+    "config_duplicate_key": (lambda s, t, d, tmp: ["--config", _file(tmp / "twice.yaml", "lmbda: 0\nlmbda: 1\n")],
+                             ["twice.yaml", "'lmbda' is given twice"]),
+    "config_string_for_list": (lambda s, t, d, tmp: ["--config", _file(tmp / "list.yaml", "lora_target_modules: q\n")],
+                               ["'lora_target_modules' expects a list"]),
+    "flag_typo": (lambda s, t, d, tmp: ["--beta_", "0.5"], ["unknown option --beta_", "did you mean --beta?"]),
+    "resume_and_overwrite": (lambda s, t, d, tmp: ["--resume_from_checkpoint", "last", "--overwrite_output_dir"],
+                             ["not both"]),
     # output folders
     "output_is_a_file": (lambda s, t, d, tmp: ["--output_dir", _file(tmp / "file", "x")], ["is a file"]),
     "output_is_the_student": (lambda s, t, d, tmp: ["--output_dir", s, "--overwrite_output_dir"],
@@ -204,6 +213,10 @@ def test_train_reads_a_folder_of_upper_case_jsonl_files(capfd, tiny_models, tmp_
         ("full_with_peft", ["fully fine-tuned model", "without --use_peft"]),
         ("into_another_run", ["holds another run's results", "would mix two runs"]),
         ("last_with_nothing", ["--resume_from_checkpoint last", "no complete checkpoint"]),
+        ("rewind_into_its_own_run", ["holds results past it", "checkpoint-2", "a new folder"]),
+        ("nothing_left_to_train", ["is at step 2 and --max_steps is 2", "nothing is left to train"]),
+        ("another_student", ["was trained from the student", "same --model_name_or_path"]),
+        ("other_lora_rank", ["was trained with --lora_r 16", "same LoRA options"]),
     ],
 )
 def test_resume_is_refused_where_it_would_mix_or_misread_runs(capfd, tiny_models, chat_data, runs, tmp_path, case,
@@ -219,6 +232,14 @@ def test_resume_is_refused_where_it_would_mix_or_misread_runs(capfd, tiny_models
         out, extra = runs["lora"], ["--resume_from_checkpoint", runs["full"] / "checkpoint-1"]
     elif case == "last_with_nothing":
         extra = ["--resume_from_checkpoint", "last"]
+    elif case == "rewind_into_its_own_run":
+        out, extra = runs["full"], ["--resume_from_checkpoint", runs["full"] / "checkpoint-1", "--max_steps", "4"]
+    elif case == "nothing_left_to_train":
+        extra = ["--resume_from_checkpoint", runs["full"] / "checkpoint-2"]
+    elif case == "another_student":
+        extra = ["--resume_from_checkpoint", runs["full"] / "checkpoint-1", "--model_name_or_path", tiny_models[1]]
+    elif case == "other_lora_rank":
+        extra = ["--resume_from_checkpoint", runs["lora"] / "checkpoint-1", "--use_peft", "--lora_r", "8"]
     before = {path: path.stat().st_mtime_ns for path in out.rglob("*")} if out.exists() else {}
     refused(capfd, train.main, train_args(*tiny_models, chat_data, out, *extra)[1:], *expected)
     assert {path: path.stat().st_mtime_ns for path in out.rglob("*")} == before if before else not out.exists()
@@ -291,7 +312,7 @@ def test_a_second_run_on_a_busy_folder_is_refused_and_a_killed_run_leaves_no_loc
             time.sleep(0.2)
         assert first.poll() is None, first.stderr.read()[-3000:]
         second = run_cli(train_args(*tiny_models, chat_data, out, "--lmbda", "0", "--max_steps", "1"))
-        assert_user_error(second, "in use by another gkd run", f"pid {first.pid}")
+        assert_user_error(second, "in use by another gkd", f"pid {first.pid}")
     finally:
         first.kill()
         first.communicate()
@@ -310,6 +331,18 @@ def test_ctrl_c_during_start_up_is_one_line(tiny_models, chat_data, tmp_path):
     stderr = first_line + stderr
     assert process.returncode == 130, stderr[-3000:]
     assert "Traceback" not in stderr and stderr.strip().splitlines()[-1] == "error: interrupted"
+
+
+@pytest.mark.subprocess
+def test_sigterm_during_start_up_is_one_line(tiny_models, chat_data, tmp_path):
+    command = [sys.executable, *map(str, train_args(*tiny_models, chat_data, tmp_path / "out"))]
+    process = subprocess.Popen(command, cwd=REPO, env=CLI_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, preexec_fn=default_signals)
+    first_line = process.stderr.readline()
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 143, first_line + stderr[-3000:]
+    assert "Traceback" not in stderr and stderr.strip().splitlines()[-1] == "error: terminated"
 
 
 @pytest.mark.subprocess
@@ -364,17 +397,61 @@ def test_merge_refuses_unknown_flags_and_missing_adapters(capfd, tmp_path):
                                 "nan"], "--verify_tolerance must be a finite number")  # every CLI, every float
 
 
+def test_merge_refuses_an_adapter_trained_on_another_model(capfd, tiny_models, runs, tmp_path):
+    """The student's adapter (2 blocks) onto the 3-block teacher: every shape fits, one block has no adapter."""
+    refused(capfd, merge.main, ["--adapter_path", runs["lora"], "--base_model_name_or_path", tiny_models[1],
+                                "--output_dir", tmp_path / "merged"], "adapts 2 blocks", "has 3")
+    assert not (tmp_path / "merged").exists()
+
+
+def test_every_command_line_documents_its_options(capfd):
+    from gkd.tools import cache_teacher, compare, teacher_server
+
+    for main in (train.main, prune.main, merge.main, evaluate.main, cache_teacher.main, teacher_server.main,
+                 compare.main):
+        code, _ = in_process(capfd, main, ["--help"])
+        assert code == 0, main.__module__
+
+
+def test_the_other_tools_refuse_bad_options(capfd, tiny_models, chat_data, tmp_path):
+    from gkd.tools import cache_teacher, compare, teacher_server
+
+    student, teacher = tiny_models
+    refused(capfd, prune.main, ["--model_name_or_path", student, "--output_dir", tmp_path / "o", "--drop_layers", "0",
+                                "--depth_selection", "contiguous"], "--depth_selection chooses the blocks")
+    refused(capfd, cache_teacher.main, ["--teacher_model_name_or_path", teacher, "--dataset_name", chat_data,
+                                        "--output_dir", tmp_path / "c", "--top_k", "100000"],
+            "--top_k 100000 is more than the teacher's vocabulary")
+    refused(capfd, cache_teacher.main, ["--teacher_model_name_or_path", teacher, "--dataset_name", chat_data,
+                                        "--output_dir", chat_data], "is a file")
+    refused(capfd, teacher_server.main, ["--model_name_or_path", teacher, "--port", "70000"], "--port must be in")
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("runs: [a, b]\n")
+    refused(capfd, compare.main, ["--plan", plan, "--student", student, "--teacher", teacher, "--output_dir",
+                                  tmp_path / "s"], "runs must be a mapping")
+    plan.write_text("runs: {good: [--lmbda, 0], typo: [--lmbda, 0, --betaa, 1]}\n")
+    refused(capfd, compare.main, ["--plan", plan, "--student", student, "--teacher", teacher, "--output_dir",
+                                  tmp_path / "s", "--train_data", chat_data], "run student/typo", "--betaa")
+    assert not (tmp_path / "s").exists()  # refused before the first run trained
+
+
 @pytest.mark.parametrize(
     "extra,expected",
     [
         (["--batch_size", "0"], ["--batch_size must be at least 1"]),
+        (["--plot_run", "runs/x"], ["--plot_run plots a run's curves and nothing else"]),
+        (["--student", "=nowhere"], ["expected PATH or NAME=PATH"]),
         (["--student", "REPLACED"], ["the name 'student' is taken", "NAME=PATH"]),
         (["--max_records", "0"], ["--max_records"]),
+        (["--output_dir", "EARLIER"], ["already holds an evaluation", "--overwrite"]),
     ],
 )
 def test_evaluate_refuses_bad_options(capfd, tiny_models, tmp_path, extra, expected):
+    (tmp_path / "earlier").mkdir()
+    (tmp_path / "earlier" / "eval.json").write_text("{}")
     student, teacher = tiny_models
     extra = [str(student) if item == "REPLACED" else item for item in extra]  # the same folder name twice
+    extra = [str(tmp_path / "earlier") if item == "EARLIER" else item for item in extra]
     argv = ["--student", student, "--teacher", teacher, "--dataset_name", REPO / "examples/data/chat.jsonl",
             "--output_dir", tmp_path / "o", *extra]
     refused(capfd, evaluate.main, argv, *expected)

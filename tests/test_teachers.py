@@ -25,8 +25,8 @@ def start_server(teacher, *extra) -> tuple[subprocess.Popen, str]:
                *map(str, extra)]
     process = subprocess.Popen(command, cwd=REPO, env=CLI_ENV, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                text=True, preexec_fn=default_signals)
-    line = process.stdout.readline()  # "serving ... at http://127.0.0.1:PORT/v1 ..."
-    match = re.search(r"(http://[\d.]+:\d+)/v1", line)
+    line = process.stdout.readline()  # "serving ... at http://127.0.0.1:PORT (the OpenAI API under /v1 ..."
+    match = re.search(r"(http://[\d.]+:\d+)", line)
     assert match, line
     return process, match.group(1)
 

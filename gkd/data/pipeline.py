@@ -164,6 +164,8 @@ def training_datasets(script_args, training_args, tokenizer, stop_token_ids: lis
         evaluation = prepare_dataset(eval_source, tokenizer, options, **kwargs)[0] if eval_source else None
     logger.info(stats.describe(script_args.dataset_name, training_args.max_length))
     _check_trainable(stats, training_args, script_args.dataset_name)
+    if training_args.text_prompt_tokens is not None and not stats.num_text:
+        logger.warning("--text_prompt_tokens has no effect: %s has no plain-text records", script_args.dataset_name)
     if stats.num_text and training_args.lmbda > 0 and training_args.text_prompt_tokens is None:
         raise ConfigError(f"{script_args.dataset_name}: plain-text records have no prompt for the student to continue "
                           f"on on-policy steps (--lmbda {training_args.lmbda}): give --text_prompt_tokens N (the "
@@ -183,18 +185,15 @@ def _eval_source(script_args, training_args) -> DataSource | None:
 def _check_trainable(stats: EncodeStats, training_args, name: str) -> None:
     """Steps without a single completion token train nothing: refuse a run made of them, warn of a partial one."""
     from ..errors import ConfigError
-    from ..steps import lmbda_at
 
     off_policy = training_args.lmbda < 1 or training_args.lmbda_schedule != "constant"
     if not stats.num_prompt_only or training_args.seq_kd or not off_policy:
         return
-    first = lmbda_at(0, training_args.lmbda, training_args.lmbda_schedule, training_args.lmbda_warmup_steps,
-                     training_args.lmbda_start)
-    if stats.num_prompt_only == stats.num_samples and (first == 0 or training_args.lmbda == 0):
+    if stats.num_prompt_only == stats.num_samples:
         raise ConfigError(
-            f"{name}: every record is prompt-only (no response to train on), and "
-            + ("--lmbda is 0" if training_args.lmbda == 0 else "the lmbda schedule starts at 0")
-            + ": the run would train on nothing; add --seq_kd (the teacher answers) or raise --lmbda/--lmbda_start"
+            f"{name}: every record is prompt-only (no response to train on), so the off-policy steps (all but "
+            f"--lmbda {training_args.lmbda} of them) would train on nothing; add --seq_kd (the teacher answers them) "
+            "or use --lmbda 1"
         )
     logger.warning("%d prompt-only records have no response: they train only on on-policy steps (lmbda=%s); add "
                    "--seq_kd to have the teacher answer them on the other steps", stats.num_prompt_only,

@@ -2,7 +2,8 @@
 that changes whenever its records can.
 
 Local: a `.json` list of records, a `.jsonl` file (one record per line, read line by line), a `.parquet` file, a
-folder of such files (sorted by name, concatenated; suffixes in any case), or a folder written by
+folder of such files, its sub-folders included (sorted by path, concatenated; suffixes in any case; hidden files
+skipped), or a folder written by
 `datasets.save_to_disk` (a `DatasetDict` gives its `--dataset_train_split`). Anything else is a Hugging Face Hub
 dataset id, loaded with `datasets.load_dataset(name, --dataset_config, split=...)` through the HF cache (offline with
 `HF_DATASETS_OFFLINE=1`).
@@ -48,7 +49,7 @@ def read_records(source: DataSource) -> Iterator[tuple[Location, Any]]:
         if any((path / marker).exists() for marker in SAVED_DATASET_MARKERS):
             yield from _arrow_records(_load_saved(path, source.split), path)
             return
-        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in FILE_SUFFIXES)
+        files = data_files(path)
         if not files:
             raise DataError(path, "empty folder: expected .json, .jsonl or .parquet files, or a folder written by "
                                   "save_to_disk")
@@ -74,6 +75,14 @@ def read_conversations(source: DataSource) -> Iterator[Conversation]:
         raise DataError(source.name, "no records found")
 
 
+def data_files(folder: Path) -> list[Path]:
+    """The data files of a folder and of its sub-folders, by path name; hidden files and folders are skipped."""
+    found = [path for path in folder.rglob("*")
+             if path.is_file() and path.suffix.lower() in FILE_SUFFIXES
+             and not any(part.startswith(".") for part in path.relative_to(folder).parts)]
+    return sorted(found, key=lambda path: path.relative_to(folder).as_posix())
+
+
 def looks_like_path(name: str) -> bool:
     """A name no Hub dataset id has: absolute, relative to here or home, a file suffix, or more than one slash."""
     return (name.startswith(("/", "./", "../", "~")) or Path(name).suffix.lower() in FILE_SUFFIXES
@@ -94,10 +103,9 @@ def fingerprint(source: DataSource) -> str:
     elif path.is_dir() and any((path / marker).exists() for marker in SAVED_DATASET_MARKERS):
         digest.update(_load_saved(path, source.split)._fingerprint.encode())
     else:
-        files = [path] if path.is_file() else sorted(
-            p for p in path.iterdir() if p.is_file() and p.suffix.lower() in FILE_SUFFIXES)
+        files = [path] if path.is_file() else data_files(path)
         for file in files:
-            digest.update(file.name.encode())
+            digest.update(str(file.relative_to(path) if path.is_dir() else file.name).encode())
             with open(file, "rb") as handle:
                 for block in iter(lambda: handle.read(1 << 22), b""):
                     digest.update(block)
@@ -137,7 +145,7 @@ def _file_records(file: Path) -> Iterator[tuple[Location, Any]]:
 
 def _read_text(file: Path) -> str:
     try:
-        return file.read_text(encoding="utf-8")
+        return file.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors write one) is not data
     except (OSError, UnicodeDecodeError) as error:
         raise DataError(file, f"cannot read the file as UTF-8 text: {error}") from None
 
@@ -148,7 +156,7 @@ def _json_lines(file: Path) -> Iterator[tuple[Location, Any]]:
     with open(file, "rb") as handle:
         for line_number, raw in enumerate(handle, start=1):
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig" if line_number == 1 else "utf-8")
             except UnicodeDecodeError as error:
                 raise DataError(file, f"cannot read the file as UTF-8 text: {error} (line {line_number})") from None
             if not line.strip():

@@ -134,7 +134,8 @@ def score_batch(model, batch: dict, top_k: int, chunk_size: int = 512) -> list[d
     input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
     attention_mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
     prompt_width, completion_width = batch["prompt_ids"].shape[1], batch["completion_ids"].shape[1]
-    hidden = last_hidden_state(model, input_ids, attention_mask)[:, prompt_width - 1:prompt_width - 1 + completion_width]
+    columns = slice(prompt_width - 1, prompt_width - 1 + completion_width)  # the states predicting completion tokens
+    hidden = last_hidden_state(model, input_ids, attention_mask)[:, columns]
     mask = batch["completion_mask"].bool()
     if not mask.any():  # prompt-only samples: nothing to score, but each keeps its row in the shard
         targets = SparseTargets(*(torch.zeros(0, top_k, dtype=dtype) for dtype in (torch.long, torch.float32)),

@@ -38,7 +38,7 @@ class TeacherServer:
     """The client of one served teacher: its model id, and the two requests gkd makes of it."""
 
     def __init__(self, url: str, timeout: float = 120.0, retries: int = 5, concurrency: int = 8):
-        self.url = url.rstrip("/")
+        self.url = url.rstrip("/").removesuffix("/v1")  # the base URL, whether or not it was given with /v1
         self.timeout, self.retries, self.concurrency = timeout, retries, concurrency
         self.model, self.root, self.max_model_len = None, None, None
 
@@ -213,5 +213,6 @@ def check_tokenizer(server: TeacherServer, student_tokenizer, tokenizer_name: st
     try:
         teacher_tokenizer = load_tokenizer(ModelRef(name, trust_remote_code=trust_remote_code, flag=flag))
     except ModelError as error:
-        raise ModelError(f"{error}; pass --teacher_tokenizer_name_or_path to name the served model's tokenizer") from None
+        raise ModelError(f"{error}; pass --teacher_tokenizer_name_or_path to name the served model's "
+                         "tokenizer") from None
     check_same_vocabulary(student_tokenizer, teacher_tokenizer, f"{server.url} ({name})")

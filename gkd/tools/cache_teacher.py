@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from gkd.errors import ConfigError
-from gkd.folders import check_not_an_input
+from gkd.folders import LOCK_FILE, check_not_an_input, check_not_busy, check_writable, lock_folder, move_aside
 from gkd.teachers.cache import FORMAT, MANIFEST, PROGRESS, CacheIdentity, score_batch, shard_name
 
 logger = logging.getLogger(__name__)
@@ -78,6 +78,17 @@ def build(config: CacheConfig) -> Path:
     teacher_ref = models.ModelRef(config.teacher_model_name_or_path, config.teacher_model_revision,
                                   config.trust_remote_code, "--teacher_model_name_or_path")
     models.check_model(teacher_ref)
+    folder = Path(config.output_dir)
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"--output_dir {folder} is a file, not a folder")
+    check_not_an_input(folder, [config.teacher_model_name_or_path, config.tokenizer_name_or_path,
+                                config.dataset_name], "--output_dir")
+    check_writable(folder, "--output_dir")
+    if state.is_main_process:
+        check_not_busy(folder)
+    vocabulary = models.embedding_size(teacher_ref)
+    if config.top_k > vocabulary:
+        raise ConfigError(f"--top_k {config.top_k} is more than the teacher's vocabulary of {vocabulary} tokens")
     tokenizer_ref = models.ModelRef(config.tokenizer_name_or_path, flag="--tokenizer_name_or_path",
                                     trust_remote_code=config.trust_remote_code) \
         if config.tokenizer_name_or_path else teacher_ref
@@ -92,9 +103,6 @@ def build(config: CacheConfig) -> Path:
         encoded, stats, _ = data.prepare_dataset(source, tokenizer, options, num_proc=config.dataset_num_proc)
     identity = CacheIdentity(data.sources.fingerprint(source), data.pipeline.tokenizer_fingerprint(tokenizer),
                              config.max_length, config.max_new_tokens, tuple(stop_ids), len(encoded))
-    folder = Path(config.output_dir)
-    check_not_an_input(folder, [config.teacher_model_name_or_path, config.tokenizer_name_or_path,
-                                config.dataset_name], "--output_dir")
     if state.is_main_process:
         _prepare_folder(folder, config, identity)
     state.wait_for_everyone()
@@ -119,25 +127,33 @@ def _prepare_folder(folder: Path, config: CacheConfig, identity: CacheIdentity) 
                 "shard_size": config.shard_size, "teacher": config.teacher_model_name_or_path,
                 "teacher_revision": config.teacher_model_revision}
     progress = folder / PROGRESS
-    if (folder / MANIFEST).is_file() or (folder.is_dir() and any(folder.iterdir()) and not progress.is_file()):
+    holds_other = folder.is_dir() and any(path.name != LOCK_FILE for path in folder.iterdir())
+    if (folder / MANIFEST).is_file() or (holds_other and not progress.is_file()):
         if not config.overwrite:
             what = "a finished teacher cache" if (folder / MANIFEST).is_file() else "other files"
-            raise ConfigError(f"--output_dir {folder} holds {what}; pass --overwrite to replace it, or choose another")
-        shutil.rmtree(folder)
+            raise ConfigError(f"--output_dir {folder} holds {what}; pass --overwrite to move it aside and build anew, "
+                              "or choose another")
+        _move_aside(folder)
     elif progress.is_file():
         previous = json.loads(progress.read_text())
         if json.loads(json.dumps(settings)) != previous and not config.overwrite:
             raise ConfigError(f"--output_dir {folder} holds a partial cache built with other options; pass "
                               "--overwrite to start it over, or give the same options to resume it")
         if json.loads(json.dumps(settings)) != previous:
-            shutil.rmtree(folder)
+            _move_aside(folder)
         else:
             done = sorted(path.name for path in folder.glob("shard-*") if path.is_dir())
             logger.info("resuming the partial cache in %s: %d shards already complete", folder, len(done))
     folder.mkdir(parents=True, exist_ok=True)
+    lock_folder(folder)  # one build at a time; released when this process ends
     for stale in folder.glob(".shard-*"):  # a killed build's half-written shard
         shutil.rmtree(stale, ignore_errors=True)
     progress.write_text(json.dumps(settings, indent=1))
+
+
+def _move_aside(folder: Path) -> None:
+    aside = move_aside(folder, "replaced")
+    logger.warning("--overwrite: moved the previous %s to %s (delete it when you no longer need it)", folder, aside)
 
 
 def _score_shards(model, encoded, shards, folder: Path, config: CacheConfig, pad_token_id: int, state) -> None:

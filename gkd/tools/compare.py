@@ -18,6 +18,7 @@ its student's `--reference` run, by default where it started) and compare.png.
 """
 
 import json
+import shlex
 import shutil
 import subprocess
 import sys
@@ -67,33 +68,77 @@ class Plan:
 
 
 def load_plan(config: CompareConfig, train_overrides: list[str]) -> Plan:
-    """The runs to make: from --plan, or from --runs presets (all of them by default) with --student."""
+    """The runs to make: from --plan, or from --runs presets (all of them by default) with --student. A plan's shape
+    is checked whole here, and every run's options later by the training parser, before the first run trains."""
     import yaml
 
     spec = {}
     if config.plan:
         try:
-            spec = yaml.safe_load(Path(config.plan).read_text()) or {}
+            spec = yaml.safe_load(Path(config.plan).read_text())
         except (OSError, yaml.YAMLError) as error:
-            raise ConfigError(f"--plan {config.plan}: cannot read it ({error})") from None
-        unknown = set(spec) - {"students", "runs", "seeds", "common"}
-        if not isinstance(spec, dict) or unknown:
-            raise ConfigError(f"--plan {config.plan}: expected a mapping of students, common, runs, seeds; found "
-                              f"{sorted(unknown) if isinstance(spec, dict) else type(spec).__name__}")
-    students = spec.get("students") or ({"student": config.student} if config.student else {})
+            raise ConfigError(f"--plan {config.plan}: cannot read it ({' '.join(str(error).split())})") from None
+        if not isinstance(spec, dict) or set(spec) - {"students", "runs", "seeds", "common"}:
+            found = sorted(spec) if isinstance(spec, dict) else type(spec).__name__
+            raise ConfigError(f"--plan {config.plan}: expected a mapping of students, common, runs, seeds; "
+                              f"found {found}")
+        if not spec.get("runs"):
+            raise ConfigError(f"--plan {config.plan}: names no runs; add runs: {{name: [options...]}}")
+    students = _mapping(spec, "students", config.plan) or ({"student": config.student} if config.student else {})
     if not students:
         raise ConfigError("give --student, or students in --plan")
-    runs = {name: [str(arg) for arg in args] for name, args in (spec.get("runs") or {}).items()}
+    runs = {str(name): _options(args, f"runs.{name}", config.plan)
+            for name, args in _mapping(spec, "runs", config.plan).items()}
     names = [name.strip() for name in (config.runs or ("" if runs else ",".join(OBJECTIVES))).split(",")
              if name.strip()]
     unknown = [name for name in names if name not in OBJECTIVES]
     if unknown:
         raise ConfigError(f"--runs: unknown objective(s) {unknown}; choose from {list(OBJECTIVES)}")
     runs.update({name: OBJECTIVES[name] for name in names})
-    seeds = {name: sorted({config.seed, *map(int, (spec.get("seeds") or {}).get(name, []))}) for name in runs}
-    common = [str(arg) for arg in spec.get("common") or []] + train_overrides
-    return Plan({name: str(Path(path).expanduser()) if Path(path).expanduser().exists() else path
-                 for name, path in students.items()}, runs, seeds, common)
+    extra_seeds = _mapping(spec, "seeds", config.plan)
+    for name, values in extra_seeds.items():
+        if name not in runs or not isinstance(values, list) or not all(isinstance(v, int) for v in values):
+            raise ConfigError(f"--plan {config.plan}: seeds.{name} must be a list of integers for one of the runs")
+    seeds = {name: sorted({config.seed, *extra_seeds.get(name, [])}) for name in runs}
+    common = _options(spec.get("common") or [], "common", config.plan) + train_overrides
+    return Plan({str(name): _resolved(str(path)) for name, path in students.items()}, runs, seeds, common)
+
+
+def _mapping(spec: dict, key: str, plan: str) -> dict:
+    value = spec.get(key) or {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"--plan {plan}: {key} must be a mapping of name: value, got {type(value).__name__}")
+    return value
+
+
+def _options(value, where: str, plan: str) -> list[str]:
+    """A run's options: a YAML list, or one string split as a shell would."""
+    if isinstance(value, str):
+        return shlex.split(value)
+    if not isinstance(value, list) or any(isinstance(item, (dict, list)) for item in value):
+        raise ConfigError(f"--plan {plan}: {where} must be a list of options like [--lmbda, 0.5]")
+    return [str(item) for item in value]
+
+
+def _resolved(path: str) -> str:
+    """A folder as an absolute path (runs start wherever this process started), a Hub id as given."""
+    expanded = Path(path).expanduser()
+    return str(expanded.resolve()) if expanded.exists() else path
+
+
+def check_runs(config: CompareConfig, plan: Plan) -> None:
+    """Parse every run's full training command before the first trains: a typo in the last run of a study must not
+    wait hours to be found."""
+    from gkd.train import parse_args
+
+    for student, path in plan.students.items():
+        for run, args in plan.runs.items():
+            for seed in plan.seeds[run]:
+                command = train_command(path, config, [*plan.common, *args], seed, Path(config.output_dir) / "x")
+                try:
+                    parse_args(command[2:])
+                except GKDError as error:
+                    raise ConfigError(f"run {student}/{run}: {error}") from None
 
 
 def run_folder(output_dir: Path, plan: Plan, student: str, run: str, seed: int, default_seed: int) -> Path:
@@ -113,23 +158,29 @@ def finished(folder: Path) -> bool:
         or (folder / "model.safetensors.index.json").is_file())
 
 
-def train(folder: Path, student: str, config: CompareConfig, args: list[str], seed: int) -> float:
-    """One run through the real CLI; returns its wall seconds. A folder left by an interrupted run of this runner's
-    is removed first: this runner made it, and only a finished run is worth keeping."""
-    if folder.exists():
-        print(f"== {folder}: left unfinished by an earlier run of this study, training it again", flush=True)
-        shutil.rmtree(folder)
+def train_command(student: str, config: CompareConfig, args: list[str], seed: int, folder: Path) -> list[str]:
     # A run that reads its teacher from a cache or a server names it itself; the others distil from --teacher.
     own_teacher = any(flag in args for flag in ("--teacher_logits_path", "--teacher_server_url"))
     teacher = [] if own_teacher else ["--teacher_model_name_or_path", config.teacher]
-    command = [sys.executable, str(REPO / "gkd/train.py"), "--model_name_or_path", student, *teacher,
-               "--dataset_name", config.train_data, "--output_dir", str(folder), "--save_strategy", "no",
-               "--report_to", "none", "--seed", str(seed), *args]
+    return [sys.executable, str(REPO / "gkd/train.py"), "--model_name_or_path", student, *teacher,
+            "--dataset_name", config.train_data, "--output_dir", str(folder), "--save_strategy", "no",
+            "--report_to", "none", "--seed", str(seed), *args]
+
+
+def train(folder: Path, student: str, config: CompareConfig, args: list[str], seed: int) -> float:
+    """One run through the real CLI, in this process's folder (relative paths mean what they meant here); returns its
+    wall seconds. A folder left by an interrupted run of this runner's is removed first: this runner made it, and
+    only a finished run is worth keeping."""
+    if folder.exists():
+        print(f"== {folder}: left unfinished by an earlier run of this study, training it again", flush=True)
+        shutil.rmtree(folder)
+    command = train_command(student, config, args, seed, folder)
     print(f"== {folder.name}: {' '.join(command[2:])}", flush=True)
     started = time.time()
-    result = subprocess.run(command, cwd=REPO)
-    if result.returncode != 0:
-        raise GKDError(f"run {folder} failed with exit code {result.returncode}")
+    result = subprocess.run(command)
+    if result.returncode != 0:  # the run printed its own `error:` line: one is enough
+        print(f"== {folder.name} failed with exit code {result.returncode}; its error is above", file=sys.stderr)
+        raise SystemExit(result.returncode)
     return time.time() - started
 
 
@@ -207,7 +258,11 @@ def main(argv: list[str] | None = None) -> int:
     from gkd.tools.evaluate import evaluate_folders, markdown_table
 
     config, train_overrides = parse(CompareConfig, argv, description=__doc__.splitlines()[0], allow_extra=True)
+    for name in ("teacher", "train_data", "val_data", "output_dir"):  # the runs see them as this process does
+        setattr(config, name, _resolved(getattr(config, name)))
+    config.output_dir = str(Path(config.output_dir).expanduser().absolute())
     plan = load_plan(config, train_overrides)
+    check_runs(config, plan)
     conversations = data.load_conversations(config.val_data)[: config.eval_records]  # validate before training
     output_dir = Path(config.output_dir)
     trained, seconds = {}, {}

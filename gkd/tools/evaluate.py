@@ -67,7 +67,8 @@ def greedy_responses(model, tokenizer, prompts: list[list[int]], stop_ids, max_n
 def _completion_logits(model, prompt_ids, prompt_mask, completion_ids, completion_mask):
     input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
     attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=completion_ids.shape[1] + 1).logits
+    keep = completion_ids.shape[1] + 1
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits
     return logits[:, :-1].float()
 
 
@@ -366,13 +367,17 @@ class EvaluateConfig:
     batch_size: int = field(default=8, metadata={"help": "Prompts per batch."})
     max_records: int | None = field(default=None, metadata={"help": "Evaluate the first N records only."})
     seed: int = field(default=0, metadata={"help": "Seed of the sampled completions and of the bootstrap."})
-    bootstrap_samples: int = field(default=1000, metadata={"help": "Resamples for the 95% intervals."})
+    bootstrap_samples: int = field(default=1000, metadata={"help": "Resamples for the 95%% bootstrap intervals."})
     plot_run: str | None = field(
         default=None, metadata={"help": "A run's output_dir: plot its metrics.jsonl to curves.png and exit."}
     )
+    overwrite: bool = field(default=False, metadata={"help": "Replace an earlier evaluation in --output_dir."})
 
     def __post_init__(self):
         if self.plot_run:
+            if self.student or self.teacher or self.dataset_name or self.output_dir:
+                raise ConfigError("--plot_run plots a run's curves and nothing else: give it alone, or evaluate "
+                                  "without it")
             return
         if not (self.student and self.teacher and self.dataset_name and self.output_dir):
             raise ConfigError("--student, --teacher, --dataset_name and --output_dir are required (or --plot_run)")
@@ -381,6 +386,9 @@ class EvaluateConfig:
                 raise ConfigError(f"--{name} must be at least 1, got {getattr(self, name)}")
         if self.max_records is not None and self.max_records < 1:
             raise ConfigError(f"--max_records must be at least 1, got {self.max_records}")
+        if (Path(self.output_dir) / "eval.json").exists() and not self.overwrite:
+            raise ConfigError(f"--output_dir {self.output_dir} already holds an evaluation (eval.json); pass "
+                              "--overwrite to replace it, or choose another folder")
 
     def named_students(self) -> dict[str, str]:
         """NAME -> path; an unnamed student is named after its folder. Two students under one name are refused,
@@ -388,6 +396,8 @@ class EvaluateConfig:
         named = {}
         for item in self.student:
             name, path = item.split("=", 1) if "=" in item else (Path(item.rstrip("/")).name or item, item)
+            if not name.strip() or not path.strip():
+                raise ConfigError(f"--student {item}: expected PATH or NAME=PATH")
             if name in named or name == "teacher":
                 raise ConfigError(f"--student {item}: the name '{name}' is taken; name each student with NAME=PATH")
             named[name] = path

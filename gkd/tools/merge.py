@@ -324,6 +324,19 @@ def check_adapter_fits(base_model, adapter_shapes: dict[str, tuple[int, ...]], a
         )
 
 
+def check_adapter_covers(base_model, adapter_shapes: dict, adapter_config: dict, adapter_dir: Path, base: str):
+    """An adapter of every block (no `layers_to_transform`) must adapt every block of the base: one that adapts
+    blocks 0-1 of a 3-block base was trained on another, shallower model, and its shapes alone fit."""
+    if adapter_config.get("layers_to_transform") is not None:
+        return
+    pattern = re.compile(r"\.layers\.(\d+)\.")
+    adapted = {int(m.group(1)) for key in adapter_shapes if (m := pattern.search(key))}
+    blocks = {int(m.group(1)) for name, _ in base_model.named_modules() if (m := pattern.search(name + "."))}
+    if adapted and blocks and adapted != blocks:
+        raise ModelError(f"the adapter in {adapter_dir} adapts {len(adapted)} blocks, base model {base} has "
+                         f"{len(blocks)}: it was trained on another model; pass its own base")
+
+
 def _load_error(what: str, name: str, error: Exception) -> ModelError:
     first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
     return ModelError(f"cannot load {what} {name}: {first_line}")
@@ -354,6 +367,7 @@ def load_adapted_model(base: str, adapter_dir: Path):
     except (OSError, ValueError) as error:
         raise _load_error("base model", base, error) from None
     check_adapter_fits(base_model, adapter_shapes, adapter_dir, base)
+    check_adapter_covers(base_model, adapter_shapes, read_adapter_config(adapter_dir), adapter_dir, base)
     try:
         return PeftModel.from_pretrained(base_model, str(adapter_dir), is_trainable=False)
     except (OSError, ValueError) as error:

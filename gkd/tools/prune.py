@@ -153,6 +153,8 @@ class PruneConfig:
     def __post_init__(self):
         if self.num_layers is not None and self.drop_layers is not None:
             raise ConfigError("give --num_layers or --drop_layers, not both")
+        if self.drop_layers is not None and self.depth_selection != "independent":
+            raise ConfigError("--depth_selection chooses the blocks --num_layers drops; --drop_layers names them")
         if self.num_layers is None and self.drop_layers is None and not self.width_options():
             raise ConfigError("nothing to prune: give --num_layers, --drop_layers, --mlp_hidden_size, --hidden_size, "
                               "--num_attention_heads or --num_key_value_heads")

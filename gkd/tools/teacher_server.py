@@ -40,8 +40,19 @@ class ServeConfig:
     max_model_len: int | None = field(
         default=None, metadata={"help": "Longest prompt + completion; default: the model's max_position_embeddings."}
     )
-    dtype: str = field(default="float32", metadata={"help": "Precision the model runs in."})
+    dtype: str = field(default="float32", metadata={"help": "Precision the model runs in.",
+                                                    "choices": ["auto", "float32", "bfloat16", "float16"]})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow models that ship their own code."})
+
+    def __post_init__(self):
+        from gkd.errors import ConfigError
+
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"--port must be in [0, 65535], got {self.port}")
+        if self.max_logprobs < 1:
+            raise ConfigError(f"--max_logprobs must be at least 1, got {self.max_logprobs}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ConfigError(f"--max_model_len must be at least 2, got {self.max_model_len}")
 
 
 class RequestError(Exception):
@@ -235,14 +246,19 @@ def _error(status: int, message: str, kind: str = "BadRequestError") -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     from gkd.cli import parse, quiet_libraries
+    from gkd.errors import ConfigError
 
     (config,) = parse(ServeConfig, argv, description=__doc__.splitlines()[0])
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     quiet_libraries()
     teacher = Teacher(config)
-    server = ThreadingHTTPServer((config.host, config.port), make_handler(teacher))
+    try:
+        server = ThreadingHTTPServer((config.host, config.port), make_handler(teacher))
+    except OSError as error:  # in use, not an address of this machine, not allowed
+        raise ConfigError(f"cannot listen on {config.host}:{config.port}: {error.strerror or error}") from None
     host, port = server.server_address[:2]
-    print(f"serving {teacher.name} at http://{host}:{port}/v1 (max_logprobs {teacher.max_logprobs})", flush=True)
+    print(f"serving {teacher.name} at http://{host}:{port} (the OpenAI API under /v1; max_logprobs "
+          f"{teacher.max_logprobs}): train with --teacher_server_url http://{host}:{port}", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
