@@ -5,7 +5,7 @@
 1. Builds top-K caches of the teacher over the data (`gkd-cache-teacher`, K = each of --cache_k), timing the build and
    counting bytes per cached token.
 2. Trains the same student for the same steps from each source, one fresh process each, on dataset steps
-   (`--lmbda 0`, forward KL): the live teacher (full distribution, and its top-K), each cache, and the shipped server
+   (`--lmbda 0`, forward KL; `--lmbda 1` for on-policy steps, caches skipped): the live teacher (full distribution, and its top-K), each cache, and the shipped server
    (`gkd-teacher-serve`, started here on the same machine, so on CPU the server and the training share the cores).
    Step time is the run's `train_runtime` over its steps; peak memory is the training process's resident high-water
    mark (VmHWM: Python, libraries, models, data), the server's excluded.
@@ -37,6 +37,8 @@ class TeacherBenchArguments:
     max_new_tokens: int = field(default=32)
     cache_k: list[int] = field(default_factory=lambda: [20, 100])
     server_k: int = field(default=20, metadata={"help": "K asked of the served teacher (0 skips the server)."})
+    lmbda: float = field(default=0.0, metadata={"help": "Share of on-policy steps; above 0 the caches are skipped "
+                                                        "(a cache cannot score the student's samples)."})
     work_dir: str | None = field(default=None)
     output_json: str | None = field(default=None)
 
@@ -47,7 +49,7 @@ def train(args: TeacherBenchArguments, name: str, teacher_flags: list[str], work
     command = [sys.executable, str(REPO / "gkd/train.py"), "--model_name_or_path", args.student, *teacher_flags,
                "--dataset_name", args.train_data, "--output_dir", str(output_dir), "--max_steps", str(args.steps),
                "--per_device_train_batch_size", str(args.batch_size), "--max_length", str(args.max_length),
-               "--max_new_tokens", str(args.max_new_tokens), "--lmbda", "0", "--beta", "0", "--logging_steps", "1",
+               "--max_new_tokens", str(args.max_new_tokens), "--lmbda", str(args.lmbda), "--beta", "0", "--logging_steps", "1",
                "--save_strategy", "no", "--report_to", "none", "--disable_tqdm", "true", "--seed", "0"]
     result = run_command(command, REPO, env)
     runtime = float(re.findall(r"'train_runtime': '([\d.]+)'", result["output"])[-1])
@@ -88,6 +90,8 @@ def main(argv=None) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "HF_DATASETS_CACHE": str(work / "datasets-cache")}
     report = {"options": asdict(args), "cpus": os.cpu_count(), "caches": {}, "runs": {}}
+    if args.lmbda > 0:
+        args.cache_k = []
     for k in args.cache_k:
         report["caches"][f"k{k}"] = build_cache(args, k, work, env)
     report["runs"]["live"] = train(args, "live", ["--teacher_model_name_or_path", args.teacher], work, env)

@@ -292,10 +292,23 @@ def test_a_failed_start_does_not_block_the_corrected_rerun(tiny_models, chat_dat
     out = tmp_path / "run"
     out.mkdir()
     (out / "run_config.json").write_text("{}")
-    (out / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n{"step": 2, "lo')
+    (out / "metrics.jsonl").write_text("")
     result = run_cli(train_args(*tiny_models, chat_data, out, "--lmbda", "0", "--max_steps", "1"))
     assert_ok(result)
     assert "held no results" in result.stderr
+    assert len(metrics(out)) == 1 and not (tmp_path / "run.replaced-1").exists()
+
+
+@pytest.mark.subprocess
+def test_a_run_that_logged_steps_but_saved_nothing_is_moved_aside_not_replaced(tiny_models, chat_data, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "run_config.json").write_text("{}")
+    (out / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n{"step": 2, "lo')
+    result = run_cli(train_args(*tiny_models, chat_data, out, "--lmbda", "0", "--max_steps", "1"))
+    assert_ok(result)
+    assert "moved it to" in result.stderr and "run.replaced-1" in result.stderr
+    assert [m["loss"] for m in metrics(tmp_path / "run.replaced-1")] == [9.0]
     assert [m["loss"] != 9.0 for m in metrics(out)] == [True]
 
 

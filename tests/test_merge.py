@@ -152,7 +152,7 @@ def test_merged_model_is_standalone_and_matches_base_plus_adapter(workspace, tmp
 
 def test_checkpoint_folder_with_deepspeed_shards_bf16_and_overwrite(workspace, tmp_path):
     """checkpoint-N: DeepSpeed global_step* ignored, base found through the parent's run_config.json, bf16 output
-    verified at the bf16 tolerance, and an earlier export replaced by --overwrite."""
+    verified at the bf16 tolerance, and an earlier export moved aside by --overwrite."""
     checkpoint, base, out = workspace / "run" / "checkpoint-2", workspace / "base", tmp_path / "merged"
     out.mkdir()
     (out / "old.txt").write_text("previous export")
@@ -163,7 +163,9 @@ def test_checkpoint_folder_with_deepspeed_shards_bf16_and_overwrite(workspace, t
     assert f"base model: {base} (from {workspace / 'run' / 'run_config.json'}" in result.stdout
     assert "verify: max |logit difference|" in result.stdout
     assert not (out / "old.txt").exists() and (out / "model.safetensors").is_file()
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["merged"]  # the old folder is gone, not set aside
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["merged", "merged.replaced-1"]  # old one set aside
+    assert (tmp_path / "merged.replaced-1" / "old.txt").read_text() == "previous export"
+    assert "merged.replaced-1" in result.stdout + result.stderr
     assert set(saved_tensors(out).values()) == {torch.bfloat16}
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
 

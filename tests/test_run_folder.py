@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from gkd import run_folder
+from gkd import folders, run_folder
 from gkd.errors import ConfigError
 from gkd.folders import check_output_folder, move_aside, staged_folder
 
@@ -23,13 +23,13 @@ def test_results_are_weights_adapters_state_and_checkpoints(tmp_path):
 
 
 def test_a_second_lock_on_a_busy_folder_names_the_holder(tmp_path):
-    first = run_folder._lock(tmp_path)
+    first = folders.lock_folder(tmp_path)
     try:
-        with pytest.raises(ConfigError, match=r"in use by another gkd run \(pid \d+ on .*started"):
-            run_folder._lock(tmp_path)
+        with pytest.raises(ConfigError, match=r"in use by another gkd process \(pid \d+ on .*started"):
+            folders.lock_folder(tmp_path)
     finally:
-        run_folder._release(first)
-    run_folder._release(run_folder._lock(tmp_path))  # released: lockable again
+        folders.release_lock(first)
+    folders.release_lock(folders.lock_folder(tmp_path))  # released: lockable again
 
 
 def test_a_resume_trims_metrics_to_the_checkpoint_and_drops_a_cut_line(tmp_path):

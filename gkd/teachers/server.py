@@ -12,6 +12,7 @@ HTTP 408/429/5xx) are retried with exponential backoff, then the run stops betwe
 import vLLM: the wire is HTTP, with the standard library's client.
 """
 
+import http.client
 import json
 import logging
 import time
@@ -131,8 +132,9 @@ class TeacherServer:
                 if error.code not in RETRIED_STATUS:
                     raise TeacherServerError(f"{self.url}{path} answered HTTP {error.code}: {message}") from None
                 problem = f"HTTP {error.code}: {message}"
-            except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as error:
-                problem = str(getattr(error, "reason", error))
+            except (urllib.error.URLError, TimeoutError, ConnectionError, OSError, http.client.HTTPException,
+                    ValueError) as error:  # HTTPException: a server that died mid-answer; ValueError: a cut body
+                problem = str(getattr(error, "reason", None) or error) or type(error).__name__
             if attempt < self.retries:
                 delay = min(0.5 * 2**attempt, 30.0)
                 logger.warning("teacher server %s%s: %s; retrying in %.1f s (%d of %d)", self.url, path, problem,
