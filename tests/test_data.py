@@ -457,6 +457,24 @@ def test_truncation_shortens_the_final_user_turn_from_its_start(tokenizer):
     assert stats.num_truncated == 1
 
 
+@pytest.mark.parametrize("budget", [41, 47, 55, 64, 77, 90])
+def test_truncation_keeps_the_longest_tail_of_the_final_turn_that_fits(tokenizer, budget):
+    """Against a search over every tail length: the kept tail is the longest whose rendered prompt fits."""
+    document = " ".join(f"w{i}x" * (i % 3 + 1) for i in range(120))
+    (item,), _ = encode([conversation([SYSTEM, {"role": "user", "content": document}])], tokenizer,
+                        max_length=budget + 8, max_new_tokens=8)
+    content_ids = tokenizer(document, add_special_tokens=False)["input_ids"]
+
+    def prompt_with_last(n):
+        content = tokenizer.decode(content_ids[len(content_ids) - n:]) if n else ""
+        text = tokenizer.apply_chat_template([SYSTEM, {"role": "user", "content": content}], tokenize=False,
+                                             add_generation_prompt=True)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    longest = max(n for n in range(len(content_ids) + 1) if len(prompt_with_last(n)) <= budget)
+    assert item["prompt_ids"] == prompt_with_last(longest)
+
+
 def test_truncation_left_cuts_when_the_system_turn_alone_is_too_long(tokenizer):
     system = {"role": "system", "content": "Be brief. " * 60}
     (item,), stats = encode([conversation([system, QUESTION])], tokenizer, max_length=48, max_new_tokens=16)

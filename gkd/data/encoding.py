@@ -196,12 +196,19 @@ class ChatEncoder:
         best = with_last(0)
         if len(best) > budget:
             return prompt_ids[-budget:], True
-        low, high = 0, len(content_ids)  # largest n whose prompt fits: with_last(low) fits, with_last(high+1) not
-        while low < high:
-            middle = (low + high + 1) // 2
-            ids = with_last(middle)
+        # The largest n whose prompt fits. Tokens nearly add up, so the first guess is the room the empty turn leaves:
+        # step down by the overshoot until it fits, then up while the next fits (three encodes where a bisection
+        # took seven; the same n wherever a longer tail never takes fewer tokens).
+        n = min(len(content_ids), budget - len(best))
+        while n > 0:
+            ids = with_last(n)
             if len(ids) <= budget:
-                low, best = middle, ids
-            else:
-                high = middle - 1
+                best = ids
+                break
+            n = max(0, n - max(1, len(ids) - budget))
+        while n < len(content_ids):
+            ids = with_last(n + 1)
+            if len(ids) > budget:
+                break
+            n, best = n + 1, ids
         return best, True
