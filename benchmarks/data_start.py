@@ -29,6 +29,8 @@ class DataStartArguments:
     records: int = field(default=200_000, metadata={"help": "Synthetic chat records in the JSONL file."})
     before_repo: str | None = field(default=None, metadata={"help": "A checkout of gkd to compare with."})
     num_proc: int = field(default=1, metadata={"help": "--dataset_num_proc of the runs (the current gkd only)."})
+    max_length: int = field(default=128, metadata={"help": "--max_length of the runs: at 128 most synthetic prompts "
+                                                           "are cut to fit, at 512 none are."})
     output_json: str | None = field(default=None)
     work_dir: str | None = field(default=None, metadata={"help": "Where data, models and caches go (a temp dir)."})
 
@@ -43,13 +45,14 @@ def write_records(path: Path, count: int, seed: int = 0) -> None:
                                                   {"role": "assistant", "content": answer}]}) + "\n")
 
 
-def time_to_first_step(repo: Path, models: Path, data: Path, output_dir: Path, env: dict, extra=()) -> dict:
+def time_to_first_step(repo: Path, models: Path, data: Path, output_dir: Path, env: dict, extra=(),
+                       max_length: int = 128) -> dict:
     """Seconds from launch to the first logged step, and the child's peak resident memory."""
     command = [sys.executable, str(repo / "gkd/train.py"), "--model_name_or_path", str(models / "student"),
                "--teacher_model_name_or_path", str(models / "teacher"), "--dataset_name", str(data),
                "--output_dir", str(output_dir), "--max_steps", "1", "--logging_steps", "1", "--save_strategy", "no",
                "--report_to", "none", "--per_device_train_batch_size", "2", "--max_new_tokens", "8",
-               "--max_length", "128", "--lmbda", "0", "--disable_tqdm", "true", *extra]
+               "--max_length", str(max_length), "--lmbda", "0", "--disable_tqdm", "true", *extra]
     result = run_command(command, repo, env, first_line_marker="'loss'")
     return {"first_step_seconds": result["first_marker_seconds"], "total_seconds": result["seconds"],
             "peak_rss_gib": result["peak_rss_gib"]}
@@ -75,11 +78,11 @@ def main(argv=None) -> dict:
     if args.before_repo:
         variants.insert(0, ("before", Path(args.before_repo), []))
     for name, repo, extra in variants:
-        cache = work / f"datasets-cache-{name}"
+        cache = work / f"datasets-cache-{name}-{args.max_length}"
         run_env = {**env, "HF_DATASETS_CACHE": str(cache), "PYTHONPATH": str(repo)}
         for attempt in ("cold", "warm"):
             output_dir = work / f"run-{name}-{attempt}"
-            result = time_to_first_step(repo, models, data, output_dir, run_env, extra)
+            result = time_to_first_step(repo, models, data, output_dir, run_env, extra, args.max_length)
             results["runs"][f"{name}/{attempt}"] = result
             print(f"{name:6s} {attempt}: first step after {result['first_step_seconds']:.1f} s, peak "
                   f"{result['peak_rss_gib']:.2f} GiB", flush=True)
