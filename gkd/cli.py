@@ -8,6 +8,7 @@ import sys
 import threading
 import warnings
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 from .errors import ConfigError, GKDError
@@ -203,34 +204,13 @@ def _interruption_within(error: BaseException) -> BaseException | None:
     return None
 
 
-def train_command() -> None:
-    """`gkd-train`."""
-    command("gkd.train")
-
-
-def merge_command() -> None:
-    """`gkd-merge`."""
-    command("gkd.tools.merge")
-
-
-def prune_command() -> None:
-    """`gkd-prune`."""
-    command("gkd.tools.prune")
-
-
-def eval_command() -> None:
-    """`gkd-eval`."""
-    command("gkd.tools.evaluate")
-
-
-def cache_teacher_command() -> None:
-    """`gkd-cache-teacher`."""
-    command("gkd.tools.cache_teacher")
-
-
-def teacher_serve_command() -> None:
-    """`gkd-teacher-serve`."""
-    command("gkd.tools.teacher_server")
+# The console scripts of pyproject.toml, one per command line.
+train_command = partial(command, "gkd.train")
+merge_command = partial(command, "gkd.tools.merge")
+prune_command = partial(command, "gkd.tools.prune")
+eval_command = partial(command, "gkd.tools.evaluate")
+cache_teacher_command = partial(command, "gkd.tools.cache_teacher")
+teacher_serve_command = partial(command, "gkd.tools.teacher_server")
 
 
 def quiet_libraries() -> None:
