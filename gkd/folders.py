@@ -147,9 +147,7 @@ def check_not_busy(output_dir: str | Path) -> None:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = handle.read().strip() or "another process"
-            raise ConfigError(f"{path.parent} is in use by another gkd process ({holder}); wait for it to end or "
-                              "choose another --output_dir") from None
+            _refuse_busy(path.parent, handle)
         except OSError:
             return
         fcntl.flock(handle, fcntl.LOCK_UN)
@@ -163,11 +161,8 @@ def lock_folder(folder: Path):
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        handle.seek(0)
-        holder = handle.read().strip() or "another process"
-        handle.close()
-        raise ConfigError(f"{folder} is in use by another gkd process ({holder}); wait for it to end or "
-                          "choose another --output_dir") from None
+        with handle:
+            _refuse_busy(folder, handle)
     except OSError as error:  # a filesystem without locks (some network mounts): run unguarded, and say so
         logger.warning("cannot lock %s (%s): nothing stops a second run from writing into it", path, error)
         return handle
@@ -177,6 +172,14 @@ def lock_folder(folder: Path):
     handle.flush()
     _held_locks.append(handle)
     return handle
+
+
+def _refuse_busy(folder: Path, handle) -> None:
+    """The one refusal of a locked folder, naming the holder its lock file records."""
+    handle.seek(0)
+    holder = handle.read().strip() or "another process"
+    raise ConfigError(f"{folder} is in use by another gkd process ({holder}); wait for it to end or choose another "
+                      "--output_dir") from None
 
 
 def release_lock(handle) -> None:
