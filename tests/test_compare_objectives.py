@@ -64,6 +64,15 @@ def test_a_plan_with_two_students_and_a_second_seed_reuses_finished_runs(tiny_mo
     assert (out / "a" / "kd-s1" / "model.safetensors").is_file()
     assert json.loads((out / "a" / "kd-s1" / "run_config.json").read_text())["training_args"]["seed"] == 1
     assert report["differences"]["a/kd"]["reference"] == "a/start"
+    # student b against student a, run by run (the same student twice here: same start, so no difference)
+    assert list(report["student_differences"]) == ["b/start", "b/kd", "b/kd@s1"]
+    assert report["student_differences"]["b/kd@s1"]["reference"] == "a/kd@s1"
+    assert report["student_differences"]["b/start"]["teacher_nll"]["difference"] == 0
+    assert "Each student against the first" in (out / "results.md").read_text()
     assert "difference [95% interval]" in (out / "results.md").read_text()
     again = run_cli(command, timeout=600)
     assert again.returncode == 0 and again.stdout.count("reusing it") == 4, again.stdout[-3000:]
+    reused = json.loads((out / "results.json").read_text())
+    # wall seconds only for what this invocation trained; every run's own training time, reused or not
+    assert reused["train_seconds"] == {} and len(report["train_seconds"]) == 4
+    assert reused["train_runtime"] == report["train_runtime"] and all(v > 0 for v in reused["train_runtime"].values())

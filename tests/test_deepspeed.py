@@ -5,6 +5,7 @@ Each launch costs ~30 s of start-up on two cores, so each one proves several thi
   on-policy, a checkpoint every step) are the full fine-tuning runs, the equivalence runs against one process, and
   (ZeRO-3) the resume source.
 - zero3_peft adds --seq_kd, so the sharded teacher generates too, and a teacher whose padded vocabulary rows dominate.
+  Its student is width-pruned (hidden size, heads, MLP), and its adapter is merged afterwards.
 - zero2_peft: LoRA under ZeRO-2.
 - the uneven-lengths run also checks, from inside the ranks, that the teacher is sharded and not in the optimizer.
 Never `--cpu`: with a DeepSpeed config it starts one plain process (test_cpu_flag_with_deepspeed_config_warns).
@@ -123,8 +124,21 @@ def padded_vocab_teacher(tiny_models, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def zero3_peft(tiny_models, chat_data, padded_vocab_teacher, tmp_path_factory):
+def width_pruned_student(tiny_models, tmp_path_factory):
+    """The tiny student cut in width (hidden 32 -> 24, 4 -> 2 query heads, MLP 64 -> 40; head_dim stays 8, so the
+    attention projections are no longer square): a pruned student must train under ZeRO-3 with LoRA and merge."""
+    from gkd.tools.prune import PruneConfig, prune
+
     student, _ = tiny_models
+    out = tmp_path_factory.mktemp("width_pruned") / "student"
+    prune(PruneConfig(model_name_or_path=str(student), output_dir=str(out), hidden_size=24, num_attention_heads=2,
+                      mlp_hidden_size=40, sample_max_new_tokens=0))
+    return out
+
+
+@pytest.fixture(scope="module")
+def zero3_peft(width_pruned_student, chat_data, padded_vocab_teacher, tmp_path_factory):
+    student = width_pruned_student
     out = tmp_path_factory.mktemp("zero3_peft") / "run"
     extra = ["--lmbda", "0.5", "--seed", SEED, "--use_peft", "--seq_kd", "true"]
     args = train_args(student, padded_vocab_teacher, chat_data, out, *extra)
@@ -158,8 +172,7 @@ def test_zero_run_finishes_records_world_and_saves_a_loadable_result(request, ti
     assert len(logged) == 2 and all(torch.isfinite(torch.tensor(m["loss"])) for m in logged)
     assert [m["on_policy"] for m in logged] == [0.0, 1.0]  # one step of each kind, same draw on both ranks
 
-    student_path, _ = tiny_models
-    original = AutoModelForCausalLM.from_pretrained(student_path)
+    original = AutoModelForCausalLM.from_pretrained(config["model_name_or_path"])  # zero3_peft's is width-pruned
     if use_peft:
         from peft import PeftModel
 
@@ -175,6 +188,30 @@ def test_zero_run_finishes_records_world_and_saves_a_loadable_result(request, ti
         assert before.keys() == after.keys()
         assert all(after[name].shape == before[name].shape for name in before)
         assert any(not torch.equal(after[name], before[name]) for name in before)
+
+
+def test_a_width_pruned_student_trained_under_zero3_with_lora_merges_into_one_loadable_model(
+        zero3_peft, width_pruned_student, tmp_path):
+    """Prune, distil (ZeRO-3, LoRA), merge: the merged folder loads with plain from_pretrained, keeps the pruned
+    shapes and head_dim, and computes what the base plus adapter computes."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from gkd.tools.merge import MergeConfig, merge_lora
+
+    result, out = zero3_peft
+    assert_ok(result)
+    assert run_config(out)["model_name_or_path"] == str(width_pruned_student)
+    merge_lora(MergeConfig(adapter_path=str(out), output_dir=str(tmp_path / "merged")), log=lambda line: None)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    config = merged.config
+    assert (config.hidden_size, config.num_attention_heads, config.head_dim, config.intermediate_size) == (24, 2, 8, 40)
+    assert merged.model.layers[0].self_attn.q_proj.weight.shape == (16, 24)
+    base = AutoModelForCausalLM.from_pretrained(width_pruned_student)
+    unmerged = PeftModel.from_pretrained(base, out).eval()
+    ids = torch.tensor([[3, 17, 42, 8, 99, 5]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, unmerged(ids).logits, rtol=1e-4, atol=1e-5)
 
 
 def test_zero3_teacher_generates_within_the_shared_vocabulary(zero3_peft):

@@ -14,7 +14,9 @@ A plan file names the students, the runs (their own options on top of the common
 
 Runs already finished in the output folder are reused, so an interrupted study continues where it stopped. Writes
 OUTPUT_DIR/results.json and results.md (metrics with 95% bootstrap intervals, and each model's paired difference to
-its student's `--reference` run, by default where it started) and compare.png.
+its student's `--reference` run, by default where it started; with several students, each one's runs minus the
+first student's same runs) and compare.png. `train_seconds` is the wall time of the runs this invocation trained
+(start-up included); `train_runtime` every run's own training seconds, reused runs too.
 """
 
 import json
@@ -158,6 +160,15 @@ def finished(folder: Path) -> bool:
         or (folder / "model.safetensors.index.json").is_file())
 
 
+def train_runtime(folder: Path) -> float | None:
+    """The run's own training seconds (Trainer's end-of-run `train_runtime`), known for reused runs too."""
+    metrics = folder / "metrics.jsonl"
+    if not metrics.is_file():
+        return None
+    runtimes = [json.loads(line).get("train_runtime") for line in metrics.read_text().splitlines() if line.strip()]
+    return next((value for value in reversed(runtimes) if value is not None), None)
+
+
 def train_command(student: str, config: CompareConfig, args: list[str], seed: int, folder: Path) -> list[str]:
     # A run that reads its teacher from a cache or a server names it itself; the others distil from --teacher.
     own_teacher = any(flag in args for flag in ("--teacher_logits_path", "--teacher_server_url"))
@@ -200,6 +211,27 @@ def differences(report: dict, plan: Plan, reference: str, config: CompareConfig)
         for metric in DIFFERENCES:
             value, interval = paired_difference(report, name, base, metric, config.bootstrap_samples, config.seed)
             result[name][metric] = {"difference": value, "interval": interval}
+    return result
+
+
+def student_differences(report: dict, plan: Plan, config: CompareConfig) -> dict:
+    """Depth or width? Each later student minus the plan's first one, start against start and run against the same
+    run and seed, on the same prompts, with a 95% paired bootstrap interval."""
+    from gkd.tools.evaluate import paired_difference
+
+    first, *others = plan.students
+    result = {}
+    for student in others:
+        for name in report["models"]:
+            if not name.startswith(f"{student}/"):
+                continue
+            base = f"{first}/{name.split('/', 1)[1]}"
+            if base not in report["models"]:
+                continue
+            result[name] = {"reference": base}
+            for metric in DIFFERENCES:
+                value, interval = paired_difference(report, name, base, metric, config.bootstrap_samples, config.seed)
+                result[name][metric] = {"difference": value, "interval": interval}
     return result
 
 
@@ -281,12 +313,16 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     report = evaluate_folders({**starts, **trained}, config.teacher, conversations, config.eval_max_new_tokens,
                               seed=config.seed, bootstrap_samples=config.bootstrap_samples)
-    report.update(train_seconds=seconds, eval_seconds=time.time() - started, command=sys.argv, commit=_git_commit(),
+    report.update(train_seconds=seconds, train_runtime={name: train_runtime(folder) for name, folder in trained.items()},
+                  eval_seconds=time.time() - started, command=sys.argv, commit=_git_commit(),
                   plan={"students": plan.students, "common": plan.common, "runs": plan.runs, "seeds": plan.seeds})
     report["differences"] = differences(report, plan, config.reference, config)
+    report["student_differences"] = student_differences(report, plan, config)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "results.json").write_text(json.dumps(report, indent=2))
     table = markdown_table(report) + "\n" + differences_table(report["differences"])
+    if report["student_differences"]:
+        table += "\n\nEach student against the first, run by run:\n\n" + differences_table(report["student_differences"])
     (output_dir / "results.md").write_text(f"Command: `{' '.join(sys.argv)}`\n\n{table}\n")
     plot(report, output_dir / "compare.png")
     print(table)
