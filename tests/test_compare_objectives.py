@@ -76,3 +76,9 @@ def test_a_plan_with_two_students_and_a_second_seed_reuses_finished_runs(tiny_mo
     # wall seconds only for what this invocation trained; every run's own training time, reused or not
     assert reused["train_seconds"] == {} and len(report["train_seconds"]) == 4
     assert reused["train_runtime"] == report["train_runtime"] and all(v > 0 for v in reused["train_runtime"].values())
+    # the plan edited after its runs: the old runs are not reported under the new options
+    plan.write_text(plan.read_text().replace("[--max_steps, 1]", "[--max_steps, 2]"))
+    edited = run_cli(command, timeout=600)
+    assert edited.returncode == 2 and "Traceback" not in edited.stderr
+    assert "a/kd: " in edited.stderr and "--max_steps 1 -> 2" in edited.stderr and "another --output_dir" in edited.stderr
+    assert "== " not in edited.stdout  # refused before anything trained or was reused

@@ -12,7 +12,8 @@ A plan file names the students, the runs (their own options on top of the common
     runs: {gkd_l0.5: [--lmbda, 0.5], sft: [--objective, sft, --seq_kd, true, --lmbda, 0]}
     seeds: {gkd_l0.5: [1]}
 
-Runs already finished in the output folder are reused, so an interrupted study continues where it stopped. Writes
+Runs already finished in the output folder are reused, so an interrupted study continues where it stopped; one
+trained with other options than the plan gives it now is refused, not reported under the new ones. Writes
 OUTPUT_DIR/results.json and results.md (metrics with 95% bootstrap intervals, and each model's paired difference to
 its student's `--reference` run, by default where it started; with several students, each one's runs minus the
 first student's same runs) and compare.png. `train_seconds` is the wall time of the runs this invocation trained
@@ -169,6 +170,30 @@ def train_runtime(folder: Path) -> float | None:
     return next((value for value in reversed(runtimes) if value is not None), None)
 
 
+def check_reusable(folder: Path, name: str, expected: list[str]) -> None:
+    """A finished run is reused only if it was trained with the options this plan gives it now: a plan edited after
+    its runs (more steps, another learning rate) must not report the old runs under the new options."""
+    recorded = json.loads((folder / "run_config.json").read_text()).get("command", [])[1:]
+    if recorded != expected:
+        before, now = _options_of(recorded), _options_of(expected)
+        changed = [f"{flag} {before.get(flag, '(unset)')} -> {now.get(flag, '(unset)')}"
+                   for flag in sorted(before.keys() | now.keys()) if before.get(flag) != now.get(flag)]
+        raise ConfigError(f"{name}: {folder} holds a run trained with other options than this plan gives it "
+                          f"({'; '.join(changed) or 'the same options in another order'}); move it away or use "
+                          "another --output_dir")
+
+
+def _options_of(arguments: list[str]) -> dict[str, str]:
+    options, flag = {}, None
+    for argument in arguments:
+        if argument.startswith("--"):
+            flag = argument
+            options[flag] = ""
+        elif flag is not None:
+            options[flag] = f"{options[flag]} {argument}".strip()
+    return options
+
+
 def train_command(student: str, config: CompareConfig, args: list[str], seed: int, folder: Path) -> list[str]:
     # A run that reads its teacher from a cache or a server names it itself; the others distil from --teacher.
     own_teacher = any(flag in args for flag in ("--teacher_logits_path", "--teacher_server_url"))
@@ -297,17 +322,22 @@ def main(argv: list[str] | None = None) -> int:
     check_runs(config, plan)
     conversations = data.load_conversations(config.val_data)[: config.eval_records]  # validate before training
     output_dir = Path(config.output_dir)
-    trained, seconds = {}, {}
+    runs = {}  # name -> (folder, student, options, seed), every run checked before the first one trains
     for student, path in plan.students.items():
         for run, args in plan.runs.items():
             for seed in plan.seeds[run]:
                 folder = run_folder(output_dir, plan, student, run, seed, config.seed)
                 name = model_name(plan, student, run, seed, config.seed)
+                runs[name] = (folder, path, [*plan.common, *args], seed)
                 if finished(folder):
-                    print(f"== {name}: finished earlier in {folder}, reusing it", flush=True)
-                else:
-                    seconds[name] = train(folder, path, config, [*plan.common, *args], seed)
-                trained[name] = folder
+                    check_reusable(folder, name, train_command(path, config, runs[name][2], seed, folder)[2:])
+    trained, seconds = {}, {}
+    for name, (folder, path, args, seed) in runs.items():
+        if finished(folder):
+            print(f"== {name}: finished earlier in {folder}, reusing it", flush=True)
+        else:
+            seconds[name] = train(folder, path, config, args, seed)
+        trained[name] = folder
     starts = {(f"{student}/start" if len(plan.students) > 1 else "start"): path
               for student, path in plan.students.items()}
     started = time.time()
