@@ -222,41 +222,36 @@ def train(folder: Path, student: str, config: CompareConfig, args: list[str], se
 
 def differences(report: dict, plan: Plan, reference: str, config: CompareConfig) -> dict:
     """Each model minus its student's reference run, on the same prompts, with a 95% paired bootstrap interval."""
-    from gkd.tools.evaluate import paired_difference
-
-    result = {}
+    pairs = {}
     for name in report["models"]:
         if name == "teacher":
             continue
         student = name.split("/")[0] if len(plan.students) > 1 else None
-        base = f"{student}/{reference}" if student else reference
+        pairs[name] = f"{student}/{reference}" if student else reference
+    return _paired_differences(report, pairs, config)
+
+
+def student_differences(report: dict, plan: Plan, config: CompareConfig) -> dict:
+    """Depth or width? Each later student minus the plan's first one, start against start and run against the same
+    run and seed, on the same prompts, with a 95% paired bootstrap interval."""
+    first, *others = plan.students
+    pairs = {name: f"{first}/{name.split('/', 1)[1]}" for name in report["models"]
+             if any(name.startswith(f"{student}/") for student in others)}
+    return _paired_differences(report, pairs, config)
+
+
+def _paired_differences(report: dict, pairs: dict[str, str], config: CompareConfig) -> dict:
+    """{name: {reference, metric: {difference, interval}}} for each (name, reference) pair the report holds both of."""
+    from gkd.tools.evaluate import paired_difference
+
+    result = {}
+    for name, base in pairs.items():
         if base == name or base not in report["models"]:
             continue
         result[name] = {"reference": base}
         for metric in DIFFERENCES:
             value, interval = paired_difference(report, name, base, metric, config.bootstrap_samples, config.seed)
             result[name][metric] = {"difference": value, "interval": interval}
-    return result
-
-
-def student_differences(report: dict, plan: Plan, config: CompareConfig) -> dict:
-    """Depth or width? Each later student minus the plan's first one, start against start and run against the same
-    run and seed, on the same prompts, with a 95% paired bootstrap interval."""
-    from gkd.tools.evaluate import paired_difference
-
-    first, *others = plan.students
-    result = {}
-    for student in others:
-        for name in report["models"]:
-            if not name.startswith(f"{student}/"):
-                continue
-            base = f"{first}/{name.split('/', 1)[1]}"
-            if base not in report["models"]:
-                continue
-            result[name] = {"reference": base}
-            for metric in DIFFERENCES:
-                value, interval = paired_difference(report, name, base, metric, config.bootstrap_samples, config.seed)
-                result[name][metric] = {"difference": value, "interval": interval}
     return result
 
 
