@@ -163,16 +163,19 @@ def finished(folder: Path) -> bool:
 
 def train_runtime(folder: Path) -> float | None:
     """The run's own training seconds (Trainer's end-of-run `train_runtime`), known for reused runs too."""
-    metrics = folder / "metrics.jsonl"
-    if not metrics.is_file():
+    from gkd.run_folder import METRICS_FILE, read_metrics
+
+    if not (folder / METRICS_FILE).is_file():
         return None
-    runtimes = [json.loads(line).get("train_runtime") for line in metrics.read_text().splitlines() if line.strip()]
-    return next((value for value in reversed(runtimes) if value is not None), None)
+    runtimes = [record["train_runtime"] for record in read_metrics(folder) if "train_runtime" in record]
+    return runtimes[-1] if runtimes else None
 
 
-def check_reusable(folder: Path, name: str, expected: list[str]) -> None:
-    """A finished run is reused only if it was trained with the options this plan gives it now: a plan edited after
-    its runs (more steps, another learning rate) must not report the old runs under the new options."""
+def check_reusable(folder: Path, name: str, command: list[str]) -> None:
+    """A finished run is reused only if it was trained with the options this plan gives it now (`command`, as
+    train_command builds it): a plan edited after its runs (more steps, another learning rate) must not report the
+    old runs under the new options. Compared without the interpreter and the script's path."""
+    expected = command[2:]
     recorded = json.loads((folder / "run_config.json").read_text()).get("command", [])[1:]
     if recorded != expected:
         before, now = _options_of(recorded), _options_of(expected)
@@ -317,18 +320,19 @@ def main(argv: list[str] | None = None) -> int:
     check_runs(config, plan)
     conversations = data.load_conversations(config.val_data)[: config.eval_records]  # validate before training
     output_dir = Path(config.output_dir)
-    runs = {}  # name -> (folder, student, options, seed), every run checked before the first one trains
+    runs = {}  # name -> (folder, student, options, seed, reused), every reuse checked before the first run trains
     for student, path in plan.students.items():
         for run, args in plan.runs.items():
             for seed in plan.seeds[run]:
                 folder = run_folder(output_dir, plan, student, run, seed, config.seed)
                 name = model_name(plan, student, run, seed, config.seed)
-                runs[name] = (folder, path, [*plan.common, *args], seed)
-                if finished(folder):
-                    check_reusable(folder, name, train_command(path, config, runs[name][2], seed, folder)[2:])
+                options, reused = [*plan.common, *args], finished(folder)
+                if reused:
+                    check_reusable(folder, name, train_command(path, config, options, seed, folder))
+                runs[name] = (folder, path, options, seed, reused)
     trained, seconds = {}, {}
-    for name, (folder, path, args, seed) in runs.items():
-        if finished(folder):
+    for name, (folder, path, args, seed, reused) in runs.items():
+        if reused:
             print(f"== {name}: finished earlier in {folder}, reusing it", flush=True)
         else:
             seconds[name] = train(folder, path, config, args, seed)
