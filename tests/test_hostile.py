@@ -440,6 +440,13 @@ def test_the_other_tools_refuse_bad_options(capfd, tiny_models, chat_data, tmp_p
     refused(capfd, compare.main, ["--plan", plan, "--student", student, "--teacher", teacher, "--output_dir",
                                   tmp_path / "s", "--train_data", chat_data], "run student/typo", "--betaa")
     assert not (tmp_path / "s").exists()  # refused before the first run trained
+    # a finished-looking run whose run_config.json is not gkd's: refused, not reused and not a traceback
+    plan.write_text("runs: {kd: [--lmbda, 0]}\n")
+    (tmp_path / "s" / "kd").mkdir(parents=True)
+    (tmp_path / "s" / "kd" / "run_config.json").write_text("{")
+    (tmp_path / "s" / "kd" / "model.safetensors").write_bytes(b"")
+    refused(capfd, compare.main, ["--plan", plan, "--student", student, "--teacher", teacher, "--output_dir",
+                                  tmp_path / "s", "--train_data", chat_data], "kd: ", "run_config.json does not say")
 
 
 @pytest.mark.parametrize(

@@ -176,7 +176,12 @@ def check_reusable(folder: Path, name: str, command: list[str]) -> None:
     train_command builds it): a plan edited after its runs (more steps, another learning rate) must not report the
     old runs under the new options. Compared without the interpreter and the script's path."""
     expected = command[2:]
-    recorded = json.loads((folder / "run_config.json").read_text()).get("command", [])[1:]
+    try:
+        recorded = json.loads((folder / "run_config.json").read_text(encoding="utf-8"))["command"][1:]
+    except (OSError, ValueError, TypeError, KeyError):
+        raise ConfigError(f"{name}: {folder / 'run_config.json'} does not say how the run was trained (expected "
+                          "gkd's JSON with a `command` list); move the folder away or use another --output_dir"
+                          ) from None
     if recorded != expected:
         before, now = _options_of(recorded), _options_of(expected)
         changed = [f"{flag} {before.get(flag, '(unset)')} -> {now.get(flag, '(unset)')}"
@@ -342,7 +347,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     report = evaluate_folders({**starts, **trained}, config.teacher, conversations, config.eval_max_new_tokens,
                               seed=config.seed, bootstrap_samples=config.bootstrap_samples)
-    report.update(train_seconds=seconds, train_runtime={name: train_runtime(folder) for name, folder in trained.items()},
+    runtimes = {name: train_runtime(folder) for name, folder in trained.items()}
+    report.update(train_seconds=seconds, train_runtime=runtimes,
                   eval_seconds=time.time() - started, command=sys.argv, commit=_git_commit(),
                   plan={"students": plan.students, "common": plan.common, "runs": plan.runs, "seeds": plan.seeds})
     report["differences"] = differences(report, plan, config.reference, config)
@@ -351,7 +357,8 @@ def main(argv: list[str] | None = None) -> int:
     (output_dir / "results.json").write_text(json.dumps(report, indent=2))
     table = markdown_table(report) + "\n" + differences_table(report["differences"])
     if report["student_differences"]:
-        table += "\n\nEach student against the first, run by run:\n\n" + differences_table(report["student_differences"])
+        table += ("\n\nEach student against the first, run by run:\n\n"
+                  + differences_table(report["student_differences"]))
     (output_dir / "results.md").write_text(f"Command: `{' '.join(sys.argv)}`\n\n{table}\n")
     plot(report, output_dir / "compare.png")
     print(table)
