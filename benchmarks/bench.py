@@ -41,6 +41,7 @@ import warnings
 from dataclasses import asdict, dataclass, field, replace
 
 from gkd.config import GENERATION_BACKENDS
+from gkd.errors import ConfigError
 
 from .profiling import PHASES, Probe, run_in_child
 
@@ -174,11 +175,11 @@ class BenchArguments:
     def __post_init__(self):
         unknown = [name for name in self.systems if name not in SYSTEMS]
         if unknown:
-            raise SystemExit(f"error: unknown systems {unknown}; choose from {list(SYSTEMS)}")
+            raise ConfigError(f"--systems: unknown {unknown}; choose from {list(SYSTEMS)}")
         for name in ("steps", "warmup", "batch_size", "gradient_accumulation_steps"):
             value = getattr(self, name)
             if value is not None and value < (0 if name == "warmup" else 1):
-                raise SystemExit(f"error: --{name} must be {'>= 0' if name == 'warmup' else '>= 1'}, got {value}")
+                raise ConfigError(f"--{name} must be {'>= 0' if name == 'warmup' else '>= 1'}, got {value}")
 
     def resolved_preset(self) -> Preset:
         preset = PRESETS[self.preset]
@@ -333,18 +334,20 @@ def build_trainer(system: System, args, preset: Preset, student, teacher, tokeni
     peft_config = lora_config() if system.lora else None
     if system.trainer == "gkd":
         # As gkd/train.py builds it; the samples are what `data.encode_conversations` returns.
+        from gkd.teachers.live import LiveTeacher
         from gkd.trainer import GKDTrainer
 
-        student.generation_config.min_new_tokens = preset.completion_length
-        return GKDTrainer(
+        trainer = GKDTrainer(
             model=student,
-            teacher=teacher,
+            teacher=LiveTeacher.from_options(teacher, args),
             args=args,
             stop_token_ids=[tokenizer.eos_token_id],
             processing_class=tokenizer,
             peft_config=peft_config,
             train_dataset=Dataset.from_list(samples),
         )
+        trainer.sampling = trainer.sampling.but(min_new_tokens=preset.completion_length)
+        return trainer
     if system.trainer == "trl-gkd":
         # Pre-tokenized rows, the `input_ids` + `completion_mask` path of TRL's DataCollatorForChatML.
         from trl.experimental.gkd import GKDTrainer
@@ -546,15 +549,15 @@ def dry_run(bench: BenchArguments) -> dict:
     return report
 
 
-def main(argv: list[str] | None = None) -> dict:
-    from transformers import HfArgumentParser
+def main(argv: list[str] | None = None) -> int:
+    from gkd.cli import parse
 
-    (bench,) = HfArgumentParser(BenchArguments).parse_args_into_dataclasses(argv)
+    (bench,) = parse(BenchArguments, argv, description=__doc__.splitlines()[0])
     if bench.dry_run:
         report = dry_run(bench)
         print(json.dumps(report, indent=2))
         _write_json(bench.output_json, report)
-        return report
+        return 0
     started, load_at_start = time.perf_counter(), os.getloadavg()[0]
     _preload()
     results = {}
@@ -578,7 +581,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     print(markdown_table(report["results"], comparisons))
     _write_json(bench.output_json, report)
-    return report
+    return 0
 
 
 def _preload() -> None:
@@ -608,4 +611,6 @@ def _jsonable(value):
 
 
 if __name__ == "__main__":
-    main()
+    from gkd.cli import run
+
+    run(main)

@@ -25,6 +25,8 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 
+from gkd.errors import ConfigError
+
 from .bench import PRESETS, build_model, device_description, versions
 
 BACKENDS = ["plain", "hf-compiled", "static", "compiled"]
@@ -55,9 +57,9 @@ class GenerationBenchArguments:
     def __post_init__(self):
         unknown = [name for name in self.backends if name not in BACKENDS]
         if unknown:
-            raise SystemExit(f"error: unknown backends {unknown}; choose from {BACKENDS}")
+            raise ConfigError(f"--backends: unknown backends {unknown}; choose from {BACKENDS}")
         if self.repeats < 1:
-            raise SystemExit(f"error: --repeats must be >= 1, got {self.repeats}")
+            raise ConfigError(f"--repeats must be >= 1, got {self.repeats}")
 
 
 def prompts(batch_size: int, prompt_length: int, vocab_size: int, seed: int, device):
@@ -75,7 +77,7 @@ def prompts(batch_size: int, prompt_length: int, vocab_size: int, seed: int, dev
 def sampler(backend: str, model, max_new_tokens: int, max_cache_len: int):
     """A function of (prompt_ids, prompt_mask) that samples with `backend`; returns the completion width."""
     from gkd.decoding import StaticDecoder
-    from gkd.generation import default_compile_options, generate
+    from gkd.generation import Sampling, default_compile_options, generate
 
     if backend == "hf-compiled":
         from transformers import CompileConfig
@@ -96,11 +98,11 @@ def sampler(backend: str, model, max_new_tokens: int, max_cache_len: int):
         device = model.device
         decoder = StaticDecoder(default_compile_options(device) if backend == "compiled" else None)
 
+    sampling = Sampling(max_new_tokens, (2,), 2, temperature=1.0, min_new_tokens=max_new_tokens, backend=backend,
+                        max_cache_len=max_cache_len)
+
     def gkd_generate(prompt_ids, prompt_mask):
-        completion_ids, _ = generate(
-            model, prompt_ids, prompt_mask, max_new_tokens=max_new_tokens, stop_token_ids=[2], pad_token_id=2,
-            temperature=1.0, backend=backend, max_cache_len=max_cache_len, decoder=decoder,
-        )
+        completion_ids, _ = generate(model, prompt_ids, prompt_mask, sampling, decoder=decoder)
         return completion_ids.shape[1]
 
     return gkd_generate
@@ -163,11 +165,12 @@ def markdown_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> int:
     import torch
-    from transformers import HfArgumentParser
 
-    (bench,) = HfArgumentParser(GenerationBenchArguments).parse_args_into_dataclasses(argv)
+    from gkd.cli import parse
+
+    (bench,) = parse(GenerationBenchArguments, argv, description=__doc__.splitlines()[0])
     if bench.threads:
         torch.set_num_threads(bench.threads)
     preset = PRESETS[bench.preset]
@@ -176,7 +179,7 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     results = []
     for name, model in _models(bench, preset, device):
-        model.generation_config.min_new_tokens = max_new_tokens  # every completion exactly max_new_tokens long
+        model.generation_config.min_new_tokens = max_new_tokens  # for transformers-compiled; gkd passes Sampling
         vocab_size = model.get_input_embeddings().weight.shape[0]
         prompt_ids, prompt_mask = prompts(batch_size, preset.prompt_length, vocab_size, bench.seed, device)
         for backend in bench.backends:
@@ -200,9 +203,11 @@ def main(argv: list[str] | None = None) -> dict:
     if bench.output_json:
         with open(bench.output_json, "w") as handle:
             json.dump(report, handle, indent=2)
-    return report
+    return 0
 
 
 
 if __name__ == "__main__":
-    main()
+    from gkd.cli import run
+
+    run(main)

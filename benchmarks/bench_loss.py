@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from gkd import losses
+from gkd.errors import ConfigError
 
 from .profiling import proc_status_gib, run_in_child
 
@@ -195,16 +196,14 @@ def markdown_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    from transformers import HfArgumentParser
+def main(argv: list[str] | None = None) -> int:
+    from gkd.cli import parse
 
-    (args,) = HfArgumentParser(BenchLossArguments, description=__doc__.splitlines()[0]).parse_args_into_dataclasses(
-        args=argv
-    )
+    (args,) = parse(BenchLossArguments, argv, description=__doc__.splitlines()[0])
     names = [name.strip() for name in args.variants.split(",") if name.strip()]
     unknown = [name for name in names if name not in VARIANTS]
     if unknown:
-        raise SystemExit(f"error: unknown variants {unknown}; choose from {sorted(VARIANTS)}")
+        raise ConfigError(f"--variants: unknown variants {unknown}; choose from {sorted(VARIANTS)}")
     results = [run_variant(name, args) for name in names]
     threads = torch.get_num_threads()
     print(
@@ -216,9 +215,11 @@ def main(argv: list[str] | None = None) -> dict:
     report = {"options": asdict(args), "torch": torch.__version__, "threads": threads, "results": results}
     if args.output_json:
         Path(args.output_json).write_text(json.dumps(report, indent=2) + "\n")
-    return report
+    return 0
 
 
 
 if __name__ == "__main__":
-    main()
+    from gkd.cli import run
+
+    run(main)

@@ -81,10 +81,10 @@ def build_cache(args: TeacherBenchArguments, k: int, work: Path, env: dict) -> d
     return report
 
 
-def main(argv=None) -> dict:
-    from transformers import HfArgumentParser
+def main(argv: list[str] | None = None) -> int:
+    from gkd.cli import parse
 
-    (args,) = HfArgumentParser(TeacherBenchArguments).parse_args_into_dataclasses(args=argv)
+    (args,) = parse(TeacherBenchArguments, argv, description=__doc__.splitlines()[0])
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="gkd-bench-teachers-"))
     work.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
@@ -119,8 +119,10 @@ def main(argv=None) -> dict:
     report["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
     if args.output_json:
         Path(args.output_json).write_text(json.dumps(report, indent=2))
-    return report
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    from gkd.cli import run
+
+    run(main)

@@ -3,9 +3,10 @@
 
     python -m benchmarks.data_start --records 200000 --output_json data_start.json [--before_repo /path/to/old/gkd]
 
-Every run is the real CLI (`gkd/train.py`) on tiny random models (tests/tiny.py), one optimizer step, so the time is
-start-up: imports, reading and encoding the data, loading the models, and the step. Each run is a fresh process;
-its peak resident memory is the child's `ru_maxrss`. The records are synthetic chat conversations of varied length.
+Every run is the real CLI (`gkd/train.py`) on tiny random models (benchmarks/tiny_models.py), one optimizer step,
+so the time is start-up: imports, reading and encoding the data, loading the models, and the step. Each run is a fresh
+process; its peak resident memory is the child's `ru_maxrss`. The records are synthetic chat conversations of varied
+length.
 """
 
 import json
@@ -58,13 +59,12 @@ def time_to_first_step(repo: Path, models: Path, data: Path, output_dir: Path, e
             "peak_rss_gib": result["peak_rss_gib"]}
 
 
-def main(argv=None) -> dict:
-    from transformers import HfArgumentParser
+def main(argv: list[str] | None = None) -> int:
+    from benchmarks.tiny_models import make_student_and_teacher
+    from gkd.cli import parse
 
-    (args,) = HfArgumentParser(DataStartArguments).parse_args_into_dataclasses(args=argv)
+    (args,) = parse(DataStartArguments, argv, description=__doc__.splitlines()[0])
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="gkd-data-start-"))
-    sys.path.insert(0, str(REPO / "tests"))
-    from tiny import make_student_and_teacher
 
     models = work / "models"
     if not (models / "student").exists():
@@ -89,8 +89,10 @@ def main(argv=None) -> dict:
             subprocess.run(["rm", "-rf", str(output_dir)])
     if args.output_json:
         Path(args.output_json).write_text(json.dumps({"options": asdict(args), **results}, indent=2))
-    return results
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    from gkd.cli import run
+
+    run(main)

@@ -187,15 +187,18 @@ def markdown(budget: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> None:
-    from transformers import HfArgumentParser
+def main(argv: list[str] | None = None) -> int:
+    from gkd.cli import parse
 
-    (args,) = HfArgumentParser(BudgetArguments).parse_args_into_dataclasses(args=argv)
+    (args,) = parse(BudgetArguments, argv, description=__doc__.splitlines()[0])
     budget = estimate(args)
     print(markdown(budget))
     if args.output_json:
         Path(args.output_json).write_text(json.dumps(budget, indent=2) + "\n")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    from gkd.cli import run
+
+    run(main)

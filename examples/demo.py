@@ -8,6 +8,8 @@
 3. Distill with the real CLI (`gkd/train.py --config examples/demo.yaml`; extra options pass through, e.g.
    `--max_steps 200`), then evaluate the student before and after against the teacher and print the table (also
    written to OUTPUT_DIR/eval.md, with curves in OUTPUT_DIR/curves.png).
+4. Export the distilled student to OUTPUT_DIR.Q8_0.gguf (beside the run) and print how to run it with llama.cpp and
+   Ollama.
 """
 
 import argparse
@@ -63,6 +65,7 @@ def main() -> None:
 
     from gkd.data import load_conversations
     from gkd.tools.evaluate import evaluate_folders, markdown_table, plot_run, write_report
+    from gkd.tools.export_gguf import ExportConfig, export_gguf, run_instructions
 
     started = time.time()
     cache_dir = Path(args.cache_dir).expanduser()
@@ -92,7 +95,14 @@ def main() -> None:
     write_report(report, output_dir)
     plot_run(output_dir)
     print(markdown_table(report))
-    print(f"\nwrote {output_dir / 'eval.md'} and {output_dir / 'curves.png'}; total {time.time() - started:.0f} s")
+    print(f"\nwrote {output_dir / 'eval.md'} and {output_dir / 'curves.png'}")
+
+    print("\n== exporting the distilled student for llama.cpp / Ollama ==", flush=True)
+    gguf_file = output_dir.parent / f"{output_dir.name}.Q8_0.gguf"  # beside the run: never inside a model folder
+    gguf_file.unlink(missing_ok=True)  # the previous demo's export, replaced like its run
+    export_gguf(ExportConfig(model_name_or_path=str(output_dir), output_file=str(gguf_file), quantization="q8_0"))
+    print(run_instructions(gguf_file, "q8_0"))
+    print(f"total {time.time() - started:.0f} s")
 
 
 if __name__ == "__main__":

@@ -86,6 +86,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     """
     folder, name = str(gguf_path.parent), gguf_path.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    _restore_pre_tokenizer(tokenizer, gguf_path)
     gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
 
     config = gguf_model.config
@@ -121,6 +122,22 @@ def check_teacher(folder: Path, question: str = CHECK_QUESTION, max_new_tokens: 
     with torch.no_grad():
         output = model.generate(**prompt, max_new_tokens=max_new_tokens, do_sample=False)
     return tokenizer.decode(output[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
+def _restore_pre_tokenizer(tokenizer, gguf_path: Path) -> None:
+    """Split text as SmolLM2's own tokenizer does. transformers' GGUF loader knows no `tokenizer.ggml.pre` "smollm"
+    and falls back to GPT-2's split, which keeps the spaces before a digit apart ("x  1" -> x, Ġ, Ġ, 1 instead of
+    x, ĠĠ, 1, as llama.cpp and SmolLM2's tokenizer.json give); SmolLM2 splits digits off first, one by one."""
+    from gguf import GGUFReader
+    from tokenizers import pre_tokenizers
+
+    field = GGUFReader(gguf_path).fields.get("tokenizer.ggml.pre")
+    pre = field.contents() if field is not None else None
+    if pre != "smollm":
+        raise ModelError(f"{gguf_path}: tokenizer.ggml.pre is {pre!r}, expected 'smollm'")
+    tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
 
 
 def _check_tied(model) -> None:

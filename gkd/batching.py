@@ -8,10 +8,12 @@ mask would hide the final EOS, so the student would never learn to stop.
 
 import torch
 
+ROW_KEYS = ("index", "is_text", "teacher_index")  # per-row values a batch carries besides its ids and masks
+
 
 def pad_batch(samples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Collate {"prompt_ids", "completion_ids"} lists into prompt_ids/prompt_mask/completion_ids/completion_mask (and
-    `index`, `is_text` when the samples have them)."""
+    `index`, `is_text`, `teacher_index` when the samples have them)."""
     prompt_width = max(len(sample["prompt_ids"]) for sample in samples)
     # At least one completion column, so a batch of prompt-only records still has a well-formed (all-masked) target.
     completion_width = max(1, max(len(sample["completion_ids"]) for sample in samples))
@@ -34,7 +36,8 @@ def pad_batch(samples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]
         "completion_ids": completion_ids,
         "completion_mask": completion_mask,
     }
-    for key in ("index", "is_text"):  # a sample's row (its key in a teacher cache); plain text or chat
+    # A sample's row (its key in a teacher cache); plain text or chat; which of several teachers teaches it.
+    for key in ROW_KEYS:
         if key in samples[0]:
             batch[key] = torch.tensor([sample[key] for sample in samples])
     return batch

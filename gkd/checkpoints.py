@@ -109,3 +109,15 @@ def rotate_complete_checkpoints(output_dir: Path, limit: int | None, keep: list)
             logger.info("deleting %s (save_total_limit=%d)", path, limit)
             shutil.rmtree(path, ignore_errors=True)
             excess -= 1
+
+
+def only_tied_weights_missing(model, missing_keys: list[str]) -> bool:
+    """True when the keys a resumed checkpoint lacks are exactly the model's tied weights (`lm_head.weight` of a
+    model with tied embeddings), each identical to the weight it is tied to. `save_pretrained` writes a tied weight
+    once, under its source's name; transformers' Trainer still warns on resume that the other name is missing."""
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    if not missing_keys or set(missing_keys) != set(tied):
+        return False
+    state = model.state_dict()
+    return all(target in state and source in state and state[target].data_ptr() == state[source].data_ptr()
+               for target, source in tied.items())

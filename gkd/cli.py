@@ -3,6 +3,7 @@ as one `error: ...` line and exit 2, Ctrl-C and SIGTERM as one line and 130 or 1
 
 import difflib
 import importlib
+import os
 import signal
 import sys
 import threading
@@ -39,6 +40,8 @@ def parse(dataclass_types, argv: list[str] | None = None, description: str | Non
     if not allow_extra:
         _check_flags(parser, argv)
     if "--config" in argv:
+        index = argv.index("--config")
+        argv[index + 1:index + 2] = [expand_home(value) for value in argv[index + 1:index + 2]]
         _check_config_file(parser, argv)
     try:
         # HfArgumentParser appends a namespace of what no dataclass took (here `config`): keep the dataclasses.
@@ -70,7 +73,26 @@ def _parser_class():
         def error(self, message):
             raise ConfigError(message)
 
+        def parse_known_args(self, args=None, namespace=None):
+            # Before the dataclasses are built from it (their checks see the real path), flags and YAML alike.
+            namespace, remaining = super().parse_known_args(args, namespace)
+            for name, value in vars(namespace).items():
+                setattr(namespace, name, expand_home(value))
+            return namespace, remaining
+
     return Parser
+
+
+def expand_home(value):
+    """`~` and `~/...` as the shell would have expanded them, in a string or a list of them; anything else as is.
+
+    A path in a YAML file or in quotes reaches us unexpanded, and would be taken for a Hub id or a relative folder
+    named `~`. No option's other values start with `~/` (Hub ids cannot), so every option is expanded, once, here."""
+    if isinstance(value, str) and (value == "~" or value.startswith("~/")):
+        return os.path.expanduser(value)
+    if isinstance(value, list):
+        return [expand_home(item) for item in value]
+    return value
 
 
 def _check_flags(parser, argv: list[str]) -> None:
@@ -159,21 +181,29 @@ def _one_line(error: BaseException) -> str:
 
 def run(main: Callable[[], int | None]) -> None:
     """Run a CLI's `main`: a `GKDError` becomes `error: ...` on stderr and exit code 2, Ctrl-C and SIGTERM one line
-    and 130 or 143; anything else is a bug and keeps its traceback."""
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _terminate)
+    and 130 or 143; anything else is a bug and keeps its traceback.
+
+    The signal handlers record the signal before they raise, and the runner asks the record, not the exception: a
+    library's broad `except:` (fsspec's in `datasets.load_from_disk`) can swallow the exception and raise another,
+    or none. A second signal exits at once. Training replaces these handlers with its stop-at-step-end ones
+    (gkd/signals.py) while it runs."""
+    _received.clear()
+    previous = _catch_signals()
     try:
         code = main()
-    except GKDError as error:
-        print(f"error: {_one_line(error)}", file=sys.stderr)
-        sys.exit(2)
-    except (KeyboardInterrupt, Terminated) as interruption:
-        _exit_interrupted(interruption)
-    except Exception as error:  # noqa: BLE001 -- an interruption that a library's import machinery wrapped
-        interruption = _interruption_within(error)
-        if interruption is None:
+    except BaseException as error:
+        exit_if_signalled()
+        if isinstance(error, GKDError):
+            print(f"error: {_one_line(error)}", file=sys.stderr)
+            sys.exit(2)
+        interruption = _interruption_within(error)  # e.g. a Ctrl-C that a library's import machinery wrapped
+        if interruption is None or isinstance(error, SystemExit):
             raise
-        _exit_interrupted(interruption)
+        _exit_interrupted(signal.SIGTERM if isinstance(interruption, Terminated) else signal.SIGINT)
+    finally:
+        for signum, handler in previous.items():  # None: a handler not set from Python, i.e. the default
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+    exit_if_signalled()
     sys.exit(code or 0)
 
 
@@ -183,14 +213,46 @@ def command(module: str) -> None:
     run(lambda: importlib.import_module(module).main())
 
 
-def _terminate(signum, frame):
-    raise Terminated()
+_received: list[int] = []  # the signals the runner's handler got during the current `run`, in order
 
 
-def _exit_interrupted(interruption: BaseException) -> None:
-    terminated = isinstance(interruption, Terminated)
-    print("error: terminated" if terminated else "error: interrupted", file=sys.stderr)
-    sys.exit(TERMINATED_EXIT_CODE if terminated else INTERRUPTED_EXIT_CODE)
+def _catch_signals() -> dict:
+    """SIGTERM, and SIGINT where Python's own handler has it (a background job's ignored SIGINT stays ignored), to
+    `_on_signal`; returns the handlers replaced. Python runs handlers in the main thread only."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, _on_signal)}
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        previous[signal.SIGINT] = signal.signal(signal.SIGINT, _on_signal)
+    return previous
+
+
+def _on_signal(signum, frame):
+    _received.append(signum)
+    if len(_received) > 1:  # the first one's exception may have been swallowed: a second one is out at once
+        _say_interrupted(_received[0])
+        os._exit(_exit_code(_received[0]))
+    raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
+def exit_if_signalled() -> None:
+    """Out in one line if a signal arrived while `main` ran, whatever exception (or none) came of it. `main` calls it
+    too before long work (training), in case a library swallowed the signal's exception and carried on."""
+    if _received:
+        _exit_interrupted(_received[0])
+
+
+def _exit_interrupted(signum: int) -> None:
+    _say_interrupted(signum)
+    sys.exit(_exit_code(signum))
+
+
+def _say_interrupted(signum: int) -> None:
+    print("error: terminated" if signum == signal.SIGTERM else "error: interrupted", file=sys.stderr, flush=True)
+
+
+def _exit_code(signum: int) -> int:
+    return TERMINATED_EXIT_CODE if signum == signal.SIGTERM else INTERRUPTED_EXIT_CODE
 
 
 def _interruption_within(error: BaseException) -> BaseException | None:
@@ -209,8 +271,10 @@ train_command = partial(command, "gkd.train")
 merge_command = partial(command, "gkd.tools.merge")
 prune_command = partial(command, "gkd.tools.prune")
 eval_command = partial(command, "gkd.tools.evaluate")
+compare_command = partial(command, "gkd.tools.compare")
 cache_teacher_command = partial(command, "gkd.tools.cache_teacher")
 teacher_serve_command = partial(command, "gkd.tools.teacher_server")
+export_gguf_command = partial(command, "gkd.tools.export_gguf")
 
 
 def quiet_libraries() -> None:

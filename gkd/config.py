@@ -8,20 +8,40 @@ command lines keep working; legacy spellings are aliases, not second fields. Eac
 
 import importlib.util
 import logging
+import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
 from .cli import check_finite
-from .errors import ConfigError
-from .generation import BACKENDS
+from .errors import ConfigError, GKDError
+from .sampling import BACKENDS
 from .launch import cpu_deepspeed_backend
-from .steps import LMBDA_SCHEDULES
+from .steps import LMBDA_SCHEDULES, lmbda_bounds
 
 logger = logging.getLogger(__name__)
 
 DTYPES = ["auto", "bfloat16", "float16", "float32"]
 GENERATION_BACKENDS = ["auto", *BACKENDS]
+
+
+class Default(float):
+    """A float option's default, told apart from the same number given on the command line, in YAML or to the
+    constructor (which arrive as plain floats): a shorthand sets only what the user left out."""
+
+
+# Options that set others, each pair named once: (option, the option it sets, the value it sets or None, why). An
+# option left at its `Default` takes the value; given with another value, the run is refused naming both, where
+# argparse would keep one and drop the other without a word. `--objective sft` is torchtune's `--kd_ratio 0` at
+# `--lmbda 0`.
+SHORTHANDS = (
+    ("objective", "kd_ratio", lambda args: 0.0 if args.objective == "sft" else None, ""),
+    ("objective", "lmbda", lambda args: 0.0 if args.objective == "sft" else None,
+     " (cross-entropy alone never trains on the student's own samples, which on-policy steps are)"),
+    ("kd_ratio", "kd_loss_weight", lambda args: args.kd_ratio, ""),
+    ("kd_ratio", "sft_loss_weight", lambda args: None if args.kd_ratio is None else 1.0 - args.kd_ratio, ""),
+)
 
 
 @dataclass
@@ -108,6 +128,20 @@ class ModelArguments:
             "student's. Default: the model the server reports (`root` of /v1/models)."
         },
     )
+    teacher: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Several teachers, each record learning from its own: NAME=SOURCE, repeated (--teacher "
+            "math=MODEL --teacher chat=http://host:8000 --teacher code=CACHE_FOLDER), a list in YAML. SOURCE is what "
+            "one teacher takes: a model folder or Hub id, a top-K cache folder (holding cache.json), or a served "
+            "teacher's http(s):// URL. A record names its teacher in a `teacher` field. Instead of "
+            "--teacher_model_name_or_path, --teacher_logits_path and --teacher_server_url.",
+            "action": "append",
+        },
+    )
+    default_teacher: str | None = field(
+        default=None, metadata={"help": "With --teacher: the NAME that teaches records without a `teacher` field."}
+    )
     dtype: str = field(
         default="auto",
         metadata={
@@ -141,9 +175,17 @@ class ModelArguments:
             ("--teacher_logits_path", self.teacher_logits_path),
             ("--teacher_server_url", self.teacher_server_url),
         ) if value]
-        if not teachers:
+        self.teacher = _flat_teachers(self.teacher)
+        if self.teacher and teachers:
+            raise ConfigError(f"give several teachers (--teacher NAME=SOURCE) or one ({teachers[0]}), not both")
+        if self.teacher:
+            self.teacher_specs  # noqa: B018 -- parsed now, so a malformed --teacher is refused here
+        elif self.default_teacher is not None:
+            raise ConfigError("--default_teacher names one of several teachers: give them with --teacher NAME=SOURCE")
+        if not teachers and not self.teacher:
             raise ConfigError("a teacher is required: --teacher_model_name_or_path (a model folder or Hub id), "
-                              "--teacher_logits_path (a top-K cache) or --teacher_server_url (a served teacher)")
+                              "--teacher_logits_path (a top-K cache), --teacher_server_url (a served teacher), or "
+                              "several as --teacher NAME=SOURCE")
         if len(teachers) > 1:
             raise ConfigError(f"give one teacher, not {' and '.join(teachers)}")
         if self.teacher_server_url and not self.teacher_server_url.startswith(("http://", "https://")):
@@ -158,10 +200,73 @@ class ModelArguments:
 
     @property
     def teacher_kind(self) -> str:
-        """'live' (a model beside the student), 'cache' (top-K log-probabilities on disk) or 'server' (HTTP)."""
+        """'live' (a model beside the student), 'cache' (top-K log-probabilities on disk) or 'server' (HTTP). With
+        several teachers: 'cache' if any is one (what a cache cannot do, the run cannot), else 'server' if any is."""
+        if self.teacher:
+            kinds = {spec.kind for spec in self.teacher_specs}
+            return next(kind for kind in ("cache", "server", "live") if kind in kinds)
         if self.teacher_logits_path:
             return "cache"
         return "server" if self.teacher_server_url else "live"
+
+    @property
+    def teacher_specs(self) -> list["TeacherSpec"]:
+        """The `--teacher NAME=SOURCE` options, in the order given (a sample's `teacher_index` counts in it)."""
+        specs = [TeacherSpec.parse(value) for value in self.teacher or ()]
+        names = [spec.name for spec in specs]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ConfigError(f"--teacher {repeated[0]} is given twice: each teacher needs its own NAME")
+        if self.default_teacher is not None and self.default_teacher not in names:
+            raise ConfigError(f"--default_teacher {self.default_teacher} is none of the teachers ({', '.join(names)})")
+        return specs
+
+    def for_teacher(self, spec: "TeacherSpec") -> "ModelArguments":
+        """These options with `spec` as the run's one teacher: what a single teacher of its kind is checked and opened
+        from."""
+        import dataclasses
+
+        return dataclasses.replace(
+            self, teacher=None, default_teacher=None,
+            teacher_model_name_or_path=spec.source if spec.kind == "live" else None,
+            teacher_logits_path=spec.source if spec.kind == "cache" else None,
+            teacher_server_url=spec.source if spec.kind == "server" else None)
+
+
+@dataclass(frozen=True)
+class TeacherSpec:
+    """One `--teacher NAME=SOURCE`: its kind read from SOURCE (an http(s):// URL is a server, a folder holding
+    cache.json a top-K cache, anything else a model folder or Hub id)."""
+
+    name: str
+    source: str
+    kind: str
+
+    @classmethod
+    def parse(cls, value: str) -> "TeacherSpec":
+        import os
+        import re
+
+        name, _, source = value.partition("=")
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or not source:
+            raise ConfigError(f"--teacher {value}: expected NAME=SOURCE, NAME of letters, digits, '_', '-' or '.', "
+                              "e.g. --teacher math=Qwen/Qwen3-8B")
+        if source.startswith(("http://", "https://")):
+            kind = "server"
+        elif os.path.isfile(os.path.join(source, "cache.json")):
+            kind = "cache"
+        else:
+            kind = "live"
+        return cls(name, source, kind)
+
+
+def _flat_teachers(values) -> list[str] | None:
+    """`--teacher` values as one list: repeated flags arrive as a list per flag (argparse's append), a YAML list as
+    strings. Flags given on the command line replace the file's list, as every other option does."""
+    if not values:
+        return None
+    flags = [value for value in values if isinstance(value, list)]
+    return [item for value in flags for item in value] if flags else list(values)
 
 
 @dataclass
@@ -169,11 +274,11 @@ class GKDConfig(TrainingArguments):
     """How to train: TrainingArguments plus the GKD objective and on-policy sampling."""
 
     lmbda: float = field(
-        default=0.5,
+        default=Default(0.5),
         metadata={
             "help": "Share of optimizer steps trained on completions the student samples itself (on-policy). The "
             "draw is made once per optimizer step from the seed and the step, identically on every rank. With a "
-            "schedule, the share reached after --lmbda_warmup_steps."
+            "schedule, the share reached after --lmbda_warmup_steps. 0 with --objective sft."
         },
     )
     lmbda_schedule: str = field(
@@ -186,10 +291,14 @@ class GKDConfig(TrainingArguments):
         },
     )
     lmbda_warmup_steps: int = field(
-        default=0, metadata={"help": "Optimizer steps the 'linear' or 'step' lmbda schedule takes to reach --lmbda."}
+        default=0,
+        metadata={"help": "Optimizer steps the 'linear' or 'step' lmbda schedule takes to reach --lmbda (refused "
+                          "without --lmbda_schedule)."},
     )
     lmbda_start: float = field(
-        default=0.0, metadata={"help": "On-policy share at step 0 of a 'linear' or 'step' lmbda schedule."}
+        default=0.0,
+        metadata={"help": "On-policy share at step 0 of a 'linear' or 'step' lmbda schedule (refused without "
+                          "--lmbda_schedule)."},
     )
     beta: float = field(
         default=0.5,
@@ -208,24 +317,29 @@ class GKDConfig(TrainingArguments):
     objective: str = field(
         default="gkd",
         metadata={
-            "help": "'gkd': the generalized JSD to the teacher (the method). 'sft': shorthand for --kd_loss_weight 0 "
-            "--sft_loss_weight 1, cross-entropy only; with --seq_kd --lmbda 0 it is SFT on teacher responses.",
+            "help": "'gkd': the generalized JSD to the teacher (the method). 'sft': cross-entropy only, shorthand for "
+            "--kd_ratio 0 (--kd_loss_weight 0 --sft_loss_weight 1) at --lmbda 0; with --seq_kd it is SFT on teacher "
+            "responses.",
             "choices": ["gkd", "sft"],
         },
     )
     kd_loss_weight: float = field(
-        default=1.0, metadata={"help": "Weight of the distillation term (NeMo-Aligner's kd_loss_weight)."}
+        default=Default(1.0),
+        metadata={"help": "Weight of the distillation term (NeMo-Aligner's kd_loss_weight); 0 with --objective sft, r "
+                          "with --kd_ratio r."},
     )
     sft_loss_weight: float = field(
-        default=0.0,
+        default=Default(0.0),
         metadata={
             "help": "Weight of a cross-entropy term on the completions (NeMo-Aligner's sft_loss_weight), applied on "
-            "steps whose completions come from the dataset or the teacher, never on the student's own samples."
+            "steps whose completions come from the dataset or the teacher, never on the student's own samples; "
+            "1 with --objective sft, 1-r with --kd_ratio r."
         },
     )
     kd_ratio: float | None = field(
         default=None,
-        metadata={"help": "torchtune's shorthand: --kd_loss_weight r --sft_loss_weight 1-r."},
+        metadata={"help": "torchtune's shorthand: --kd_loss_weight r --sft_loss_weight 1-r; a weight given with "
+                          "another value is refused."},
     )
     teacher_top_k: int | None = field(
         default=None,
@@ -243,7 +357,11 @@ class GKDConfig(TrainingArguments):
         },
     )
     teacher_server_timeout: float = field(
-        default=120.0, metadata={"help": "Seconds one request to --teacher_server_url may take."}
+        default=120.0,
+        metadata={
+            "help": "Seconds one request to --teacher_server_url may take, end to end (connecting, sending, reading "
+            "the whole answer), however slowly the server sends; then it counts as failed and is retried."
+        },
     )
     teacher_server_retries: int = field(
         default=5,
@@ -296,8 +414,9 @@ class GKDConfig(TrainingArguments):
     text_prompt_tokens: int | None = field(
         default=None,
         metadata={
-            "help": "Plain-text data on on-policy steps: the first N tokens of a window are the prompt the student "
-            "continues. Required for --lmbda > 0 with plain text."
+            "help": "Plain-text data on steps that sample: the first N tokens of a window are the prompt the student "
+            "(or, with --seq_kd, the teacher) continues. Required with plain text when any step samples; N + "
+            "--max_new_tokens must fit in --max_length."
         },
     )
     disable_dropout: bool = field(default=True, metadata={"help": "Turn off dropout in the student."})
@@ -367,10 +486,74 @@ class GKDConfig(TrainingArguments):
         except ValueError as error:  # TrainingArguments' own checks: one line, like ours
             raise ConfigError(" ".join(str(error).split())) from None
 
+    @property
+    def evaluates(self) -> bool:
+        """Whether the run evaluates during training (any --eval_strategy but no)."""
+        return str(self.eval_strategy).split(".")[-1].lower() != "no"
+
+    @property
+    def has_on_policy_steps(self) -> bool:
+        """Whether any step of the run may train on the student's own samples (every check of it asks this)."""
+        return lmbda_bounds(self.lmbda, self.lmbda_schedule, self.lmbda_warmup_steps, self.lmbda_start)[1] > 0
+
+    @property
+    def has_off_policy_steps(self) -> bool:
+        """Whether any step of the run may train on the dataset's (or, with --seq_kd, the teacher's) completions."""
+        return lmbda_bounds(self.lmbda, self.lmbda_schedule, self.lmbda_warmup_steps, self.lmbda_start)[0] < 1
+
+    @property
+    def lmbda_options(self) -> str:
+        """The options that decide the on-policy share, as a user types them (for messages)."""
+        if self.lmbda_schedule == "constant":
+            return f"--lmbda {self.lmbda:g}"
+        return (f"--lmbda_schedule {self.lmbda_schedule} from --lmbda_start {self.lmbda_start:g} to --lmbda "
+                f"{self.lmbda:g}")
+
     def _check_objective(self):
+        if self.objective not in ("gkd", "sft"):
+            raise ConfigError(f"--objective must be gkd or sft, got {self.objective!r}")
+        if self.kd_ratio is not None and not 0.0 <= self.kd_ratio <= 1.0:
+            raise ConfigError(f"--kd_ratio must be in [0, 1], got {self.kd_ratio}")
+        self._apply_shorthands()
         for name in ("lmbda", "lmbda_start", "beta"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"--{name} must be in [0, 1], got {getattr(self, name)}")
+        self._check_lmbda_schedule()
+        if self.kd_loss_weight < 0 or self.sft_loss_weight < 0:
+            raise ConfigError("--kd_loss_weight and --sft_loss_weight must be >= 0")
+        if self.kd_loss_weight == 0 and self.sft_loss_weight == 0:
+            raise ConfigError("--kd_loss_weight and --sft_loss_weight are both 0: the run would train on nothing")
+        if self.kd_loss_weight == 0 and self.has_on_policy_steps:
+            weighed_by = ("--objective sft" if self.objective == "sft" else
+                          f"--kd_ratio {self.kd_ratio:g}" if self.kd_ratio is not None else "--kd_loss_weight 0")
+            raise ConfigError(
+                f"{self.lmbda_options} gives on-policy steps, which train only the distillation term (the SFT term "
+                f"never trains on the student's own samples), and its weight is 0 ({weighed_by}): train without "
+                "on-policy steps (--lmbda 0), or give the KD term a weight"
+            )
+        if self.teacher_top_k is not None and self.teacher_top_k < 1:
+            raise ConfigError(f"--teacher_top_k must be at least 1, got {self.teacher_top_k}")
+
+    def _apply_shorthands(self):
+        """Each option of `SHORTHANDS` the user left out takes what the shorthand sets; one given with another value
+        is refused, naming both. Idempotent: a resolved config resolves to itself."""
+        set_by = {}  # option -> the shorthand, as the user typed it, that set it
+        for option, target, implied, why in SHORTHANDS:
+            value = implied(self)
+            if value is None:
+                continue
+            by = set_by.get(option, f"--{option} {_typed(getattr(self, option))}")
+            given = getattr(self, target)
+            if given is None or isinstance(given, Default):
+                setattr(self, target, value)
+                set_by[target] = by
+            elif not math.isclose(given, value, abs_tol=1e-9):
+                raise ConfigError(f"{by} sets --{target} {_typed(value)}, and --{target} {_typed(given)} is given "
+                                  f"too{why}: give one of the two")
+        for option in ("lmbda", "kd_loss_weight", "sft_loss_weight"):  # plain floats from here on
+            setattr(self, option, float(getattr(self, option)))
+
+    def _check_lmbda_schedule(self):
         if self.lmbda_schedule not in LMBDA_SCHEDULES:
             raise ConfigError(f"--lmbda_schedule must be one of {', '.join(LMBDA_SCHEDULES)}, got "
                               f"{self.lmbda_schedule!r}")
@@ -378,25 +561,11 @@ class GKDConfig(TrainingArguments):
             raise ConfigError(f"--lmbda_warmup_steps must be >= 0, got {self.lmbda_warmup_steps}")
         if self.lmbda_schedule != "constant" and self.lmbda_warmup_steps == 0:
             raise ConfigError(f"--lmbda_schedule {self.lmbda_schedule} needs --lmbda_warmup_steps > 0")
-        if self.objective not in ("gkd", "sft"):
-            raise ConfigError(f"--objective must be gkd or sft, got {self.objective!r}")
-        if self.kd_ratio is not None:
-            if not 0.0 <= self.kd_ratio <= 1.0:
-                raise ConfigError(f"--kd_ratio must be in [0, 1], got {self.kd_ratio}")
-            self.kd_loss_weight, self.sft_loss_weight = self.kd_ratio, 1.0 - self.kd_ratio
-        if self.objective == "sft":
-            self.kd_loss_weight, self.sft_loss_weight = 0.0, 1.0
-        if self.kd_loss_weight < 0 or self.sft_loss_weight < 0:
-            raise ConfigError("--kd_loss_weight and --sft_loss_weight must be >= 0")
-        if self.kd_loss_weight == 0 and self.sft_loss_weight == 0:
-            raise ConfigError("--kd_loss_weight and --sft_loss_weight are both 0: the run would train on nothing")
-        if self.kd_loss_weight == 0 and (self.lmbda > 0 or self.lmbda_start > 0):
-            raise ConfigError(
-                "on-policy steps train only the distillation term (the SFT term never trains on the student's own "
-                "samples), and --kd_loss_weight is 0: set --lmbda 0, or give the KD term a weight"
-            )
-        if self.teacher_top_k is not None and self.teacher_top_k < 1:
-            raise ConfigError(f"--teacher_top_k must be at least 1, got {self.teacher_top_k}")
+        shaping = [f"--{name} {_typed(getattr(self, name))}" for name in ("lmbda_warmup_steps", "lmbda_start")
+                   if getattr(self, name) != 0]
+        if self.lmbda_schedule == "constant" and shaping:
+            raise ConfigError(f"{' '.join(shaping)} without --lmbda_schedule: the share would be --lmbda "
+                              f"{self.lmbda:g} from the first step; add --lmbda_schedule linear or step")
 
     def _check_sampling(self):
         if self.temperature <= 0:
@@ -416,8 +585,14 @@ class GKDConfig(TrainingArguments):
                 f"--max_length ({self.max_length}) must exceed --max_new_tokens ({self.max_new_tokens}) "
                 "to leave room for the prompt"
             )
-        if self.text_prompt_tokens is not None and not 1 <= self.text_prompt_tokens < self.max_length:
-            raise ConfigError(f"--text_prompt_tokens must be in [1, max_length), got {self.text_prompt_tokens}")
+        if self.text_prompt_tokens is not None and self.text_prompt_tokens < 1:
+            raise ConfigError(f"--text_prompt_tokens must be at least 1, got {self.text_prompt_tokens}")
+        if self.text_prompt_tokens is not None and self.text_prompt_tokens + self.max_new_tokens > self.max_length:
+            raise ConfigError(
+                f"--text_prompt_tokens {self.text_prompt_tokens} + --max_new_tokens {self.max_new_tokens} = "
+                f"{self.text_prompt_tokens + self.max_new_tokens} is more than --max_length {self.max_length}: a "
+                "sampled prompt and completion must fit in --max_length"
+            )
         if self.teacher_server_timeout <= 0 or self.teacher_server_retries < 0 or self.teacher_server_concurrency < 1:
             raise ConfigError("--teacher_server_timeout must be > 0, --teacher_server_retries >= 0 and "
                               "--teacher_server_concurrency >= 1")
@@ -440,21 +615,26 @@ class GKDConfig(TrainingArguments):
 
 
 def check_together(script_args: ScriptArguments, model_args: ModelArguments, training_args: GKDConfig) -> None:
-    """What no single group can check: the options that depend on each other across groups."""
+    """What no single group can check: the options that depend on each other across groups. With several teachers,
+    each is checked as if it were the run's one."""
+    if model_args.teacher:
+        for spec in model_args.teacher_specs:
+            with named_teacher(spec.name):
+                check_together(script_args, model_args.for_teacher(spec), training_args)
+        return
     kind = model_args.teacher_kind
-    evaluates = str(training_args.eval_strategy).split(".")[-1].lower() != "no"
+    evaluates = training_args.evaluates
     if evaluates and not script_args.eval_dataset_name and _is_local(script_args.dataset_name):
         strategy = getattr(training_args.eval_strategy, "value", training_args.eval_strategy)
         raise ConfigError(f"--eval_strategy {strategy} needs evaluation data: give --eval_dataset_name")
     if kind == "cache" and (script_args.eval_dataset_name or evaluates):
         raise ConfigError("--teacher_logits_path holds the teacher's view of the training data only: evaluate with a "
                           "live teacher or a server, or drop --eval_strategy / --eval_dataset_name")
-    if kind == "cache":
-        if training_args.lmbda > 0 or training_args.lmbda_start > 0 or training_args.seq_kd:
-            raise ConfigError(
-                "--teacher_logits_path holds the teacher's view of the dataset's responses only: it cannot score the "
-                "student's samples (--lmbda > 0) or write completions (--seq_kd); use a live teacher or a server"
-            )
+    if kind == "cache" and (training_args.has_on_policy_steps or training_args.seq_kd):
+        cannot = ("write completions (--seq_kd)" if training_args.seq_kd else
+                  f"score the student's samples ({training_args.lmbda_options} gives on-policy steps)")
+        raise ConfigError(f"--teacher_logits_path holds the teacher's view of the dataset's responses only: it cannot "
+                          f"{cannot}; use a live teacher or a server")
     if kind in ("cache", "server") and training_args.loss_temperature != 1.0:
         raise ConfigError(f"--loss_temperature must be 1 with a {kind} teacher: its top-K log-probabilities are "
                           "at temperature 1, and the rest of its distribution is unknown")
@@ -462,6 +642,26 @@ def check_together(script_args: ScriptArguments, model_args: ModelArguments, tra
         raise ConfigError("--teacher_server_url needs --teacher_top_k K: how many log-probabilities to ask for")
     if training_args.topk_renormalize and training_args.teacher_top_k is None and kind == "live":
         raise ConfigError("--topk_renormalize needs --teacher_top_k with a live teacher")
+
+
+@contextmanager
+def named_teacher(name: str):
+    """A refusal about one of several teachers, prefixed `--teacher NAME: ` (the same error type, one line)."""
+    try:
+        yield
+    except GKDError as error:
+        if str(error).startswith("--teacher "):
+            raise
+        try:
+            named = type(error)(f"--teacher {name}: {error}")
+        except TypeError:  # an error type with more arguments (DataError): a ConfigError says the same
+            named = ConfigError(f"--teacher {name}: {error}")
+        raise named from None
+
+
+def _typed(value) -> str:
+    """An option's value as a user types it: 0.5, 0, sft."""
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def _is_local(name: str | None) -> bool:

@@ -28,15 +28,17 @@ from functools import partial
 
 import torch
 
+from .sampling import Sampling
+
 logger = logging.getLogger(__name__)
 
 CACHE_LENGTH_BUCKET = 32  # uncompiled decoding sizes its cache to the call, rounded up to a multiple of this
 
 
 def logit_bias(vocab_size: int, suppress_ids, stop_ids) -> tuple[torch.Tensor, torch.Tensor]:
-    """Additive [V] biases for before and after `min_new_tokens`: -inf on ids that must never be sampled (the
-    generation config's `suppress_tokens`, where the trainer puts ids beyond the vocabulary both models share), and on
-    stop ids only before."""
+    """Additive [V] biases for before and after `min_new_tokens`: -inf on ids that must never be sampled
+    (`Sampling.suppress_ids`: the trainer puts there ids beyond the vocabulary both models share), and on stop ids
+    only before."""
     always = torch.zeros(vocab_size, dtype=torch.float32)
     suppressed = [token for token in suppress_ids or () if 0 <= token < vocab_size]
     always[suppressed] = float("-inf")
@@ -102,24 +104,10 @@ class StaticDecoder:
         return self.compile_options is not None
 
     @torch.no_grad()
-    def generate(
-        self,
-        model,
-        prompt_ids: torch.Tensor,
-        prompt_mask: torch.Tensor,
-        *,
-        max_new_tokens: int,
-        max_cache_len: int,
-        stop_token_ids: list[int],
-        temperature: float | None,
-        top_p: float = 1.0,
-        min_new_tokens: int = 0,
-        suppress_ids=None,
-    ) -> torch.Tensor:
+    def generate(self, model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, sampling: Sampling) -> torch.Tensor:
         """Completion ids [B, C], C <= max_new_tokens (shorter when every row stopped early). Rows go on sampling
         after their first stop token; the caller masks from there (`batching.mask_after_stop`)."""
-        run = partial(self._generate, model, prompt_ids, prompt_mask, max_new_tokens, max_cache_len, stop_token_ids,
-                      temperature, top_p, min_new_tokens, suppress_ids)
+        run = partial(self._generate, model, prompt_ids, prompt_mask, sampling)
         if self.compiled and not self._compiled_ok:
             try:
                 return run()
@@ -132,13 +120,14 @@ class StaticDecoder:
                 self.caches.clear()  # a failed capture may have left a cache half written
         return run()
 
-    def _generate(self, model, prompt_ids, prompt_mask, max_new_tokens, max_cache_len, stop_token_ids, temperature,
-                  top_p, min_new_tokens, suppress_ids):
+    def _generate(self, model, prompt_ids, prompt_mask, sampling: Sampling):
+        max_new_tokens, temperature, top_p = sampling.max_new_tokens, sampling.temperature, sampling.top_p
+        min_new_tokens = sampling.min_new_tokens
         rows, prompt_width = prompt_ids.shape
         device = prompt_ids.device
         needed = prompt_width + max_new_tokens
         if self.compiled:  # one cache length for the run, so the decode graph never changes shape
-            cache_len = max(max_cache_len, needed)
+            cache_len = max(sampling.max_cache_len or 0, needed)
         else:  # no graph to keep: attend over what this call needs, rounded so caches are reused
             cache_len = -(-needed // CACHE_LENGTH_BUCKET) * CACHE_LENGTH_BUCKET
         batch, cache = self._cache(model, rows, cache_len)
@@ -149,8 +138,8 @@ class StaticDecoder:
         attention_mask = torch.ones(batch, cache_len, dtype=prompt_mask.dtype, device=device)
         attention_mask[:, :prompt_width] = prompt_mask
         position_ids = (prompt_mask.long().cumsum(dim=1) - 1).clamp(min=0)
-        early_bias, bias = self._bias(model, stop_token_ids, suppress_ids, device)
-        stop_ids = torch.tensor(stop_token_ids, device=device)
+        early_bias, bias = self._bias(model, sampling.stop_token_ids, sampling.suppress_ids, device)
+        stop_ids = torch.tensor(sampling.stop_token_ids, device=device)
 
         cache.reset()
         logits = model(

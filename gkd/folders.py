@@ -18,28 +18,48 @@ from .errors import ConfigError
 logger = logging.getLogger(__name__)
 
 
-def check_output_folder(output_dir: str | Path, overwrite: bool, inputs: list[str | Path] = ()) -> Path:
-    """Refuse an output folder that is a file, is not empty (unless `overwrite`), or whose replacement would delete
-    one of the `inputs`. Nothing is written."""
+def check_output(output_dir: str | Path, inputs=(), flag: str = "--output_dir", replaces: bool = True) -> Path:
+    """The one check every command makes of a folder it writes (train, merge, prune, the teacher cache, compare, eval),
+    before anything loads; writes nothing. The folder is not a file and can be written; it is none of the command's
+    `inputs` (model folders, data, caches), lies inside none of them (what it writes would be read as part of one), and,
+    when the command may move it aside (`replaces`), holds none; and no other gkd process holds its lock."""
     output_dir = Path(output_dir)
     if output_dir.exists() and not output_dir.is_dir():
-        raise ConfigError(f"output_dir {output_dir} exists and is not a folder")
-    check_not_an_input(output_dir, inputs, "output_dir")
-    if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
-        raise ConfigError(f"output_dir {output_dir} is not empty; pass --overwrite to move it aside and replace it")
-    check_writable(output_dir, "output_dir")
+        raise ConfigError(f"{flag} {output_dir} is a file, not a folder")
+    check_not_an_input(output_dir, inputs, flag, replaces)
+    check_writable(output_dir, flag)
+    check_not_busy(output_dir)
     return output_dir
 
 
-def check_not_an_input(output_dir: str | Path, inputs, flag: str) -> None:
-    """Refuse an output folder that is one of the inputs (model folders, data, caches) or a folder holding one:
-    replacing or clearing it would take the input with it."""
+def check_output_folder(output_dir: str | Path, overwrite: bool, inputs: list[str | Path] = ()) -> Path:
+    """`check_output`, and refuse a folder that is not empty unless `overwrite` (a tool's output is replaced whole)."""
+    output_dir = check_output(output_dir, inputs)
+    if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
+        raise ConfigError(f"--output_dir {output_dir} is not empty; pass --overwrite to move it aside and replace it")
+    return output_dir
+
+
+# A folder holding one of these is read by name (a model, an adapter, a teacher cache): a folder written inside it is
+# never read as part of it, as it would be inside a data folder, which reads every file below it.
+READ_BY_NAME = ("config.json", "adapter_config.json", "cache.json")
+
+
+def check_not_an_input(output_dir: str | Path, inputs, flag: str, replaces: bool = True) -> None:
+    """Refuse an output folder that is one of the inputs (model folders, data, caches), lies inside an input folder
+    read whole (a data folder reads every file below it: a cache or a run written there would become data), or, when
+    `replaces`, holds one: moving it aside or clearing it would take the input with it."""
     target = Path(output_dir).resolve()
     for name in inputs:
-        if name and Path(name).exists():
-            source = Path(name).resolve()
-            if source == target or target in source.parents:
-                raise ConfigError(f"{flag} {output_dir} would replace the input {name}; choose another folder")
+        if not name or not Path(name).expanduser().exists():
+            continue  # a Hub id, or nothing given
+        source = Path(name).expanduser().resolve()
+        if source == target or (replaces and target in source.parents):
+            raise ConfigError(f"{flag} {output_dir} would replace the input {name}; choose another folder")
+        read_by_name = any((source / name).is_file() for name in READ_BY_NAME)
+        if source.is_dir() and source in target.parents and not read_by_name:
+            raise ConfigError(f"{flag} {output_dir} lies inside the input folder {name}: what is written there would "
+                              "be read as part of it; choose a folder outside it")
 
 
 def check_writable(folder: str | Path, flag: str) -> None:
@@ -114,6 +134,7 @@ def _publish(staging: Path, output_dir: Path, overwrite: bool) -> None:
                 raise
     if any(output_dir.iterdir()) and not overwrite:  # filled while we were writing
         raise ConfigError(f"output_dir {output_dir} is not empty; pass --overwrite to replace it")
+    check_not_busy(output_dir)  # a run that started in it while we were writing
     old = move_aside(output_dir, "replaced")
     try:
         staging.rename(output_dir)
@@ -139,13 +160,14 @@ _held_locks = []  # open lock files of this process: closing one releases its lo
 
 
 def check_not_busy(output_dir: str | Path) -> None:
-    """Refuse at once a folder another gkd process holds (before anything reads its checkpoints); writes nothing."""
+    """Refuse at once a folder another gkd process holds (before anything reads its checkpoints); writes nothing. The
+    probe is a shared lock: it fails only against a holder's exclusive one, so ranks probing together pass."""
     path = Path(output_dir) / LOCK_FILE
     if not path.is_file():
         return
     with open(path) as handle:
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
             _refuse_busy(path.parent, handle)
         except OSError:

@@ -19,93 +19,55 @@ import torch
 
 from .batching import mask_after_stop
 from .decoding import StaticDecoder
-
-BACKENDS = ("plain", "static", "compiled")
-
+from .sampling import BACKENDS, Sampling
 
 @torch.no_grad()
-def generate(
-    model,
-    prompt_ids: torch.Tensor,
-    prompt_mask: torch.Tensor,
-    *,
-    max_new_tokens: int,
-    stop_token_ids: list[int],
-    pad_token_id: int,
-    temperature: float | None,
-    top_p: float = 1.0,
-    backend: str = "plain",
-    max_cache_len: int | None = None,
-    decoder: StaticDecoder | None = None,
-    lora_copies: "MergedLoraCopies | None" = None,
-    suppress_ids: list[int] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One completion per prompt, sampled at `temperature` (None = greedy).
+def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, sampling: Sampling, *,
+             decoder: StaticDecoder | None = None, lora_copies: "MergedLoraCopies | None" = None,
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One completion per prompt, sampled as `sampling` says (its backend: module docstring).
 
-    `backend` is one of `BACKENDS` (module docstring). "compiled" sizes its cache for `max_cache_len` tokens (at least
-    this batch's prompt width + `max_new_tokens`), "static" for the call; pass the same `decoder` and `lora_copies` on
-    every call of a run so cache, decode graph and merged copies are built once. `suppress_ids` are never sampled,
-    besides the generation config's own `suppress_tokens`; `min_new_tokens` comes from the generation config, as
-    transformers' `generate` reads it. Returns completion ids [B, C] and a mask that keeps each row's first stop token
-    and nothing after it; ids after it are `pad_token_id`."""
-    if backend not in BACKENDS:
-        raise ValueError(f"generation backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    Pass the same `decoder` and `lora_copies` on every call of a run so cache, decode graph and merged copies are
+    built once. Only `sampling` decides what is sampled: the model's generation config is not read (its
+    `suppress_tokens` or `min_new_tokens` would otherwise act behind the caller's back). Returns completion ids
+    [B, C] and a mask that keeps each row's first stop token and nothing after it; ids after it are the pad id."""
     was_training = model.training
     model.eval()
-    config = _generation_config(model)
-    suppressed = sorted(set(config.suppress_tokens or ()) | set(suppress_ids or ()))
     try:
-        if backend == "plain":
-            completion_ids = _transformers_generate(
-                model, prompt_ids, prompt_mask, max_new_tokens, stop_token_ids, pad_token_id, temperature, top_p,
-                suppressed,
-            )
+        if sampling.backend == "plain":
+            completion_ids = _transformers_generate(model, prompt_ids, prompt_mask, sampling)
         else:
             if decoder is None:
-                decoder = StaticDecoder(default_compile_options(prompt_ids.device) if backend == "compiled" else None)
+                compiled = sampling.backend == "compiled"
+                decoder = StaticDecoder(default_compile_options(prompt_ids.device) if compiled else None)
             with (lora_copies or MergedLoraCopies()).swapped_in(model):
-                completion_ids = decoder.generate(
-                    model,
-                    prompt_ids,
-                    prompt_mask,
-                    max_new_tokens=max_new_tokens,
-                    max_cache_len=max_cache_len or 0,
-                    stop_token_ids=stop_token_ids,
-                    temperature=temperature,
-                    top_p=top_p,
-                    min_new_tokens=config.min_new_tokens or 0,
-                    suppress_ids=suppressed,
-                )
+                completion_ids = decoder.generate(model, prompt_ids, prompt_mask, sampling)
     finally:
         model.train(was_training)
+    pad_token_id = sampling.pad_token_id
     if completion_ids.shape[1] == 0:  # nothing generated: keep one masked column so shapes stay valid
         completion_ids = torch.full_like(prompt_ids[:, :1], pad_token_id)
         return completion_ids, torch.zeros_like(completion_ids)
-    completion_mask = mask_after_stop(completion_ids, torch.ones_like(completion_ids), stop_token_ids)
+    completion_mask = mask_after_stop(completion_ids, torch.ones_like(completion_ids), list(sampling.stop_token_ids))
     return completion_ids.masked_fill(completion_mask == 0, pad_token_id), completion_mask
 
 
-def _transformers_generate(model, prompt_ids, prompt_mask, max_new_tokens, stop_token_ids, pad_token_id, temperature,
-                           top_p, suppressed) -> torch.Tensor:
-    sampling = {"do_sample": False} if temperature is None else {
-        "do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0
+def _transformers_generate(model, prompt_ids, prompt_mask, sampling: Sampling) -> torch.Tensor:
+    randomness = {"do_sample": False} if sampling.temperature is None else {
+        "do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": 0
     }
     sequences = model.generate(
         input_ids=prompt_ids,
         attention_mask=prompt_mask,
-        max_new_tokens=max_new_tokens,
-        eos_token_id=stop_token_ids,
-        pad_token_id=pad_token_id,
+        max_new_tokens=sampling.max_new_tokens,
+        min_new_tokens=sampling.min_new_tokens or None,
+        eos_token_id=list(sampling.stop_token_ids),
+        pad_token_id=sampling.pad_token_id,
         use_cache=True,
-        suppress_tokens=suppressed or None,
-        **sampling,
+        suppress_tokens=list(sampling.suppress_ids) or None,
+        **randomness,
     )
     return sequences[:, prompt_ids.shape[1] :]
-
-
-def _generation_config(model):
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT generates with the base
-    return base.generation_config
 
 
 def resolve_backend(requested: str, device: torch.device, zero3: bool) -> str:

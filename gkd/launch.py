@@ -1,8 +1,10 @@
 """What the launcher was asked for against what came up, checked once at start.
 
-Two launches go wrong without an error, and both are easy to make:
+Three launches go wrong without an error, and all are easy to make:
 - `accelerate launch --cpu --config_file ds_configs/zero3.yaml --num_processes 2` starts ONE plain process: `--cpu`
   turns DeepSpeed off and picks accelerate's simple launcher, which ignores `--num_processes`.
+- `accelerate launch --num_processes 2 gkd/train.py` with no `--config_file` (and no default config) on a machine
+  without GPUs: the same simple launcher, the same one process.
 - DeepSpeed ranks on a machine without a GPU: accelerate finds no process-group backend, reports world size 1 to the
   Trainer while DeepSpeed itself joins all ranks, and the run dies in DeepSpeed's batch-size assertion. Naming gloo
   (`cpu_deepspeed_backend`) makes both agree; this is how the CPU tests run real ZeRO ranks.
@@ -37,11 +39,23 @@ def launch_problems(world_size: int, distributed_type: str, launcher_command: li
             f"the launcher started {launched_world} processes (WORLD_SIZE={launched_world}) but this one trains "
             "alone (world size 1): every process trains its own copy on the whole dataset"
         )
-    if "WORLD_SIZE" not in os.environ and os.environ.get("MASTER_ADDR") and _flag("ACCELERATE_USE_CPU"):
-        problems.append(
-            "`accelerate launch --cpu` was asked for several processes but started this one alone (world size 1): "
-            "--cpu ignores --num_processes and DeepSpeed"
-        )
+    # accelerate's simple launcher (one process, no torchrun: no WORLD_SIZE) sets ACCELERATE_USE_CPU always, and
+    # MASTER_ADDR only when asked for more than one process or machine; the count itself is on its command line.
+    simple_launcher = "WORLD_SIZE" not in os.environ and "ACCELERATE_USE_CPU" in os.environ
+    requested = _requested_processes(launcher_command)
+    if simple_launcher and os.environ.get("MASTER_ADDR") and requested != 1:
+        asked = f"--num_processes {requested}" if requested else "several processes"
+        if _flag("ACCELERATE_USE_CPU"):
+            problems.append(
+                f"`accelerate launch --cpu` was asked for {asked} but started this one alone (world size 1): "
+                "--cpu ignores --num_processes and DeepSpeed"
+            )
+        else:
+            problems.append(
+                f"`accelerate launch` was asked for {asked} but started this one alone (world size 1): without "
+                "--multi_gpu or a --config_file naming a distributed type (e.g. ds_configs/zero2.yaml), accelerate "
+                "starts one plain process and ignores --num_processes"
+            )
     deepspeed_named = _flag("ACCELERATE_USE_DEEPSPEED") or _names_deepspeed_config(launcher_command)
     if deepspeed_named and distributed_type != "DEEPSPEED":
         problems.append(
@@ -52,10 +66,20 @@ def launch_problems(world_size: int, distributed_type: str, launcher_command: li
 
 
 def warn_about_launch(training_args) -> list[str]:
-    """Log a loud banner for every launch problem of this process; returns the problems (for run_config.json)."""
-    state = training_args.distributed_state
+    """Log a loud banner for every launch problem of this process; returns the problems (for run_config.json).
+
+    A warning, not a refusal: a process that came up alone still trains correctly (on all the data, with its own
+    batch size), the banner and run_config.json's launch_problems say it was not what was asked, and the
+    environment these checks read may be inherited from a job script."""
+    return warn_about_state(training_args.distributed_state, training_args.world_size)
+
+
+def warn_about_state(state, world_size: int | None = None) -> list[str]:
+    """`warn_about_launch` for a tool that runs on accelerate's `PartialState` instead of a Trainer."""
     distributed_type = str(state.distributed_type).split(".")[-1] if state is not None else "NO"
-    problems = launch_problems(training_args.world_size, distributed_type)
+    if world_size is None:
+        world_size = state.num_processes if state is not None else 1
+    problems = launch_problems(world_size, distributed_type)
     if problems:
         bar = "!" * 100
         lines = "\n".join(f"!!! {problem}" for problem in problems)
@@ -87,6 +111,17 @@ def _launcher_command() -> list[str]:
         return []
     # A relative --config_file is relative to where the launcher ran.
     return [os.path.join(folder, arg) if arg.endswith((".yaml", ".yml")) else arg for arg in command]
+
+
+def _requested_processes(command: list[str]) -> int | None:
+    """`--num_processes N` of an `accelerate launch` command line; None when it does not say."""
+    for index, arg in enumerate(command):
+        value = arg.split("=", 1)[1] if arg.startswith("--num_processes=") else None
+        if arg == "--num_processes" and index + 1 < len(command):
+            value = command[index + 1]
+        if value is not None:
+            return int(value) if value.strip().isdigit() else None
+    return None
 
 
 def _names_deepspeed_config(command: list[str]) -> bool:

@@ -9,6 +9,13 @@ Unlike TRL 1.16, the divergence runs in at least float32 (TRL's bf16 softmax gav
 chunked path never holds [tokens, vocab] logits: it projects hidden states a chunk at a time and turns each chunk's
 analytic gradient into hidden-state and lm_head gradients during the forward pass (Liger-Kernel's fused linear JSD, in
 plain PyTorch). Its design and measurements: docs/performance.md.
+
+A masked vocabulary (`-inf` logits) has no probability there, and a term p_v (log p_v - log q_v) of KL(p || q) counts
+only where both log-probabilities are finite: 0 where p_v = 0 (the paper's 0 log 0 = 0; NaN before), and dropped where
+p has mass and q has none. The first makes the loss exact wherever the divergence is finite (ids masked on both sides,
+every 0 < beta < 1); the second is where the true divergence is +inf (beta = 0 at ids only the student masks, beta = 1
+at ids only the teacher masks), and, as torchtune's KD losses mask `isinf(student_logits)`, those ids are left out
+rather than make every step non-finite: the student is taught the teacher's distribution over the ids it can emit.
 """
 
 import math
@@ -37,8 +44,12 @@ def _log_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return torch.log_softmax(logits.to(compute_dtype) / temperature, dim=-1)
 
 
-def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
-    """KL(p || q) = sum_v p_v (log p_v - log q_v) over the last dimension, from log-probabilities."""
+def _kl(log_p: torch.Tensor, log_q: torch.Tensor, counted: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) = sum_v p_v (log p_v - log q_v) over the last dimension, from log-probabilities, over the `counted`
+    entries only. The others become 0 before any arithmetic: 0 * (-inf - -inf) is NaN, and so is its gradient even
+    behind a `torch.where`."""
+    zero = torch.zeros((), dtype=log_p.dtype, device=log_p.device)
+    log_p, log_q = torch.where(counted, log_p, zero), torch.where(counted, log_q, zero)
     return (log_p.exp() * (log_p - log_q)).sum(dim=-1)
 
 
@@ -111,14 +122,17 @@ def jsd_and_logit_grad(
       beta = 1 (KL(p_S || p_T)): G = p_S (s - t) + p_S; the constant + p_S vanishes through log_softmax, leaving the
           same form with g = s - t and factor 1.
       beta = 0 (KL(p_T || p_S)): G = -p_T, so dL/dz = (p_S - p_T) / tau.
-    In each case sum(p_S g) is KL(p_S || m) or KL(p_S || p_T), which the value needs anyway.
+    In each case sum(p_S g) is KL(p_S || m) or KL(p_S || p_T), which the value needs anyway. Logits holding -inf (a
+    masked vocabulary) take `_masked_jsd_and_logit_grad`.
 
     Returns:
         ([rows] divergence, [rows, V] dL/d student_logits, or None when `with_grad` is false).
     """
-    return _jsd_and_logit_grad_from_log_probs_(
-        _log_probs(student_logits, temperature), _log_probs(teacher_logits, temperature), beta, temperature, with_grad
-    )
+    student_log_probs, teacher_log_probs = _log_probs(student_logits, temperature), _log_probs(teacher_logits,
+                                                                                               temperature)
+    if bool(student_log_probs.isneginf().any() or teacher_log_probs.isneginf().any()):
+        return _masked_jsd_and_logit_grad(student_log_probs, teacher_log_probs, beta, temperature, with_grad)
+    return _jsd_and_logit_grad_from_log_probs_(student_log_probs, teacher_log_probs, beta, temperature, with_grad)
 
 
 def _jsd_and_logit_grad_from_log_probs_(
@@ -154,6 +168,45 @@ def _jsd_and_logit_grad_from_log_probs_(
     if not with_grad:
         return per_row, None
     return per_row, log_ratio.sub_(student_kl.unsqueeze(-1)).mul_(student_probs).mul_(grad_scale)
+
+
+def _masked_jsd_and_logit_grad(student_log_probs: torch.Tensor, teacher_log_probs: torch.Tensor, beta: float,
+                               temperature: float, with_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`_jsd_and_logit_grad_from_log_probs_` for log-probabilities holding -inf, with the module docstring's
+    convention (`bucket_jsd`'s values, tested). Only a masked vocabulary comes here, so it is written out of place.
+
+    With C the ids where both have mass, 1_C its indicator, and G = dL/ds as in `jsd_and_logit_grad`:
+      beta = 0: L = sum_C p_T (t - s), G = -p_T 1_C, so dL/dz = (p_S sum(p_T 1_C) - p_T 1_C) / tau.
+      beta = 1: L = sum_C p_S (s - t), G = p_S (g + 1_C) with g = (s - t) 1_C, and dL/dz = (G - p_S sum(G)) / tau:
+          the + p_S no longer vanishes where C leaves ids out.
+      0 < beta < 1: nothing is dropped (m has mass wherever either has); g = s - m where the student has mass, 0
+          elsewhere, and the unmasked formula holds.
+    """
+    student, teacher = student_log_probs, teacher_log_probs
+    student_has, teacher_has = ~student.isneginf(), ~teacher.isneginf()
+    zero = torch.zeros((), dtype=student.dtype, device=student.device)
+    student_probs = student.exp()
+    if beta == 0.0:
+        teacher_probs = torch.where(student_has, teacher.exp(), zero)  # p_T 1_C: p_T is 0 where the teacher has none
+        log_ratio = torch.where(student_has & teacher_has, teacher - student, zero)
+        per_row = (teacher_probs * log_ratio).sum(dim=-1)
+        logit_grad = (student_probs * teacher_probs.sum(dim=-1, keepdim=True) - teacher_probs) / temperature
+    elif beta == 1.0:
+        counted = student_has & teacher_has
+        log_ratio = torch.where(counted, student - teacher, zero)
+        per_row = (student_probs * log_ratio).sum(dim=-1)
+        dl_ds = student_probs * log_ratio + torch.where(counted, student_probs, zero)
+        logit_grad = (dl_ds - student_probs * dl_ds.sum(dim=-1, keepdim=True)) / temperature
+    else:
+        either = student_has | teacher_has
+        mixture = torch.logaddexp(torch.where(either, student, zero) + math.log1p(-beta),
+                                  torch.where(either, teacher, zero) + math.log(beta))
+        log_ratio = torch.where(student_has, student - mixture, zero)
+        teacher_kl = torch.where(teacher_has, teacher.exp() * (teacher - mixture), zero).sum(dim=-1)
+        student_kl = (student_probs * log_ratio).sum(dim=-1)
+        per_row = beta * teacher_kl + (1.0 - beta) * student_kl
+        logit_grad = student_probs * (log_ratio - student_kl.unsqueeze(-1)) * ((1.0 - beta) / temperature)
+    return per_row, logit_grad if with_grad else None
 
 
 def _projection_dtype(weight: torch.Tensor) -> torch.dtype:
@@ -220,24 +273,22 @@ def sparse_buckets(student_log_probs: torch.Tensor, teacher_log_probs: torch.Ten
 
 def bucket_jsd(student: torch.Tensor, teacher: torch.Tensor, valid: torch.Tensor | None, beta: float) -> torch.Tensor:
     """Eq. 1 over the last dimension between two distributions given as log-probabilities (vocabulary ids or sparse
-    buckets), empty buckets (not `valid`; None: none empty) holding no mass, TRL's convention at the endpoints."""
-    if valid is None:
-        kl = _kl
-    else:
-        zero = torch.zeros((), dtype=student.dtype, device=student.device)
-        # Empty buckets become 0 before any arithmetic: -inf - -inf, and logaddexp's gradient at -inf, are NaN.
-        student, teacher = torch.where(valid, student, zero), torch.where(valid, teacher, zero)
-
-        def kl(log_p, log_q):
-            return torch.where(valid, log_p.exp() * (log_p - log_q), zero).sum(dim=-1)
-
+    buckets), empty buckets (not `valid`; None: none empty) and -inf entries holding no mass, TRL's convention at the
+    endpoints, and the module docstring's for masked entries."""
+    student_has, teacher_has = ~student.isneginf(), ~teacher.isneginf()  # a NaN counts, so it propagates
+    if valid is not None:
+        student_has, teacher_has = student_has & valid, teacher_has & valid
     if beta == 0.0:
-        return kl(teacher, student)
+        return _kl(teacher, student, student_has & teacher_has)
     if beta == 1.0:
-        return kl(student, teacher)
+        return _kl(student, teacher, student_has & teacher_has)
     # log m = logaddexp(log(1 - beta) + log p_S, log(beta) + log p_T): stable, never forms p_S or p_T in the sum.
-    mixture = torch.logaddexp(student + math.log1p(-beta), teacher + math.log(beta))
-    return beta * kl(teacher, mixture) + (1.0 - beta) * kl(student, mixture)
+    # Where neither has mass, m is made finite too: logaddexp's gradient at (-inf, -inf) is NaN.
+    either = student_has | teacher_has
+    zero = torch.zeros((), dtype=student.dtype, device=student.device)
+    mixture = torch.logaddexp(torch.where(either, student, zero) + math.log1p(-beta),
+                              torch.where(either, teacher, zero) + math.log(beta))
+    return beta * _kl(teacher, mixture, teacher_has) + (1.0 - beta) * _kl(student, mixture, student_has)
 
 
 def sparse_generalized_jsd(student_logits: torch.Tensor, teacher: SparseTeacher, beta: float,
@@ -328,6 +379,10 @@ def _fused_linear_distillation(student_hidden, student_weight, student_bias, tea
         if dense:
             teacher = DenseTeacher(teacher.hidden.to(teacher_dtype), teacher.weight.to(teacher_dtype),
                                    None if teacher.bias is None else teacher.bias.to(teacher_dtype))
+        # Finite hidden states and weights give -inf logits only through a bias that masks ids: the masked formulas run
+        # only then, decided once per call, so the usual path pays nothing for them.
+        biases = (student_bias, teacher.bias) if dense else ()
+        masked = any(bias is not None and bool(bias.isneginf().any()) for bias in biases)
         num_rows, vocab_size = student_hidden.shape[0], student_weight.shape[0]
         grad_hidden = torch.empty(student_hidden.shape, dtype=student_dtype, device=device) if need_hidden else None
         grad_weight = torch.zeros(student_weight.shape, dtype=accumulate_dtype, device=device) if need_weight else None
@@ -349,7 +404,8 @@ def _fused_linear_distillation(student_hidden, student_weight, student_bias, tea
                 sft_sum += sft_rows.sum()
                 del cross_entropy_log_probs
             if options.kd_weight > 0:
-                kd_rows, kd_grad = _divergence_and_logit_grad_(student_log_probs, teacher, rows, options, with_grad)
+                kd_rows, kd_grad = _divergence_and_logit_grad_(student_log_probs, teacher, rows, options, with_grad,
+                                                               masked)
                 kd_sum += kd_rows.sum()
                 if kd_grad is not None:
                     kd_grad.mul_(options.kd_weight)
@@ -371,13 +427,14 @@ def _fused_linear_distillation(student_hidden, student_weight, student_bias, tea
     return total, kd_sum, sft_sum, grad_hidden, grad_weight, grad_bias
 
 
-def _divergence_and_logit_grad_(student_log_probs, teacher, rows: slice, options: LossOptions, with_grad: bool):
+def _divergence_and_logit_grad_(student_log_probs, teacher, rows: slice, options: LossOptions, with_grad: bool,
+                                masked: bool = False):
     if isinstance(teacher, DenseTeacher):  # the teacher's logits only as a temporary, freed once normalised
         teacher_logits = F.linear(teacher.hidden[rows], teacher.weight, teacher.bias)
         teacher_log_probs = _log_probs(teacher_logits, options.temperature)
         del teacher_logits
-        return _jsd_and_logit_grad_from_log_probs_(student_log_probs, teacher_log_probs, options.beta,
-                                                   options.temperature, with_grad)
+        divergence = _masked_jsd_and_logit_grad if masked else _jsd_and_logit_grad_from_log_probs_
+        return divergence(student_log_probs, teacher_log_probs, options.beta, options.temperature, with_grad)
     chunk = SparseTeacher(teacher.ids[rows], teacher.log_probs[rows], teacher.valid[rows])
     return _sparse_jsd_and_logit_grad_(student_log_probs, chunk, options.beta, options.temperature, with_grad,
                                        options.tail, options.renormalize)
@@ -483,3 +540,20 @@ def chunked_generalized_jsd(student_hidden: torch.Tensor, student_weight: torch.
     options = LossOptions(beta=beta, temperature=temperature, chunk_size=chunk_size)
     teacher = DenseTeacher(teacher_hidden, teacher_weight, teacher_bias)
     return chunked_distillation_loss(student_hidden, student_weight, teacher, options, student_bias=student_bias).total
+
+
+def logits_distillation_loss(student_logits: torch.Tensor, teacher: "torch.Tensor | SparseTeacher | None",
+                             options: LossOptions, labels: torch.Tensor, vocab_size: int) -> LossParts:
+    """The reference path's sums from full logits at N positions: kd_weight x generalized JSD to `teacher` (its
+    logits [N, V_t], or its top-K) + sft_weight x cross-entropy of `labels`. The same sums as
+    `chunked_distillation_loss`; `vocab_size` bounds the student's real tokens for the sparse tail."""
+    zero = torch.zeros((), device=student_logits.device)
+    sft = kd = zero
+    if options.sft_weight > 0:
+        sft = F.cross_entropy(student_logits.float(), labels, reduction="sum")
+    if options.kd_weight > 0 and isinstance(teacher, SparseTeacher):
+        kd = sparse_generalized_jsd(student_logits[:, :vocab_size], teacher, options.beta, options.temperature,
+                                    renormalize=options.renormalize).sum()
+    elif options.kd_weight > 0:
+        kd = generalized_jsd(*align_vocab(student_logits, teacher), options.beta, options.temperature).sum()
+    return LossParts(options.kd_weight * kd + options.sft_weight * sft, kd.detach(), sft.detach())

@@ -25,7 +25,7 @@ from transformers import TrainerCallback
 
 from .checkpoints import checkpoint_problem, checkpoints_by_step, last_complete_checkpoint
 from .errors import ConfigError
-from .folders import check_not_an_input, check_writable, lock_folder, move_aside, release_lock
+from .folders import check_output, lock_folder, move_aside, release_lock
 from .launch import launch_problems
 
 logger = logging.getLogger(__name__)
@@ -155,13 +155,9 @@ def _check_checkpoint_kind(checkpoint: Path, use_peft: bool, flag: str) -> None:
 
 def check(training_args, inputs: list[str | None] = ()) -> None:
     """What every rank checks, read-only, before any model loads: the folder can be written, writing into it loses
-    nothing, and it is none of the run's `inputs` (model folders, data, a teacher cache) nor a folder holding one.
-    `training_args.resume_from_checkpoint` is already resolved."""
-    output_dir = Path(training_args.output_dir)
-    if output_dir.exists() and not output_dir.is_dir():
-        raise ConfigError(f"--output_dir {output_dir} is a file, not a folder")
-    check_writable(output_dir, "--output_dir")
-    check_not_an_input(output_dir, inputs, "--output_dir")
+    nothing, it is none of the run's `inputs` (model folders, data, a teacher cache), holds none and lies inside none,
+    and no other run holds it (folders.check_output). `training_args.resume_from_checkpoint` is already resolved."""
+    output_dir = check_output(training_args.output_dir, inputs)  # what every tool checks of its output folder
     results = results_in(output_dir)
     checkpoint = training_args.resume_from_checkpoint
     if checkpoint:

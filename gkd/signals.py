@@ -1,8 +1,9 @@
 """Preemption: SIGTERM or SIGINT only sets a flag. At the end of the current optimizer step every rank agrees (one tiny
 gather per step, so a rank that got the signal late cannot leave another waiting in a collective), saves a checkpoint
 at that step and stops; the CLI then exits 0 with the command that resumes. The handlers stay in place through the
-final save, so a signal there lets the save finish first. A second signal acts at once (the previous handler is back),
-for a user who really wants out; the final save is staged, so even then the folder keeps its previous state.
+final save, so a signal there lets the save finish first, and the run ends as a finished one: exit 0, with a line saying
+where the model is. A second signal acts at once (the previous handler is back), for a user who really wants out; the
+final save is staged, so even then the folder keeps its previous state.
 """
 
 import logging
@@ -70,7 +71,8 @@ class StopOnSignal(TrainerCallback):
         return True
 
     def report_after_save(self) -> None:
-        """A signal that came after the last step, during the final save: the save finished first; say so."""
+        """A signal that came after the last step, during the final save: the save finished first, and the run is
+        complete (the CLI exits 0, so a scheduler does not mark it failed); say where its model is."""
         if self.received is not None and self.stopped_at is None and self.trainer.accelerator.is_main_process:
-            logger.warning("%s received during the final save: the save finished first, then the run stopped",
-                           signal.Signals(self.received).name)
+            logger.warning("the final model is saved in %s; %s arrived during the save, which finished first",
+                           self.trainer.args.output_dir, signal.Signals(self.received).name)

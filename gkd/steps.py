@@ -36,6 +36,15 @@ def lmbda_at(step: int, lmbda: float, schedule: str = "constant", warmup_steps: 
     raise ValueError(f"unknown lmbda schedule {schedule!r}; expected one of {LMBDA_SCHEDULES}")
 
 
+def lmbda_bounds(lmbda: float, schedule: str = "constant", warmup_steps: int = 0,
+                 start: float = 0.0) -> tuple[float, float]:
+    """The lowest and highest on-policy share `lmbda_at` gives any step of the run. A run has on-policy steps when the
+    highest is above 0 and off-policy steps when the lowest is below 1: every check of either asks this function."""
+    if schedule == "constant" or warmup_steps <= 0:
+        return lmbda, lmbda
+    return min(start, lmbda), max(start, lmbda)
+
+
 def completion_source(seed: int, step: int, lmbda: float, seq_kd: bool) -> str:
     """Who writes the completions of optimizer step `step`, given that step's on-policy share `lmbda`."""
     coin = step_seed(seed, step, "source") / 2**64

@@ -17,7 +17,7 @@ if __name__ == "__main__" and not __package__:
 
 import logging
 
-from gkd.cli import hide_checkpointing_deprecations, parse, run
+from gkd.cli import exit_if_signalled, hide_checkpointing_deprecations, parse, run
 
 logger = logging.getLogger("gkd")
 
@@ -55,9 +55,10 @@ def main(argv: list[str] | None = None) -> None:
         models.check_lora_targets(student_ref, model_args.lora_target_modules)
     stop_ids = models.stop_token_ids(tokenizer, student_ref)
 
-    train_dataset, eval_dataset = data.training_datasets(script_args, training_args, tokenizer, stop_ids)
-    teacher_source = teachers.open_source(model_args, training_args, script_args, tokenizer, stop_ids,
-                                          len(train_dataset), len(tokenizer))
+    train_dataset, eval_dataset, data_fingerprint = data.training_datasets(
+        script_args, training_args, tokenizer, stop_ids, model_args.teacher_kind)
+    teacher = teachers.open_teacher(model_args, training_args, tokenizer, stop_ids, len(train_dataset),
+                                    data_fingerprint, teacher_ref)
 
     if training_args.process_index == 0:
         run_folder.prepare(training_args)  # lock it; move an overwritten run aside; clear a failed start's files
@@ -66,12 +67,9 @@ def main(argv: list[str] | None = None) -> None:
     from gkd.trainer import GKDTrainer
 
     student = models.load_causal_lm(student_ref, model_args.dtype, model_args.attn_implementation)
-    teacher = None if teacher_ref is None else models.load_frozen(teacher_ref, model_args.dtype,
-                                                                  model_args.attn_implementation)
     trainer = GKDTrainer(
         model=student,
         teacher=teacher,
-        teacher_source=teacher_source,
         args=training_args,
         stop_token_ids=stop_ids,
         processing_class=tokenizer,
@@ -81,6 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     run_folder.write_run_config(trainer, script_args, model_args, training_args)
     signals = trainer.stop_on_signal
+    exit_if_signalled()  # a signal during start-up whose exception a library swallowed: do not train
     try:
         trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
         from gkd.guards import raise_if_tripped
@@ -91,10 +90,10 @@ def main(argv: list[str] | None = None) -> None:
             if trainer.accelerator.is_main_process:
                 kind = "adapter" if model_args.use_peft else "model"
                 logger.info("saved the %s to %s", kind, training_args.output_dir)
+        launch.leave_process_group(trainer.accelerator)  # all ranks together, no gloo clean-up left for exit
     finally:
-        signals.release()
+        signals.release()  # only now: a signal up to here finds the run's work done and exits 0 (report below)
     signals.report_after_save()
-    launch.leave_process_group(trainer.accelerator)  # all ranks together, no gloo clean-up left for exit
 
 
 def cli() -> None:

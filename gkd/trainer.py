@@ -12,7 +12,6 @@ Where and why this differs from TRL 1.16's experimental `GKDTrainer`:
 """
 
 import logging
-import time
 from collections import defaultdict
 
 import torch
@@ -21,18 +20,18 @@ from trl.models.utils import _ForwardRedirection, unwrap_model_for_generation
 from trl.trainer.utils import disable_dropout_in_model
 
 from . import losses
-from .batching import left_pad_prompts, mask_after_stop, pad_batch, text_prompts
-from .checkpoints import complete_checkpoint
+from .batching import left_pad_prompts, pad_batch, text_prompts
+from .checkpoints import complete_checkpoint, only_tied_weights_missing
 from .decoding import StaticDecoder
 from .errors import GKDError
 from .generation import MergedLoraCopies, default_compile_options, generate, resolve_backend
+from .sampling import Sampling
 from .guards import NonFiniteGuard, any_rank
 from .run_folder import MetricsFileCallback
 from .signals import StopOnSignal
 from .steps import DATASET, STUDENT, TEACHER, completion_source, lmbda_at, sampling_rng, step_seed
-from .teachers import SparseTargets
-from .teachers.live import dense, last_hidden_state, sparse_teacher, top_k_targets
-from .teachers.server import TeacherServerError
+from .teachers import CompletionPositions, SampleRequest, Teacher, TeacherUnavailable
+from .teachers.live import has_plain_head, last_hidden_state
 
 logger = logging.getLogger(__name__)
 
@@ -46,11 +45,10 @@ class PromptCompletionCollator:
 
 
 class GKDTrainer(Trainer):
-    """`teacher` is a model beside the student, or None with `teacher_source`: a `TeacherCache` or `TeacherServer`
-    (gkd/teachers/) whose top-K log-probabilities the batches carry."""
+    """`teacher` is a `gkd.teachers.Teacher`: whichever source answers (a model beside the student, a top-K cache, a
+    server), the trainer asks it the same questions and never which kind it is."""
 
-    def __init__(self, model, teacher, args, stop_token_ids, processing_class, peft_config=None, teacher_source=None,
-                 **kwargs):
+    def __init__(self, model, teacher: Teacher, args, stop_token_ids, processing_class, peft_config=None, **kwargs):
         if peft_config is not None:
             from peft import get_peft_model
             from transformers import set_seed
@@ -78,17 +76,9 @@ class GKDTrainer(Trainer):
         # Our compute_loss divides by the window's token count itself; Trainer must not divide again by the number
         # of accumulation steps.
         self.loss_is_scaled_for_ga = True
-        self.stop_token_ids = stop_token_ids
         self.pad_token_id = processing_class.pad_token_id
-        self.teacher, self.teacher_source = None, teacher_source
-        if teacher is not None and self.is_deepspeed_enabled:
-            from trl.models.utils import prepare_deepspeed
-
-            self.teacher = prepare_deepspeed(teacher, self.accelerator)
-        elif teacher is not None:
-            self.teacher = self.accelerator.prepare_model(teacher, evaluation_mode=True)
-        if self.teacher is not None:
-            self.teacher.eval()
+        self.teacher = teacher
+        teacher.start(self.accelerator, self.is_deepspeed_enabled)
         self._metrics = defaultdict(list)
         self._part_sums = defaultdict(float)  # this rank's kd / sft per-token sums since the last log
         self._window = {"tokens": None, "sft": False}  # the current window's token count and whether SFT applies
@@ -109,8 +99,10 @@ class GKDTrainer(Trainer):
         # Samples may only hold ids that both models embed and the tokenizer knows. A padded embedding's extra rows
         # (the teacher's or the student's) are untrained and get sampled now and then; the other model's forward
         # then indexes past its embedding. TRL's GKD samples from the whole padded vocabulary.
-        sizes = [len(processing_class), _vocab_size(model)] + ([_vocab_size(teacher)] if teacher is not None else [])
-        self.shared_vocab_size = min(sizes)
+        embeddings = [_vocab_size(model)] + ([teacher.vocab_size] if teacher.vocab_size else [])
+        self.shared_vocab_size = min([len(processing_class), *embeddings])
+        self.sampling = Sampling.from_options(args, stop_token_ids, self.pad_token_id, self.generation_backend,
+                                              suppress_ids=range(self.shared_vocab_size, max(embeddings)))
 
     # ---- one optimizer step's data: who writes the completions, and how many tokens the window trains on ----
 
@@ -126,10 +118,13 @@ class GKDTrainer(Trainer):
         try:
             if source != DATASET:
                 batches = self._sample_window(batches, source)
-            batches = self._with_teacher_targets(batches)
-        except TeacherServerError as error:
+            if args.kd_loss_weight > 0:
+                batches = self.teacher.fetch(batches, self.shared_vocab_size)
+        except TeacherUnavailable as error:
             failure = error
         self._stop_if_the_teacher_is_lost(failure)
+        for name, value in self.teacher.pop_timings().items():
+            self._metrics[name].append(value)
         local_tokens = sum(batch["completion_mask"].sum() for batch in batches).to(device)
         window_tokens = self.accelerator.gather(local_tokens.reshape(1)).sum()
         rows = torch.tensor([sum(batch["completion_mask"].shape[0] for batch in batches)], device=device)
@@ -143,25 +138,14 @@ class GKDTrainer(Trainer):
         self._metrics["sft_steps"].append(float(self._window["sft"]))
         return batches, window_tokens
 
-    def _with_teacher_targets(self, batches: list[dict]) -> list[dict]:
-        """A cache's or a server's top-K for every micro-batch of the window, fetched before its first forward."""
-        if self.teacher_source is None or self.args.kd_loss_weight == 0:
-            return batches
-        top_k = self.args.teacher_top_k or getattr(self.teacher_source, "top_k", None)
-        started = time.perf_counter()
-        batches = [self.teacher_source.targets(batch, top_k, self.shared_vocab_size).into_batch(batch)
-                   if "teacher_ids" not in batch else batch for batch in batches]
-        self._metrics["teacher_seconds"].append(time.perf_counter() - started)
-        return batches
-
     def _stop_if_the_teacher_is_lost(self, failure: Exception | None) -> None:
-        """A server that cannot answer (after its retries) on any rank: every rank saves a checkpoint at the last
+        """A teacher that cannot answer (after its retries) on any rank: every rank saves a checkpoint at the last
         finished step and the run stops, between optimizer steps, so no step ever trains on missing teacher data."""
-        if self.teacher_source is None or not any_rank(self.accelerator, failure is not None, self.args.device):
+        if not any_rank(self.accelerator, failure is not None, self.args.device):
             return
         self._save_checkpoint(self.model, trial=None)
         checkpoint = f"{self.args.output_dir}/checkpoint-{self.state.global_step}"
-        reason = str(failure) if failure else "another rank lost the teacher server"
+        reason = str(failure) if failure else "another rank lost its teacher"
         raise GKDError(f"{reason}; saved {checkpoint}: resume with --resume_from_checkpoint last")
 
     def _sample_window(self, batches: list[dict], source: str) -> list[dict]:
@@ -169,10 +153,10 @@ class GKDTrainer(Trainer):
         if self.args.text_prompt_tokens:  # plain text: the window's first tokens are the prompt to continue
             batches = [text_prompts(batch, self.args.text_prompt_tokens, self.pad_token_id) for batch in batches]
         prompt_ids, prompt_mask = left_pad_prompts(batches, self.pad_token_id)
-        if source == TEACHER and self.teacher is None:
-            completion_ids, completion_mask = self._served_completions(prompt_ids, prompt_mask)
+        if source == TEACHER:
+            completion_ids, completion_mask = self.teacher.sample(self._sample_request(prompt_ids, prompt_mask))
         else:
-            completion_ids, completion_mask = self._decode(source, prompt_ids, prompt_mask)
+            completion_ids, completion_mask = self._decode(STUDENT, self.model_wrapped, prompt_ids, prompt_mask)
         sampled, start = [], 0
         for batch in batches:
             rows = slice(start, start + batch["prompt_ids"].shape[0])
@@ -190,9 +174,16 @@ class GKDTrainer(Trainer):
             )
         return sampled
 
-    def _decode(self, source: str, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor):
+    def _sample_request(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> SampleRequest:
+        """What the teacher is asked to sample (`--seq_kd`): a server draws each row from its seed, a model beside
+        the student through this trainer's own decode loop."""
+        rank, step = self.args.process_index, self.state.global_step
+        seeds = [step_seed(self.args.seed, step, "served", rank * 100_000 + row) for row in range(len(prompt_ids))]
+        return SampleRequest(prompt_ids, prompt_mask, self.sampling, seeds, self.shared_vocab_size,
+                             lambda model: self._decode(TEACHER, model, prompt_ids, prompt_mask))
+
+    def _decode(self, source: str, model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor):
         device = self.args.device
-        model = self.model_wrapped if source == STUDENT else self.teacher
         # Seeded from the step, not drawn from the global RNG: a resumed run samples what the first run did.
         seeded = sampling_rng(self.args.seed, self.state.global_step, self.args.process_index, device)
         # Under ZeRO-3 every rank runs this (the draw is the same on all ranks), and transformers' generate keeps them
@@ -204,45 +195,10 @@ class GKDTrainer(Trainer):
             gradient_checkpointing_kwargs=self.args.activation_checkpointing_kwargs,
         ) as generator, seeded:
             completion_ids, completion_mask = generate(
-                generator,
-                prompt_ids.to(device),
-                prompt_mask.to(device),
-                max_new_tokens=self.args.max_new_tokens,
-                temperature=self.args.temperature,
-                top_p=self.args.top_p,
-                stop_token_ids=self.stop_token_ids,
-                pad_token_id=self.pad_token_id,
-                backend=self.generation_backend,
-                max_cache_len=self.args.max_length,
-                decoder=self._decoders.get(source),
-                lora_copies=self._lora_copies if source == STUDENT else None,
-                suppress_ids=_ids_beyond(generator, self.shared_vocab_size),
+                generator, prompt_ids.to(device), prompt_mask.to(device), self.sampling,
+                decoder=self._decoders.get(source), lora_copies=self._lora_copies if source == STUDENT else None,
             )
         return completion_ids, completion_mask
-
-    def _served_completions(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor):
-        """--seq_kd with a served teacher: the server samples, through the same API it scores with."""
-        started = time.perf_counter()
-        prompts = [row[mask.bool()].tolist() for row, mask in zip(prompt_ids, prompt_mask)]
-        seeds = [step_seed(self.args.seed, self.state.global_step, "served", self.args.process_index * 100_000 + row)
-                 for row in range(len(prompts))]
-        completions = self.teacher_source.sample(prompts, self.args.max_new_tokens, self.args.temperature,
-                                                 self.args.top_p, self.stop_token_ids, seeds)
-        self._metrics["teacher_sampling_seconds"].append(time.perf_counter() - started)
-        # A served teacher samples from its whole (maybe padded) vocabulary: a completion ends before an id the
-        # student cannot embed (the live teacher never samples one: see `_ids_beyond`).
-        completions = [ids[: next((i for i, token in enumerate(ids) if token >= self.shared_vocab_size), len(ids))]
-                       for ids in completions]
-        width = max(1, max(len(ids) for ids in completions))
-        completion_ids = torch.full((len(prompts), width), self.pad_token_id, dtype=torch.long)
-        for row, ids in enumerate(completions):
-            completion_ids[row, :len(ids)] = torch.tensor(ids[:width], dtype=torch.long)
-        lengths = torch.tensor([len(ids) for ids in completions])
-        valid = torch.arange(width)[None, :] < lengths[:, None]
-        completion_mask = mask_after_stop(completion_ids, valid, self.stop_token_ids)
-        completion_ids = completion_ids.masked_fill(completion_mask == 0, self.pad_token_id)
-        device = self.args.device
-        return completion_ids.to(device), completion_mask.to(device)
 
     # ---- the loss ----
 
@@ -267,9 +223,10 @@ class GKDTrainer(Trainer):
         input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
         attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
         mask = inputs["completion_mask"].bool()
-        labels = inputs["completion_ids"][mask]
         # Hidden states at column prompt_width - 1 + t predict completion token t.
         columns = slice(prompt_width - 1, prompt_width - 1 + completion_width)
+        positions = CompletionPositions(inputs, input_ids, attention_mask, columns, mask,
+                                        inputs["completion_ids"][mask])
         options = losses.LossOptions(
             beta=args.beta, temperature=args.loss_temperature, chunk_size=max(args.loss_chunk_size, 1),
             kd_weight=args.kd_loss_weight, sft_weight=args.sft_loss_weight if with_sft else 0.0,
@@ -284,63 +241,26 @@ class GKDTrainer(Trainer):
                 student_hidden = self._redirected_hidden_state(model, unwrapped, input_ids, attention_mask)
                 student_hidden = student_hidden[:, columns][mask]
                 head = unwrapped.get_output_embeddings()
-                teacher = self._chunked_teacher(inputs, input_ids, attention_mask, columns, mask, labels)
+                teacher = self._teacher_targets(positions, as_logits=False)
                 weight, bias = head.weight, head.bias
                 if isinstance(teacher, losses.SparseTeacher) and weight.shape[0] > self.shared_vocab_size:
                     weight = weight[: self.shared_vocab_size]  # the tail bucket: real tokens only
                     bias = None if bias is None else bias[: self.shared_vocab_size]
-                return losses.chunked_distillation_loss(student_hidden, weight, teacher, options, labels, bias)
-        return self._logits_loss(model, inputs, input_ids, attention_mask, mask, labels, options)
-
-    def _chunked_teacher(self, inputs, input_ids, attention_mask, columns, mask, labels):
-        """The teacher at the completion positions: dense hidden states, a live teacher's top-K, or the top-K a cache
-        or server sent with the batch. None when the distillation term has no weight."""
-        args = self.args
-        if args.kd_loss_weight == 0:
-            return None
-        carried = SparseTargets.from_batch(inputs)
-        if carried is not None:
-            return sparse_teacher(carried, args.teacher_top_k, args.beta, labels)
-        teacher_model = self.accelerator.unwrap_model(self.teacher)
-        with torch.no_grad():
-            hidden = last_hidden_state(teacher_model, input_ids, attention_mask)[:, columns][mask]
-            head = teacher_model.get_output_embeddings()
-            if args.teacher_top_k is None:
-                return dense(hidden, head)
-            targets = top_k_targets(hidden, head, args.teacher_top_k, args.loss_temperature, self.shared_vocab_size,
-                                    labels, args.loss_chunk_size or 512)
-        return sparse_teacher(targets, args.teacher_top_k, args.beta, labels)
-
-    def _logits_loss(self, model, inputs, input_ids, attention_mask, mask, labels, options) -> losses.LossParts:
-        """The reference path (--loss_chunk_size 0, and ZeRO-3 whose lm_head weights are shards): logits at the
-        completion columns only, the same sums as the chunked path."""
-        keep = inputs["completion_ids"].shape[1] + 1
+                return losses.chunked_distillation_loss(student_hidden, weight, teacher, options, positions.labels,
+                                                        bias)
+        # The reference path (--loss_chunk_size 0, and ZeRO-3 whose lm_head weights are shards): logits at the
+        # completion columns only, the same sums as the chunked path.
+        keep = completion_width + 1
         student_logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits
-        student_logits = student_logits[:, :-1][mask]
-        zero = torch.zeros((), device=student_logits.device)
-        sft = zero
-        if options.sft_weight > 0:
-            sft = torch.nn.functional.cross_entropy(student_logits.float(), labels, reduction="sum")
-        kd = zero
-        if options.kd_weight > 0:
-            carried = SparseTargets.from_batch(inputs)
-            if carried is None and self.args.teacher_top_k is None:
-                with torch.no_grad():
-                    teacher_logits = self.teacher(input_ids=input_ids, attention_mask=attention_mask,
-                                                  logits_to_keep=keep).logits[:, :-1][mask]
-                aligned_student, teacher_logits = losses.align_vocab(student_logits, teacher_logits)
-                kd = losses.generalized_jsd(aligned_student, teacher_logits, options.beta, options.temperature).sum()
-            else:
-                if carried is None:
-                    with torch.no_grad():
-                        teacher_logits = self.teacher(input_ids=input_ids, attention_mask=attention_mask,
-                                                      logits_to_keep=keep).logits[:, :-1][mask]
-                        carried = _top_k_of_logits(teacher_logits, self.args.teacher_top_k, options.temperature,
-                                                   self.shared_vocab_size, labels)
-                teacher = sparse_teacher(carried, self.args.teacher_top_k, options.beta, labels)
-                kd = losses.sparse_generalized_jsd(student_logits[:, : self.shared_vocab_size], teacher, options.beta,
-                                                   options.temperature, renormalize=options.renormalize).sum()
-        return losses.LossParts(options.kd_weight * kd + options.sft_weight * sft, kd.detach(), sft.detach())
+        teacher = self._teacher_targets(positions, as_logits=True)
+        return losses.logits_distillation_loss(student_logits[:, :-1][mask], teacher, options, positions.labels,
+                                               self.shared_vocab_size)
+
+    def _teacher_targets(self, positions: CompletionPositions, as_logits: bool):
+        """What the loss compares against; None when the distillation term has no weight."""
+        if self.args.kd_loss_weight == 0:
+            return None
+        return self.teacher.targets(positions, as_logits, self.shared_vocab_size)
 
     def _redirected_hidden_state(self, model, unwrapped, input_ids, attention_mask):
         """The student backbone's output, called through the wrapper's forward (DDP/DeepSpeed hooks run).
@@ -362,21 +282,14 @@ class GKDTrainer(Trainer):
         there (it still only projects the completion columns)."""
         if self.args.loss_chunk_size == 0 or self.is_deepspeed_enabled and _zero_stage(self.accelerator) == 3:
             return False
-        models = [unwrapped] + ([self.accelerator.unwrap_model(self.teacher)] if self.teacher is not None else [])
-        for model in models:
-            head = model.get_output_embeddings()
-            config = model.config.get_text_config()
-            if type(head) is not torch.nn.Linear or _has_logit_transform(config):
-                return False
-        return True
+        return has_plain_head(unwrapped) and self.teacher.chunked_loss_ok()
 
     # ---- evaluation and logging ----
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """Eval loss: the per-token loss on the dataset's responses (teacher-forced), both terms weighted."""
-        if self.teacher_source is not None and self.args.kd_loss_weight > 0 and "teacher_ids" not in inputs:
-            top_k = self.args.teacher_top_k or getattr(self.teacher_source, "top_k", None)
-            inputs = self.teacher_source.targets(inputs, top_k, self.shared_vocab_size).into_batch(inputs)
+        if self.args.kd_loss_weight > 0:
+            (inputs,) = self.teacher.fetch([inputs], self.shared_vocab_size)
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad(), self.compute_loss_context_manager():
             total = self._loss_parts(model, inputs, with_sft=self.args.sft_loss_weight > 0).total
@@ -391,6 +304,14 @@ class GKDTrainer(Trainer):
     def _save_checkpoint(self, model, trial):
         with complete_checkpoint(self, trial):  # a marker written last says the checkpoint is whole
             super()._save_checkpoint(model, trial)
+
+    def _issue_warnings_after_load(self, load_result) -> None:
+        """Trainer warns on resume of a model with tied embeddings that `lm_head.weight` is missing from the
+        checkpoint, which holds it once, as the embedding: say nothing when only such identical weights are missing."""
+        model = self.accelerator.unwrap_model(self.model)
+        if not load_result.unexpected_keys and only_tied_weights_missing(model, load_result.missing_keys):
+            return
+        super()._issue_warnings_after_load(load_result)
 
     def log(self, logs: dict, start_time: float | None = None) -> None:
         if "loss" in logs:  # one `on_policy` entry per optimizer step since the last log
@@ -418,29 +339,8 @@ class GKDTrainer(Trainer):
             logs["sft_loss"] = sft_sum / sft_steps
 
 
-def _top_k_of_logits(logits, k, temperature, vocab_size, labels) -> SparseTargets:
-    log_probs = losses._log_probs(logits, temperature)
-    top = log_probs.topk(k, dim=-1)
-    actual = log_probs.gather(1, labels[:, None]).squeeze(1)
-    return SparseTargets(top.indices, top.values.float(), top.indices < vocab_size, actual.float())
-
-
-def _has_logit_transform(config) -> bool:
-    return any(
-        getattr(config, name, None) not in (None, 1, 1.0)
-        for name in ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier",
-                     "lm_head_multiplier")
-    )
-
-
 def _vocab_size(model) -> int:
     return model.config.get_text_config().vocab_size
-
-
-def _ids_beyond(model, vocab_size: int) -> list[int]:
-    """Ids from `vocab_size` up to the model's embedding size: a padded embedding's untrained rows, never sampled."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT generates with the base
-    return list(range(vocab_size, _vocab_size(base)))
 
 
 def _zero_stage(accelerator) -> int:

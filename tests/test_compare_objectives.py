@@ -1,6 +1,8 @@
 """scripts/compare_objectives.py on tiny models: every objective trains through the real CLI and is evaluated."""
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 from helpers import REPO, run_cli
@@ -83,3 +85,69 @@ def test_a_plan_with_two_students_and_a_second_seed_reuses_finished_runs(tiny_mo
     assert "a/kd: " in edited.stderr and "--max_steps 1 -> 2" in edited.stderr
     assert "another --output_dir" in edited.stderr
     assert "== " not in edited.stdout  # refused before anything trained or was reused
+
+
+def test_a_preempted_run_resumes_from_its_checkpoint_and_nothing_is_deleted(tiny_models, chat_data, tmp_path):
+    """A study rerun after its run `kd` was stopped part-way (a complete checkpoint-1, the user's NOTES.txt, no final
+    model) removed the folder and trained from step 0. It resumes from the checkpoint, as the README says."""
+    from gkd.tools import compare
+
+    student, teacher = (str(Path(path).resolve()) for path in tiny_models)
+    out, plan = tmp_path / "study", tmp_path / "plan.yaml"
+    plan.write_text("common: [--max_steps, 2]\nruns: {kd: [--lmbda, 0, --save_strategy, steps, --save_steps, 1]}\n")
+    extra = ["--per_device_train_batch_size", "2", "--max_new_tokens", "4", "--max_length", "96", "--logging_steps",
+             "1", "--disable_tqdm", "true"]
+    config = compare.CompareConfig(teacher=teacher, output_dir=str(out), student=student, plan=str(plan),
+                                   train_data=str(Path(chat_data).resolve()))
+    runs = compare.load_plan(config, extra)
+    folder, options = out / "kd", [*runs.common, *runs.runs["kd"]]
+    command = compare.train_command(runs.students["student"], config, options, 0, folder)
+    assert run_cli(command[1:]).returncode == 0
+    # what a run preempted after step 1 leaves: its checkpoint and the step's metrics, no step 2, no final model
+    shutil.rmtree(folder / "checkpoint-2")
+    for name in ("model.safetensors", "config.json", "generation_config.json"):
+        (folder / name).unlink()
+    (folder / "NOTES.txt").write_text("mine")
+    step_one = [line for line in (folder / "metrics.jsonl").read_text().splitlines() if '"step": 1,' in line]
+    result = run_cli(["scripts/compare_objectives.py", "--plan", plan, "--student", student, "--teacher", teacher,
+                      "--output_dir", out,
+                      "--train_data", chat_data, "--val_data", REPO / "examples/data/chat.jsonl", "--eval_records",
+                      "2", "--eval_max_new_tokens", "4", "--bootstrap_samples", "20", *extra], timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resuming it" in result.stdout and "training it again" not in result.stdout
+    assert (folder / "NOTES.txt").read_text() == "mine" and (folder / "checkpoint-1").is_dir()
+    lines = (folder / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines if '"loss"' in line] == [1, 2]
+    assert [line for line in lines if '"step": 1,' in line] == step_one  # step 1 was not trained again
+    assert compare.next_step(folder, "kd", command, overwrite=False) == "reuse"  # the next rerun reuses it
+
+
+def test_a_run_folder_that_can_be_neither_reused_nor_resumed_moves_aside_only_with_overwrite(tmp_path):
+    from gkd.errors import ConfigError
+    from gkd.tools import compare
+
+    command = ["python", "gkd/train.py", "--max_steps", "2"]
+    folder = tmp_path / "kd"
+    assert compare.next_step(folder, "kd", command, overwrite=False) == "train"  # new
+    folder.mkdir()
+    (folder / "run_config.json").write_text(json.dumps({"command": ["gkd/train.py", "--max_steps", "2"]}))
+    assert compare.next_step(folder, "kd", command, overwrite=False) == "train"  # a failed start: gkd-train clears it
+    (folder / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')  # killed after a step, nothing saved
+    with pytest.raises(ConfigError, match="kd: .* no complete checkpoint to resume from .*pass --overwrite"):
+        compare.next_step(folder, "kd", command, overwrite=False)
+    assert compare.next_step(folder, "kd", command, overwrite=True) == "replace"
+    assert sorted(path.name for path in folder.iterdir()) == ["metrics.jsonl", "run_config.json"]  # judged, untouched
+
+
+def test_an_interval_that_prints_as_zero_is_not_bold():
+    """results.md bolded `-0.000 [-0.000, -0.000]` (two equal models) as a real difference."""
+    from gkd.tools.compare import differences_table
+
+    def row(value, low, high):
+        return {"reference": "start", **{metric: {"difference": value, "interval": [low, high]}
+                                         for metric in ("answer_accuracy", "reverse_kl", "teacher_nll")}}
+
+    table = differences_table({"same": row(-2e-5, -4e-5, -1e-6), "better": row(-0.2, -0.3, -0.1)})
+    same = next(line for line in table.splitlines() if line.startswith("| same"))
+    assert "**" not in same and "-0.000" not in same and "+0.000 [+0.000, +0.000]" in same
+    assert "**-0.200 [-0.300, -0.100]**" in table

@@ -609,3 +609,154 @@ def test_sub_folders_are_read_and_a_byte_order_mark_is_not_data(tmp_path):
     conversations = load_conversations(folder)
     assert [c.source for c in conversations] == [f"{folder / 'a.jsonl'}:1", f"{folder / 'sub' / 'b.json'}[0]",
                                                  f"{folder / 'sub' / 'b.json'}[1]", f"{folder / 'sub' / 'c.json'}[0]"]
+
+
+def test_plain_text_too_short_for_one_window_is_one_line_naming_the_file(tmp_path, tiny_models, capfd):
+    """Texts of one token give no window: one error line before any model loads (was an IndexError deep inside
+    `datasets.load_from_disk` of the empty encoding, which was also cached and raised again on every rerun)."""
+    import pyarrow as pa
+    import pyarrow.parquet as parquet
+    from helpers import train_args
+
+    from gkd import train
+    from gkd.cli import run
+
+    data = tmp_path / "short.parquet"
+    parquet.write_table(pa.Table.from_pylist([{"text": "a"}, {"text": "b"}]), data)
+    argv = train_args(*tiny_models, data, tmp_path / "out", "--lmbda", "0")[1:]
+    for _ in range(2):  # a rerun says the same: nothing empty was cached
+        capfd.readouterr()
+        with pytest.raises(SystemExit) as exit_info:
+            run(lambda: train.main(argv))
+        stderr = capfd.readouterr().err
+        lines = [line for line in stderr.splitlines() if line.startswith("error:")]
+        assert exit_info.value.code == 2 and len(lines) == 1 and "Traceback" not in stderr, stderr[-3000:]
+        assert f"{data}: no record is long enough to train on" in lines[0] and "fewer than 2 tokens" in lines[0]
+
+
+def corrupted_parquet(tmp_path, damage) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as parquet
+
+    path = tmp_path / "broken.parquet"
+    parquet.write_table(pa.Table.from_pylist([{"text": f"record number {i}"} for i in range(4000)]), path,
+                        row_group_size=1000)
+    data = bytearray(path.read_bytes())
+    path.write_bytes(damage(data))
+    return path
+
+
+def flip(start, stop):
+    def damage(data):
+        for i in range(start if start >= 0 else len(data) + start, stop if stop > 0 else len(data) + stop):
+            data[i] ^= 0x5A
+        return bytes(data)
+    return damage
+
+
+@pytest.mark.parametrize("damage, expected", [
+    (flip(4, 30), "corrupted Parquet data: records from 0 on cannot be read: Couldn't deserialize thrift"),
+    (lambda data: bytes(data[: len(data) // 2]), "cannot read it as Parquet: Parquet magic bytes not found"),
+    (lambda data: bytes(data[:-20]), "cannot read it as Parquet"),
+], ids=["page-header", "truncated-half", "truncated-footer"])
+def test_corrupted_or_truncated_parquet_is_one_line_naming_the_file(tmp_path, damage, expected):
+    path = corrupted_parquet(tmp_path, damage)
+    with pytest.raises(DataError) as raised:
+        load_conversations(path)
+    message = str(raised.value)
+    assert message.startswith(f"{path}: {expected}") and "\n" not in message, message
+
+
+def test_corrupted_parquet_page_after_good_ones_names_where_reading_stopped(tmp_path):
+    """A damaged data page further in: the records before it were read, the error says from where it failed."""
+    import pyarrow.parquet as parquet
+
+    path = corrupted_parquet(tmp_path, lambda data: bytes(data))
+    metadata = parquet.ParquetFile(path).metadata
+    third = metadata.row_group(2).column(0)
+    start = third.dictionary_page_offset or third.data_page_offset
+    data = bytearray(path.read_bytes())
+    path.write_bytes(flip(start + 40, start + 120)(data))
+    with pytest.raises(DataError) as raised:
+        load_conversations(path)
+    assert str(raised.value).startswith(f"{path}: corrupted Parquet data: records from 2000 on cannot be read: ")
+    assert "\n" not in str(raised.value)
+
+
+def test_jsonl_that_is_not_utf8_after_good_lines_names_the_line(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(json.dumps(GOOD).encode() + b"\n" + '{"text": "caf\xe9"}'.encode("latin-1") + b"\n")
+    with pytest.raises(DataError, match=r"latin1\.jsonl: cannot read the file as UTF-8 text: .*\(line 2\)"):
+        load_conversations(path)
+
+
+# ------------------------------------------------------------------------------------------ what the data means for a run
+
+
+def run_args(tmp_path, teacher_kind, *options):
+    """The parsed (script, training) options of a run on `tmp_path/data.jsonl` with a live teacher or a cache."""
+    from gkd.train import parse_args
+
+    teacher = ["--teacher_logits_path", tmp_path] if teacher_kind == "cache" else ["--teacher_model_name_or_path", "t"]
+    argv = ["--model_name_or_path", "s", *teacher, "--dataset_name", tmp_path / "data.jsonl", "--output_dir",
+            tmp_path / "out", "--report_to", "none", "--max_length", "64", "--max_new_tokens", "8", *options]
+    script_args, _, training_args = parse_args([str(arg) for arg in argv])
+    return script_args, training_args
+
+
+@pytest.mark.parametrize("teacher_kind,options,said,unsaid", [
+    ("live", ["--lmbda", "0"], ["1 of 3 samples are prompt-only", "they never train (--lmbda 0", "add --seq_kd"],
+     ["on-policy steps (lmbda"]),
+    ("live", ["--lmbda", "0.5"], ["they train only on on-policy steps (--lmbda 0.5)", "add --seq_kd",
+                                  "on the off-policy steps"], []),
+    ("cache", ["--lmbda", "0"], ["they never train (--lmbda 0", "a --teacher_logits_path cache cannot answer them"],
+     ["add --seq_kd"]),
+])
+def test_the_prompt_only_warning_is_true_for_the_teacher_and_lmbda(tmp_path, tokenizer, caplog, teacher_kind,
+                                                                   options, said, unsaid):
+    """It said "they train only on on-policy steps (lmbda=0.0)" where they never train, and advised --seq_kd with a
+    cache, which refuses it."""
+    from gkd.data import training_datasets
+
+    write_jsonl(tmp_path / "data.jsonl", [GOOD, GOOD, {"messages": [QUESTION]}])
+    script_args, training_args = run_args(tmp_path, teacher_kind, *options)
+    with caplog.at_level("WARNING", logger="gkd.data.pipeline"):
+        training_datasets(script_args, training_args, tokenizer, [tokenizer.eos_token_id], teacher_kind)
+    (warning,) = [record.getMessage() for record in caplog.records if "prompt-only" in record.getMessage()]
+    for text in said:
+        assert text in warning, (text, warning)
+    for text in unsaid:
+        assert text not in warning, (text, warning)
+
+
+def test_only_prompt_only_records_with_a_cache_are_refused_without_impossible_advice(tmp_path, tokenizer):
+    from gkd.data import training_datasets
+
+    write_jsonl(tmp_path / "data.jsonl", [{"messages": [QUESTION]}] * 2)
+    script_args, training_args = run_args(tmp_path, "cache", "--lmbda", "0")
+    with pytest.raises(ConfigError) as raised:
+        training_datasets(script_args, training_args, tokenizer, [tokenizer.eos_token_id], "cache")
+    message = str(raised.value)
+    assert "every record is prompt-only" in message and "cache cannot answer them" in message, message
+    assert "--lmbda 1" not in message and "add --seq_kd" not in message, message
+
+
+@pytest.mark.parametrize("options,named", [
+    (["--lmbda", "0", "--lmbda_schedule", "step", "--lmbda_start", "1", "--lmbda_warmup_steps", "2"],
+     ["the student on on-policy steps", "--lmbda_start 1"]),
+    (["--lmbda", "0", "--seq_kd", "true"], ["the teacher on --seq_kd steps"]),
+])
+def test_plain_text_sampled_on_any_step_needs_text_prompt_tokens(tmp_path, tokenizer, options, named):
+    """On-policy steps from a schedule's start (at --lmbda 0) sampled from one-token prompts: the check read --lmbda
+    alone."""
+    from gkd.data import training_datasets
+
+    write_jsonl(tmp_path / "data.jsonl", [{"text": "the quick brown fox jumps over the lazy dog " * 3}])
+    script_args, training_args = run_args(tmp_path, "live", *options)
+    with pytest.raises(ConfigError) as raised:
+        training_datasets(script_args, training_args, tokenizer, [tokenizer.eos_token_id], "live")
+    message = str(raised.value)
+    for text in ["plain-text records", "--text_prompt_tokens", *named]:
+        assert text in message, (text, message)
+    script_args, training_args = run_args(tmp_path, "live", *options, "--text_prompt_tokens", "4")
+    training_datasets(script_args, training_args, tokenizer, [tokenizer.eos_token_id], "live")

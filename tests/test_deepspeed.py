@@ -268,7 +268,6 @@ import json, os, runpy, sys
 import torch
 from transformers.generation.utils import GenerationMixin
 
-sys.path.insert(0, os.getcwd())
 from gkd.trainer import GKDTrainer
 
 LOG = {log_dir!r}
@@ -292,7 +291,7 @@ def uneven(self, *args, **kwargs):
 def probed_train(self, *args, **kwargs):
     # After training: what this rank holds of the teacher, and whether the optimizer ever saw it.
     result = train(self, *args, **kwargs)
-    teacher = list(self.teacher.module.parameters())
+    teacher = list(self.teacher.model.module.parameters())
     optimized = {{id(p) for group in self.model_wrapped.optimizer.fp16_groups for p in group}}
     record("teacher", {{
         "local": sum(p.ds_tensor.numel() for p in teacher),

@@ -1,17 +1,14 @@
 """The README documents what the code does: every gkd option, and a two-command Quickstart."""
 
 import re
+import runpy
 import subprocess
-import sys
 
 from helpers import REPO
 
-sys.path.insert(0, str(REPO / "scripts"))
-
 
 def test_readme_options_table_is_current():
-    from options_table import options_table
-
+    options_table = runpy.run_path(str(REPO / "scripts/options_table.py"))["options_table"]
     readme = (REPO / "README.md").read_text()
     section = readme.split("<!-- options-table -->")[1].split("<!-- /options-table -->")[0]
     assert section.strip() == options_table().strip(), "run: python scripts/options_table.py, paste into README.md"
@@ -52,3 +49,26 @@ def test_links_between_the_docs_point_at_files_and_headings_that_exist():
             elif anchor and linked.suffix == ".md" and anchor not in _anchors(linked.read_text()):
                 broken.append(f"{page.name}: {target} (no such heading)")
     assert not broken, broken
+
+
+def readme_metrics() -> tuple[set[str], dict[str, set[str]], set[str]]:
+    """The Outputs section's list of metrics.jsonl keys: (on every training line, {key: its condition's bullet} for
+    the others, on the summary line)."""
+    outputs = (REPO / "README.md").read_text().split("## Outputs")[1].split("\n## ")[0]
+    bullets = re.findall(r"^- (.*?)(?=^- |^$)", outputs, re.M | re.S)
+    names = [re.findall(r"`([a-z][a-z_]*)`", bullet) for bullet in bullets]
+    always = set(names[0]) if bullets and bullets[0].startswith("always:") else set()
+    conditional = {bullet_names[0]: set(bullet_names) for bullet_names in names[1:]}
+    summary = set(re.findall(r"`([a-z][a-z_]*)`", outputs.partition("The last line")[2].split(".\n")[0]))
+    return always, conditional, summary
+
+
+def test_readme_lists_only_metrics_the_code_logs():
+    """Every key the README lists is a name gkd or transformers' Trainer logs (a renamed metric leaves it stale)."""
+    always, conditional, summary = readme_metrics()
+    assert {"loss", "nonfinite_skipped", "lmbda"} <= always and {"kd_loss", "sft_loss"} <= set(conditional)
+    code = "".join(path.read_text() for path in (REPO / "gkd").rglob("*.py"))
+    trainer_own = {"loss", "grad_norm", "learning_rate", "epoch", "train_runtime", "train_samples_per_second",
+                   "train_steps_per_second", "train_loss"}
+    for name in always | set(conditional) | summary:
+        assert name in trainer_own or f'"{name}"' in code, f"README lists `{name}`, which nothing logs"

@@ -4,6 +4,7 @@ import json
 import random
 
 import pytest
+import torch
 from helpers import REPO, assert_ok, assert_user_error, run_cli, train_args
 
 from gkd.tools.evaluate import bootstrap_interval, paired_difference
@@ -94,3 +95,22 @@ def test_token_weighted_metrics_weight_each_token_once():
     per_prompt = {"reverse_kl": [1.0, 9.0], "sample_tokens": [1, 3]}
     low, high = bootstrap_interval(per_prompt, "reverse_kl", samples=200)
     assert low >= 1.0 and high <= 3.0  # each resample's value is a per-token mean: sum / tokens
+
+
+def test_a_model_against_itself_diverges_by_zero_never_less(tiny_models):
+    """eval.json gave the teacher a JSD of -1.6e-08 against itself: float32 rounding of two equal distributions. A
+    divergence is never negative. The teacher's logits are scaled up here so that rounding shows on a tiny vocabulary
+    (unclamped, some prompts come out below 0)."""
+    from gkd import data, models
+    from gkd.tools.evaluate import divergences
+
+    ref = models.ModelRef(str(tiny_models[1]), flag="--teacher")
+    tokenizer, teacher = models.load_tokenizer(ref), models.load_frozen(ref, "float32")
+    with torch.no_grad():
+        teacher.lm_head.weight.mul_(200)
+    stop_ids = models.stop_token_ids(tokenizer, ref)
+    conversations = data.load_conversations(REPO / "examples/data/chat.jsonl")
+    samples, _ = data.encode_conversations(conversations, tokenizer, 4096, 8, stop_ids)
+    per_prompt = divergences(teacher, teacher, tokenizer, [s["prompt_ids"] for s in samples], stop_ids, 8, 8, 0)
+    assert min(per_prompt["jsd"]) >= 0.0 and min(per_prompt["reverse_kl"]) >= 0.0
+    assert max(per_prompt["jsd"]) < 1e-5

@@ -16,6 +16,7 @@ from transformers.generation.logits_process import TopPLogitsWarper
 
 from gkd.decoding import StaticDecoder, logit_bias, sample_next, top_p_filter
 from gkd.generation import MergedLoraCopies, generate
+from gkd.sampling import Sampling
 
 MAX_NEW_TOKENS = 6
 STOP = 2  # <|im_end|>: eos and pad of the tiny tokenizer
@@ -51,17 +52,13 @@ def left_padded_prompts(width: int, rows: int = 3, seed: int = 0) -> tuple[torch
     return ids, mask
 
 
-def greedy(model, prompt_ids, prompt_mask, max_new_tokens=MAX_NEW_TOKENS, **backend):
-    return generate(
-        model,
-        prompt_ids,
-        prompt_mask,
-        max_new_tokens=max_new_tokens,
-        stop_token_ids=[STOP],
-        pad_token_id=STOP,
-        temperature=None,
-        **backend,
-    )
+def sampling(max_new_tokens=MAX_NEW_TOKENS, stops=(STOP,), temperature=None, **settings) -> Sampling:
+    return Sampling(max_new_tokens, stops, STOP, temperature=temperature, **settings)
+
+
+def greedy(model, prompt_ids, prompt_mask, max_new_tokens=MAX_NEW_TOKENS, decoder=None, lora_copies=None, **settings):
+    return generate(model, prompt_ids, prompt_mask, sampling(max_new_tokens, **settings), decoder=decoder,
+                    lora_copies=lora_copies)
 
 
 # ---------------------------------------------------------------- the decode loop against transformers' generate
@@ -91,10 +88,9 @@ def test_rows_that_stop_early_are_masked_and_padded_like_plain(student):
     prompt_ids, prompt_mask = left_padded_prompts(9)
     free_run, _ = greedy(student, prompt_ids, prompt_mask, max_new_tokens=24)
     stops = [STOP, int(free_run[0, 3]), int(free_run[1, 7])]
-    run = dict(max_new_tokens=24, stop_token_ids=stops, pad_token_id=STOP, temperature=None)
-    plain_ids, plain_mask = generate(student, prompt_ids, prompt_mask, **run)
+    plain_ids, plain_mask = generate(student, prompt_ids, prompt_mask, sampling(24, stops))
     assert plain_mask.sum(dim=1).min() <= 4, "the test needs a row that stops early"
-    ours_ids, ours_mask = generate(student, prompt_ids, prompt_mask, backend="static", **run)
+    ours_ids, ours_mask = generate(student, prompt_ids, prompt_mask, sampling(24, stops, backend="static"))
     width = plain_ids.shape[1]
     assert torch.equal(ours_ids[:, :width], plain_ids) and torch.equal(ours_mask[:, :width], plain_mask)
     assert not ours_mask[:, width:].any() and (ours_ids[:, width:] == STOP).all()
@@ -104,35 +100,36 @@ def test_stop_check_ends_the_loop_once_every_row_has_stopped(student):
     """Every row stops at once when the stop token is the only allowed id: the loop ends at the next check."""
     prompt_ids, prompt_mask = left_padded_prompts(9)
     vocab = student.config.vocab_size
-    student.generation_config.suppress_tokens = [token for token in range(vocab) if token != STOP]
-    try:
-        decoder = StaticDecoder(check_stop_every=4)
-        completion_ids = decoder.generate(
-            student, prompt_ids, prompt_mask, max_new_tokens=30, max_cache_len=64, stop_token_ids=[STOP],
-            temperature=1.0, suppress_ids=student.generation_config.suppress_tokens,
-        )
-    finally:
-        student.generation_config.suppress_tokens = None
+    only_stop = [token for token in range(vocab) if token != STOP]
+    decoder = StaticDecoder(check_stop_every=4)
+    completion_ids = decoder.generate(student, prompt_ids, prompt_mask,
+                                      sampling(30, temperature=1.0, suppress_ids=only_stop, max_cache_len=64))
     assert completion_ids.shape[1] == 4 and (completion_ids == STOP).all()
 
 
-def test_min_new_tokens_and_suppressed_ids_are_honoured(student):
-    """The generation config's `min_new_tokens` and `suppress_tokens` (how the trainer keeps samples inside the
-    vocabulary both models share) hold for the static loop as for transformers' generate."""
+@pytest.mark.parametrize("backend", ["plain", "static"])
+def test_min_new_tokens_and_suppressed_ids_are_honoured(student, backend):
+    """`Sampling.min_new_tokens` and `suppress_ids` (how the trainer keeps samples inside the vocabulary both models
+    share) hold for the static loop as for transformers' generate."""
     prompt_ids, prompt_mask = left_padded_prompts(9)
-    student.generation_config.min_new_tokens = 20
-    student.generation_config.suppress_tokens = list(range(100, 300))
-    try:
-        torch.manual_seed(0)
-        completion_ids, completion_mask = generate(
-            student, prompt_ids, prompt_mask, max_new_tokens=20, stop_token_ids=[STOP], pad_token_id=STOP,
-            temperature=1.0, backend="static",
-        )
-    finally:
-        student.generation_config.min_new_tokens = None
-        student.generation_config.suppress_tokens = None
+    torch.manual_seed(0)
+    completion_ids, completion_mask = generate(student, prompt_ids, prompt_mask, sampling(
+        20, temperature=1.0, min_new_tokens=20, suppress_ids=range(100, 300), backend=backend))
     assert completion_mask.all() and completion_ids.shape == (3, 20)
     assert not (completion_ids == STOP).any() and (completion_ids < 100).all()
+
+
+def test_the_generation_config_does_not_act_behind_sampling(student):
+    """Only `Sampling` decides what is sampled: a `suppress_tokens` left in the model's generation config (the old
+    side channel) is not read by either backend."""
+    prompt_ids, prompt_mask = left_padded_prompts(9)
+    expected = greedy(student, prompt_ids, prompt_mask)[0]
+    student.generation_config.suppress_tokens = [int(token) for token in expected.flatten().unique()]
+    try:
+        for backend in ("plain", "static"):
+            assert torch.equal(greedy(student, prompt_ids, prompt_mask, backend=backend)[0], expected), backend
+    finally:
+        student.generation_config.suppress_tokens = None
 
 
 def test_unknown_backend_is_refused(student):
@@ -200,8 +197,8 @@ def test_sampled_completions_equal_transformers_generate_from_the_same_seed(stud
     samples = {}
     for backend in ("plain", "static"):
         torch.manual_seed(7)
-        samples[backend] = generate(student, prompt_ids, prompt_mask, max_new_tokens=12, stop_token_ids=[STOP],
-                                    pad_token_id=STOP, temperature=temperature, backend=backend)
+        samples[backend] = generate(student, prompt_ids, prompt_mask,
+                                    sampling(12, temperature=temperature, backend=backend))
     assert torch.equal(samples["static"][0], samples["plain"][0])
     assert torch.equal(samples["static"][1], samples["plain"][1])
 
@@ -211,8 +208,7 @@ def test_sampled_completions_are_reproducible_from_the_seed(student):
 
     def sample():
         torch.manual_seed(123)
-        return generate(student, prompt_ids, prompt_mask, max_new_tokens=12, stop_token_ids=[STOP],
-                        pad_token_id=STOP, temperature=1.0, backend="static")[0]
+        return generate(student, prompt_ids, prompt_mask, sampling(12, temperature=1.0, backend="static"))[0]
 
     assert torch.equal(sample(), sample())
 
@@ -294,6 +290,7 @@ def test_on_policy_training_captures_the_decode_step_once(tiny_models, tmp_path,
     from tiny import load_student_and_teacher
 
     from gkd.config import GKDConfig
+    from gkd.teachers.live import LiveTeacher
     from gkd.trainer import STUDENT, GKDTrainer
 
     tokenizer, student, teacher = load_student_and_teacher(tiny_models)
@@ -304,7 +301,8 @@ def test_on_policy_training_captures_the_decode_step_once(tiny_models, tmp_path,
     )
     samples = [{"prompt_ids": [5, 6, 7 + row, 8], "completion_ids": [9, 10, 2]} for row in range(6)]
     trainer = GKDTrainer(
-        model=student, teacher=teacher, args=args, stop_token_ids=[STOP], processing_class=tokenizer,
+        model=student, teacher=LiveTeacher.from_options(teacher, args), args=args, stop_token_ids=[STOP],
+        processing_class=tokenizer,
         train_dataset=Dataset.from_list(samples),
     )
     assert trainer.generation_backend == "compiled"

@@ -353,6 +353,181 @@ def test_sigterm_during_start_up_is_one_line(tiny_models, chat_data, tmp_path):
 
 
 @pytest.mark.subprocess
+def test_sigterm_during_the_final_save_ends_as_a_finished_run(tiny_models, chat_data, tmp_path):
+    """A scheduler's SIGTERM after the last step: the save finishes, and the run is a finished one (exit 0) whose
+    last line says where its model is, not a failure."""
+    out = tmp_path / "out"
+    command = [sys.executable, *map(str, train_args(*tiny_models, chat_data, out, "--lmbda", "0"))]
+    process = subprocess.Popen(command, cwd=REPO, env=CLI_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               text=True, preexec_fn=default_signals)
+    metrics_file = out / "metrics.jsonl"
+    try:  # the end-of-training summary is logged after the last step and before the final save
+        while process.poll() is None and not (out / ".final-save.partial").exists() and not (
+                metrics_file.exists() and "train_runtime" in metrics_file.read_text()):
+            time.sleep(0.005)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 0, stderr[-3000:]
+    assert "Traceback" not in stderr and (out / "model.safetensors").exists()
+    assert stderr.strip().splitlines()[-1].endswith(
+        f"the final model is saved in {out}; SIGTERM arrived during the save, which finished first")
+
+
+def swallowing_main(signum: int, then_raise: bool):
+    """A CLI main that gets `signum` inside a library's bare `except:` (fsspec's `exists` inside
+    `datasets.load_from_disk`), which swallows the handler's exception, then fails for it, or carries on."""
+    def main():
+        try:
+            signal.raise_signal(signum)
+        except:  # noqa: E722 -- the library's
+            pass
+        if then_raise:
+            raise FileNotFoundError("Directory data is neither a `Dataset` directory nor a `DatasetDict` directory.")
+    return main
+
+
+@pytest.mark.parametrize("then_raise", [True, False], ids=["then-raises", "carries-on"])
+@pytest.mark.parametrize("signum, code, line", [(signal.SIGTERM, 143, "error: terminated"),
+                                                (signal.SIGINT, 130, "error: interrupted")], ids=["term", "int"])
+def test_a_signal_a_library_swallows_still_ends_in_one_line(capfd, signum, code, line, then_raise):
+    """The runner asks which signal arrived, not which exception surfaced: a FileNotFoundError traceback (or a run
+    that goes on) after a SIGTERM was the bug."""
+    # SIGINT as Python sets it up, whatever pytest inherited (a background job starts with it ignored).
+    previous = {signum: signal.signal(signum, signal.default_int_handler) for signum in (signal.SIGINT,)}
+    previous[signal.SIGTERM] = signal.getsignal(signal.SIGTERM)
+    try:
+        got, stderr = in_process(capfd, lambda argv: swallowing_main(signum, then_raise)(), [])
+        assert (got, stderr.strip().splitlines()) == (code, [line])
+        assert signal.getsignal(signal.SIGTERM) == previous[signal.SIGTERM]  # the runner gives the handlers back
+    finally:
+        signal.signal(signal.SIGINT, previous[signal.SIGINT])
+
+
+@pytest.mark.subprocess
+def test_a_second_signal_ends_a_process_that_swallows_every_exception():
+    """A first SIGTERM whose exception is swallowed over and over must not leave the process deaf: the second one
+    exits at once, in the same one line."""
+    script = (
+        "import time\n"
+        "from gkd.cli import run\n"
+        "def main():\n"
+        "    print('ready', flush=True)\n"
+        "    while True:\n"
+        "        try:\n"
+        "            time.sleep(0.05)\n"
+        "        except BaseException:\n"
+        "            pass\n"
+        "run(main)\n"
+    )
+    process = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env=CLI_ENV, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, preexec_fn=default_signals)
+    assert process.stdout.readline() == "ready\n"
+    process.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    assert process.poll() is None  # swallowed, as the script means to
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=30)
+    assert (process.returncode, stderr.strip().splitlines()) == (143, ["error: terminated"])
+
+
+@pytest.fixture
+def home(tiny_models, tmp_path, monkeypatch):
+    """A HOME of this test's holding models/student, models/teacher and data/chat.jsonl, for paths written `~/...`."""
+    home = tmp_path / "home"
+    for model in tiny_models:
+        shutil.copytree(model, home / "models" / Path(model).name)
+    (home / "data").mkdir()
+    shutil.copy(REPO / "examples/data/chat.jsonl", home / "data/chat.jsonl")
+    monkeypatch.setenv("HOME", str(home))
+    return home
+
+
+def test_a_home_path_the_shell_did_not_expand_works_in_train(capfd, home):
+    """`~/...` in a --config YAML (or quoted): was `cannot load a tokenizer (Repo id must be in the form ...)`. The
+    bad record at the end proves the student, the teacher and the data were all read from HOME."""
+    write_jsonl(home / "data/bad.jsonl", GOOD, {"messages": [{"role": "bot", "content": "x"}]})
+    (home / "run.yaml").write_text("model_name_or_path: ~/models/student\n"
+                                   "teacher_model_name_or_path: ~/models/teacher\n"
+                                   "dataset_name: ~/data/bad.jsonl\noutput_dir: ~/runs/x\nlmbda: 0\n")
+    refused(capfd, train.main, ["--config", "~/run.yaml"], f"{home}/data/bad.jsonl: record 1", "got 'bot'")
+    script_args, model_args, training_args = train.parse_args(["--config", "~/run.yaml",
+                                                               "--resume_from_checkpoint", "~/runs/x/checkpoint-1"])
+    assert (model_args.model_name_or_path, model_args.teacher_model_name_or_path) == (
+        f"{home}/models/student", f"{home}/models/teacher")
+    assert (training_args.output_dir, training_args.resume_from_checkpoint) == (
+        f"{home}/runs/x", f"{home}/runs/x/checkpoint-1")
+    assert not (REPO / "~").exists()
+
+
+def test_a_home_path_the_shell_did_not_expand_works_in_eval(capfd, home):
+    code, stderr = in_process(capfd, evaluate.main, [
+        "--student", "~/models/student", "--teacher", "~/models/teacher", "--dataset_name", "~/data/chat.jsonl",
+        "--output_dir", "~/eval", "--max_records", "2", "--max_new_tokens", "4", "--bootstrap_samples", "10"])
+    assert code == 0 and "Traceback" not in stderr, stderr[-3000:]
+    assert (home / "eval/eval.json").exists()
+
+
+@pytest.mark.parametrize("module, argv, fields", [
+    ("gkd.tools.prune", ["--model_name_or_path", "~/models/student", "--output_dir", "~/pruned", "--num_layers", "1"],
+     ["model_name_or_path", "output_dir"]),
+    ("gkd.tools.merge", ["--adapter_path", "~/runs/lora", "--output_dir", "~"], ["adapter_path", "output_dir"]),
+    ("gkd.tools.cache_teacher", ["--teacher_model_name_or_path", "~/models/teacher", "--dataset_name",
+                                 "~/data/chat.jsonl", "--output_dir", "~/cache", "--top_k", "4"],
+     ["teacher_model_name_or_path", "dataset_name", "output_dir"]),
+])
+def test_every_tool_expands_home_in_its_paths(home, module, argv, fields):
+    import dataclasses
+    import importlib
+
+    from gkd.cli import parse
+
+    tool = importlib.import_module(module)
+    (config_type,) = [value for value in vars(tool).values() if dataclasses.is_dataclass(value)
+                      and value.__module__ == module and value.__name__.endswith("Config")]
+    (config,) = parse(config_type, argv)
+    for name in fields:
+        value = getattr(config, name)
+        assert value.startswith(str(home)) and "~" not in value, (name, value)
+
+
+@pytest.fixture(scope="module")
+def tied_student(tmp_path_factory):
+    """A tiny student with tied embeddings: its checkpoints hold `lm_head.weight` once, as the embedding."""
+    from tiny import make_model, make_tokenizer
+
+    root = tmp_path_factory.mktemp("tied")
+    make_model(root / "student", make_tokenizer(root / "tokenizer"), tie_word_embeddings=True)
+    return root / "student"
+
+
+def test_only_identical_tied_weights_count_as_rightly_missing(tied_student, tiny_models):
+    from transformers import AutoModelForCausalLM
+
+    from gkd.checkpoints import only_tied_weights_missing
+
+    tied = AutoModelForCausalLM.from_pretrained(tied_student)
+    assert only_tied_weights_missing(tied, ["lm_head.weight"])
+    assert not only_tied_weights_missing(tied, ["lm_head.weight", "model.norm.weight"])
+    assert not only_tied_weights_missing(tied, [])
+    untied = AutoModelForCausalLM.from_pretrained(tiny_models[0])
+    assert not only_tied_weights_missing(untied, ["lm_head.weight"])  # really missing: transformers' warning stays
+
+
+@pytest.mark.subprocess
+def test_resuming_a_tied_model_does_not_warn_of_its_tied_head(tied_student, tiny_models, chat_data, tmp_path):
+    """Was: "There were missing keys in the checkpoint model loaded: ['lm_head.weight']" on every resume."""
+    out = tmp_path / "run"
+    args = train_args(tied_student, tiny_models[1], chat_data, out, "--lmbda", "0", "--save_strategy", "steps",
+                      "--save_steps", "1")
+    assert_ok(run_cli([*args, "--max_steps", "1"]))
+    resumed = run_cli([*args, "--max_steps", "2", "--resume_from_checkpoint", "last"])
+    assert_ok(resumed)
+    assert "resuming from" in resumed.stderr and "missing keys" not in resumed.stderr, resumed.stderr[-3000:]
+
+
+@pytest.mark.subprocess
 def test_lora_runs_are_reproducible_from_the_seed(tiny_models, chat_data, tmp_path):
     adapters = []
     for name in ("a", "b"):
@@ -469,3 +644,100 @@ def test_evaluate_refuses_bad_options(capfd, tiny_models, tmp_path, extra, expec
     argv = ["--student", student, "--teacher", teacher, "--dataset_name", REPO / "examples/data/chat.jsonl",
             "--output_dir", tmp_path / "o", *extra]
     refused(capfd, evaluate.main, argv, *expected)
+
+
+# ------------------------------------------------------------ output folders: one check for every tool (round 3)
+
+
+def test_every_tool_refuses_a_folder_a_running_training_holds(capfd, tiny_models, chat_data, tmp_path):
+    """`gkd-prune ... --output_dir out/busy_run --overwrite` moved a running training's folder aside. The lock is held
+    here as gkd-train holds it (run_folder.prepare -> folders.lock_folder), and every tool refuses in one line."""
+    from gkd import folders
+    from gkd.tools import cache_teacher
+
+    student, teacher = tiny_models
+    busy = tmp_path / "busy_run"
+    busy.mkdir()
+    (busy / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA",
+                                                             "base_model_name_or_path": str(student)}))
+    (adapter / "adapter_model.safetensors").write_bytes(b"")
+    held = folders.lock_folder(busy)
+    try:
+        for main, argv in [
+            (prune.main, ["--model_name_or_path", student, "--num_layers", "1"]),
+            (merge.main, ["--adapter_path", adapter]),
+            (cache_teacher.main, ["--teacher_model_name_or_path", teacher, "--dataset_name", chat_data]),
+        ]:
+            refused(capfd, main, [*argv, "--output_dir", busy, "--overwrite"], "in use by another gkd process",
+                    f"pid {os.getpid()}")
+        refused(capfd, train.main, train_args(student, teacher, chat_data, busy, "--overwrite_output_dir")[1:],
+                "in use by another gkd process")
+    finally:
+        folders.release_lock(held)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["adapter", "busy_run"]  # nothing moved aside
+    assert sorted(path.name for path in busy.iterdir()) == [".gkd-run.lock", "metrics.jsonl"]
+
+
+def test_an_output_inside_an_input_folder_is_refused(capfd, tiny_models, chat_data, tmp_path):
+    """`gkd-cache-teacher --dataset_name d --output_dir d/teacher_cache` exited 0, and training on d then read
+    cache.json as a data file. Refused, as for every tool (the same check), before anything is written."""
+    from gkd.tools import cache_teacher
+
+    student, teacher = tiny_models
+    data = tmp_path / "d"
+    data.mkdir()
+    shutil.copy(chat_data, data / "chat.jsonl")
+    refused(capfd, cache_teacher.main, ["--teacher_model_name_or_path", teacher, "--dataset_name", data,
+                                        "--output_dir", data / "teacher_cache"],
+            f"--output_dir {data / 'teacher_cache'} lies inside the input folder {data}", "choose a folder outside")
+    refused(capfd, train.main, train_args(student, teacher, data, data / "run")[1:], "lies inside the input folder")
+    refused(capfd, prune.main, ["--model_name_or_path", student, "--num_layers", "1", "--calibration_data", data,
+                                "--output_dir", data / "pruned"], "lies inside the input folder")
+    refused(capfd, evaluate.main, ["--student", student, "--teacher", teacher, "--dataset_name", data,
+                                   "--output_dir", data / "eval"], "lies inside the input folder")
+    assert sorted(path.name for path in data.iterdir()) == ["chat.jsonl"]
+
+
+def test_a_report_inside_a_model_folder_is_no_conflict(tiny_models):
+    """A model folder is read by name (config.json, weights): `gkd-eval --output_dir runs/x/eval` for the student in
+    runs/x is where users keep a run's report, and it is allowed; only folders read whole are off limits."""
+    from gkd.folders import check_output
+
+    student, teacher = tiny_models
+    assert check_output(Path(student) / "eval", [student, teacher], replaces=False) == Path(student) / "eval"
+
+
+def test_compare_refuses_a_plan_naming_a_run_twice(capfd, tiny_models, chat_data, tmp_path):
+    from gkd.tools import compare
+
+    student, teacher = tiny_models
+    plan = tmp_path / "plan.yaml"
+    base = ["--plan", plan, "--student", student, "--teacher", teacher, "--output_dir", tmp_path / "s",
+            "--train_data", chat_data]
+    plan.write_text("runs: {kd: [--lmbda, 0], sft: [--lmbda, 0.5], kd: [--lmbda, 1]}\n")
+    refused(capfd, compare.main, base, "'kd' is given twice")
+    plan.write_text("runs: {sft: [--lmbda, 0]}\n")
+    refused(capfd, compare.main, [*base, "--runs", "sft"], "the run 'sft' is named in --plan and in --runs")
+    refused(capfd, compare.main, [*base[2:], "--runs", "sft,supervised_kd,sft"], "the run 'sft' is named twice")
+    plan.write_text("runs: {kd: [--lmbda, 0], kd-s1: [--lmbda, 1]}\nseeds: {kd: [1]}\n")
+    refused(capfd, compare.main, base, "the runs kd@s1 and kd-s1 would both train in")
+    assert not (tmp_path / "s").exists()
+
+
+def test_compare_checks_every_model_and_data_path_before_the_first_run_trains(capfd, tiny_models, chat_data, tmp_path):
+    """A plan naming a missing student was found only after the first student's runs had trained."""
+    from gkd.tools import compare
+
+    student, teacher = tiny_models
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(f"students: {{a: {student}, b: {tmp_path / 'pruned-22l'}}}\nruns: {{kd: [--lmbda, 0]}}\n")
+    base = ["--plan", plan, "--teacher", teacher, "--output_dir", tmp_path / "s", "--train_data", chat_data]
+    refused(capfd, compare.main, base, "run b/kd", "pruned-22l", "no such folder")
+    plan.write_text(f"students: {{a: {student}}}\nruns: {{kd: [--lmbda, 0, --dataset_name, {tmp_path / 'x.jsonl'}]}}\n")
+    refused(capfd, compare.main, base, "run a/kd", "--dataset_name", "x.jsonl", "no such file")
+    refused(capfd, compare.main, [*base[:2], "--teacher", tmp_path / "no-teacher", *base[4:]], "--teacher",
+            "no such folder")
+    assert not (tmp_path / "s").exists()

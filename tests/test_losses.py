@@ -888,3 +888,156 @@ def test_sft_only_needs_no_teacher():
     with pytest.raises(ValueError, match="needs labels"):
         chunked_distillation_loss(case["student_hidden"], case["student_weight"], None,
                                   LossOptions(beta=0.5, sft_weight=1.0))
+
+
+# ---------------------------------------------------------------- -inf logits: a masked vocabulary
+
+MASKED = [0, 3, 7]  # ids masked with -inf (in both, or in one only)
+
+
+def reference_dropping(student_logits, teacher_logits, beta, temperature=1.0):
+    """Eq. 1 in float64 from the paper's sums, each KL term p_v log(p_v / q_v) taken where both p_v and q_v are
+    positive: 0 log 0 = 0, and the ids where p has mass and q has none (the divergence's +inf) left out."""
+    p = torch.softmax(teacher_logits.double() / temperature, dim=-1)
+    q = torch.softmax(student_logits.double() / temperature, dim=-1)
+
+    def kl(a, b):
+        keep = (a > 0) & (b > 0)
+        a, b = torch.where(keep, a, 1.0), torch.where(keep, b, 1.0)  # no 0/0, even in the gradient
+        return torch.where(keep, a * torch.log(a / b), 0.0).sum(-1)
+
+    if beta == 0:
+        return kl(p, q)
+    if beta == 1:
+        return kl(q, p)
+    m = beta * p + (1 - beta) * q
+    return beta * kl(p, m) + (1 - beta) * kl(q, m)
+
+
+def masked_logits(shape, seed, ids, dtype=torch.float64):
+    logits = random_logits(shape, seed, dtype=dtype)
+    logits[..., ids] = float("-inf")
+    return logits
+
+
+def kept_columns(vocab, masked):
+    return [v for v in range(vocab) if v not in masked]
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("beta", BETAS)
+def test_a_vocabulary_masked_in_both_is_the_divergence_over_the_rest(beta, temperature):
+    """-inf at the same ids in teacher and student (was NaN at every beta): value and gradient equal the float64
+    reference on the logits with those ids dropped; the masked ids get a zero gradient. Reference path (autograd),
+    analytic gradient (fp64 and fp32), and the sparse reference."""
+    vocab = 13
+    student = masked_logits((4, vocab), 120, MASKED).requires_grad_()
+    teacher = masked_logits((4, vocab), 121, MASKED)
+    kept = kept_columns(vocab, MASKED)
+    dropped_student = student.detach()[:, kept].clone().requires_grad_()
+    expected = reference_jsd(dropped_student, teacher[:, kept], beta, temperature)
+    (expected_grad_kept,) = torch.autograd.grad(expected.sum(), dropped_student)
+    expected_grad = torch.zeros(4, vocab, dtype=torch.float64)
+    expected_grad[:, kept] = expected_grad_kept
+
+    ours = generalized_jsd(student, teacher, beta, temperature)
+    (grad,) = torch.autograd.grad(ours.sum(), student)
+    torch.testing.assert_close(ours.detach(), expected.detach(), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-10, atol=1e-14)
+
+    per_row, logit_grad = jsd_and_logit_grad(student.detach(), teacher, beta, temperature)
+    torch.testing.assert_close(per_row, expected.detach(), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(logit_grad, expected_grad, rtol=1e-10, atol=1e-14)
+    per_row_32, logit_grad_32 = jsd_and_logit_grad(student.detach().float(), teacher.float(), beta, temperature)
+    torch.testing.assert_close(per_row_32.double(), expected.detach(), **FP32_VS_FP64)
+    torch.testing.assert_close(logit_grad_32.double(), expected_grad, **FP32_VS_FP64)
+
+    sparse_teacher, _ = top_k_teacher(teacher, len(kept), temperature)  # the teacher's support: the kept ids
+    sparse = sparse_generalized_jsd(student, sparse_teacher, beta, temperature)
+    (sparse_grad,) = torch.autograd.grad(sparse.sum(), student)
+    torch.testing.assert_close(sparse.detach(), expected.detach(), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(sparse_grad, expected_grad, rtol=1e-9, atol=1e-12)
+
+    same = generalized_jsd(student.detach(), student.detach(), beta, temperature)
+    torch.testing.assert_close(same, torch.zeros_like(same), rtol=0, atol=1e-15)  # identical: 0, not NaN
+
+
+@pytest.mark.parametrize("beta", BETAS)
+@pytest.mark.parametrize("masked_side", ["student", "teacher"])
+def test_ids_masked_on_one_side_follow_the_documented_convention(beta, masked_side):
+    """-inf at ids where the other side has mass: finite value and gradient, equal to the reference that leaves out
+    only the ids of an infinite term (beta = 0 with the student masked, beta = 1 with the teacher masked); every other
+    beta is the exact divergence (checked against the plain reference where it is finite)."""
+    vocab = 11
+    masked = masked_logits((5, vocab), 122, MASKED)
+    other = random_logits((5, vocab), 123, dtype=torch.float64)
+    student, teacher = (masked, other) if masked_side == "student" else (other, masked)
+    student = student.clone().requires_grad_()
+    expected = reference_dropping(student, teacher, beta)
+    (expected_grad,) = torch.autograd.grad(expected.sum(), student)
+    infinite = (beta == 0 and masked_side == "student") or (beta == 1 and masked_side == "teacher")
+    if not infinite:  # nothing left out: the paper's value
+        def nearly_masked(logits):  # e^-50 instead of 0: the plain reference's sums stay finite
+            return torch.where(torch.isinf(logits), -50.0, logits)
+
+        exact = reference_jsd(nearly_masked(student), nearly_masked(teacher), beta)
+        torch.testing.assert_close(expected.detach(), exact.detach(), rtol=1e-10, atol=1e-12)
+
+    ours = generalized_jsd(student, teacher, beta)
+    (grad,) = torch.autograd.grad(ours.sum(), student)
+    assert torch.isfinite(ours).all() and torch.isfinite(grad).all()
+    torch.testing.assert_close(ours.detach(), expected.detach(), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-10, atol=1e-14)
+    per_row, logit_grad = jsd_and_logit_grad(student.detach(), teacher, beta, 1.0)
+    torch.testing.assert_close(per_row, expected.detach(), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(logit_grad, expected_grad, rtol=1e-10, atol=1e-14)
+    assert torch.isfinite(jsd_and_logit_grad(student.detach().float(), teacher.float(), beta, 1.0)[1]).all()
+
+
+@pytest.mark.parametrize("beta", BETAS)
+@pytest.mark.parametrize("masked_side", ["both", "student", "teacher"])
+def test_chunked_with_biases_that_mask_ids_matches_the_dropping_reference(beta, masked_side):
+    """The fused path with -inf in the lm_head biases (how a masked vocabulary reaches it): value, and the hidden,
+    weight and bias gradients against autograd through the float64 reference, in fp64 and fp32, across chunks."""
+    n, vocab = 7, 13
+    case = lm_head_case(n, vocab, vocab, seed=124, bias=True)
+    for side in (["student", "teacher"] if masked_side == "both" else [masked_side]):
+        with torch.no_grad():
+            case[f"{side}_bias"][MASKED] = float("-inf")
+    reference = copy_case(case, torch.float64)
+    expected = full_logits_sum(reference, beta, 1.0, divergence=reference_dropping)
+    expected.backward()
+    for dtype, tolerance in ((torch.float64, dict(rtol=1e-10, atol=1e-12)), (torch.float32, FP32_GRAD_VS_FP64)):
+        for chunk_size in [3, n]:
+            ours_case = copy_case(case, dtype)
+            ours = chunked_generalized_jsd(beta=beta, chunk_size=chunk_size, **ours_case)
+            ours.backward()
+            assert torch.isfinite(ours)
+            torch.testing.assert_close(ours.double(), expected, **tolerance)
+            for name in STUDENT_SIDE:
+                assert torch.isfinite(ours_case[name].grad).all()
+                torch.testing.assert_close(ours_case[name].grad.double(), reference[name].grad, **tolerance)
+
+
+@pytest.mark.parametrize("beta", BETAS)
+def test_fused_sparse_loss_with_masked_ids_is_finite_and_matches_the_reference(beta):
+    """The sparse path: the student's bias masks ids, two of them in the teacher's top-K, and the teacher gives one
+    valid slot -inf (a zero probability): value and gradients against autograd through the sparse reference."""
+    student_hidden, weight, bias, teacher, _ = sparse_case(6, 19, 5, seed=130)
+    with torch.no_grad():
+        bias[teacher.ids[:, :2].flatten()] = float("-inf")
+    log_probs = teacher.log_probs.clone()
+    log_probs[:, -1] = float("-inf")
+    teacher = SparseTeacher(teacher.ids, log_probs, teacher.valid)
+    options = LossOptions(beta=beta, chunk_size=4)
+    ours = chunked_distillation_loss(student_hidden, weight, teacher, options, student_bias=bias).total
+    ours.backward()
+    gradients = [tensor.grad.clone() for tensor in (student_hidden, weight, bias)]
+    for tensor in (student_hidden, weight, bias):
+        tensor.grad = None
+    expected = sparse_generalized_jsd(student_hidden @ weight.T + bias, teacher, beta).sum()
+    expected.backward()
+    assert torch.isfinite(ours) and all(torch.isfinite(grad).all() for grad in gradients)
+    torch.testing.assert_close(ours, expected, rtol=1e-10, atol=1e-12)
+    for ours_grad, tensor in zip(gradients, (student_hidden, weight, bias)):
+        torch.testing.assert_close(ours_grad, tensor.grad, rtol=1e-9, atol=1e-11)

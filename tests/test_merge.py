@@ -259,7 +259,7 @@ def test_bad_inputs_fail_in_one_line_and_write_nothing(workspace, tmp_path, case
         args[1], words = adapter, ["does not exist", "--base_model_name_or_path"]
     elif case == "output_is_file_child":  # unwritable: the parent is a file (works as root, unlike chmod)
         (tmp_path / "out").write_text("a file")
-        words = ["cannot write output_dir"]
+        words = ["cannot write --output_dir"]
     elif case == "output_contains_input":  # --overwrite on the run folder would delete checkpoint-2 itself
         args = ["--adapter_path", run / "checkpoint-2", "--output_dir", run, "--overwrite"]
         words = ["would replace the input"]
@@ -279,7 +279,7 @@ def test_read_only_parent_folder(workspace, tmp_path):
         result = run_merge("--adapter_path", workspace / "run", "--output_dir", locked / "merged", cwd=tmp_path)
     finally:
         locked.chmod(0o755)
-    assert_one_line_error(result, "cannot write output_dir", "permission denied")
+    assert_one_line_error(result, "cannot write --output_dir", "permission denied")
     assert list(locked.iterdir()) == []
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO, run_cli
+from helpers import REPO, assert_user_error, run_cli
 from tiny import make_model, make_tokenizer
 from transformers import AutoModelForCausalLM, MistralConfig, Qwen2Config
 
@@ -127,6 +127,22 @@ def test_drop_layers_into_non_empty_dir_with_overwrite(source, tmp_path):
         assert_same_block(student.model.layers[new_index], source_model.model.layers[old_index])
     assert_same_outside_blocks(student, source_model)
     assert_cached_generation_matches_full_forward(student)
+
+
+@pytest.mark.subprocess
+def test_refuses_to_replace_the_folder_holding_its_calibration_data(source, tmp_path):
+    """`--calibration_data d/calib.jsonl --output_dir d --overwrite` moved d (the data, the user's notes) to
+    d.replaced-1: every input of the command is protected, not only the model."""
+    data = tmp_path / "d"
+    data.mkdir()
+    record = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello."}]}
+    (data / "calib.jsonl").write_text(json.dumps(record) + "\n")
+    (data / "NOTES.txt").write_text("mine")
+    result = run_cli(["scripts/prune.py", "--model_name_or_path", source, "--calibration_data", data / "calib.jsonl",
+                      "--output_dir", data, "--overwrite", "--num_layers", "2"], timeout=120)
+    assert_user_error(result, "would replace the input", "calib.jsonl")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["d"]
+    assert sorted(path.name for path in data.iterdir()) == ["NOTES.txt", "calib.jsonl"]
 
 
 @pytest.mark.subprocess

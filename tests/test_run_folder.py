@@ -89,3 +89,35 @@ def test_move_aside_never_replaces_an_earlier_copy(tmp_path):
         (folder / "n").write_text(str(number))
         assert move_aside(folder, "replaced") == tmp_path / f"run.replaced-{number}"
     assert (tmp_path / "run.replaced-1" / "n").read_text() == "1"
+
+
+def test_an_output_folder_is_no_input_holds_none_and_lies_in_none(tmp_path):
+    """folders.check_output, the one check of every command's output folder: a cache written inside its data folder
+    became data; a folder holding an input is refused only where the command may move it aside."""
+    data = tmp_path / "d"
+    data.mkdir()
+    (data / "calib.jsonl").write_text("{}\n")
+    with pytest.raises(ConfigError, match=r"lies inside the input folder .*/d: .*choose a folder outside it"):
+        folders.check_output(data / "teacher_cache", [data])
+    with pytest.raises(ConfigError, match="would replace the input"):
+        folders.check_output(data, [data / "calib.jsonl"])
+    with pytest.raises(ConfigError, match="would replace the input"):
+        folders.check_output(data, [data], replaces=False)
+    folders.check_output(data, [data / "calib.jsonl"], replaces=False)  # written into (gkd-eval), never moved aside
+    folders.check_output(tmp_path / "elsewhere", [data, "org/hub-model"])
+
+
+def test_a_busy_folder_is_refused_and_probing_it_blocks_no_one(tmp_path):
+    """Every tool refuses a folder a running training holds; the probe itself is a shared lock, so ranks probing at
+    once (every rank runs the check) do not refuse each other."""
+    import fcntl
+
+    held = folders.lock_folder(tmp_path)
+    try:
+        with pytest.raises(ConfigError, match=r"in use by another gkd process \(pid \d+"):
+            folders.check_output(tmp_path)
+    finally:
+        folders.release_lock(held)
+    with open(tmp_path / folders.LOCK_FILE) as other_rank:
+        fcntl.flock(other_rank, fcntl.LOCK_SH | fcntl.LOCK_NB)  # another rank, mid-probe
+        folders.check_output(tmp_path)

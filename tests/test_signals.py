@@ -58,5 +58,5 @@ def test_a_signal_after_the_last_step_waits_for_the_final_save(python_sigint, ca
         stop.release()
     with caplog.at_level(logging.WARNING, logger="gkd.signals"):
         stop.report_after_save()
-    assert "SIGTERM received during the final save" in caplog.text
+    assert "the final model is saved in runs/x; SIGTERM arrived during the save" in caplog.text
     assert signal.getsignal(signal.SIGTERM) == previous_term

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from gkd.steps import DATASET, STUDENT, TEACHER, completion_source, lmbda_at, sampling_rng, step_seed
+from gkd.steps import DATASET, STUDENT, TEACHER, completion_source, lmbda_at, lmbda_bounds, sampling_rng, step_seed
 
 
 def test_seed_two_draws_one_off_policy_then_one_on_policy_step():
@@ -44,6 +44,18 @@ def test_lmbda_schedule_from_a_nonzero_start():
     assert lmbda_at(3, 1.0, "step", 10, start=0.2) == 0.2
     with pytest.raises(ValueError):
         lmbda_at(0, 1.0, "cosine", 10)
+
+
+@pytest.mark.parametrize("lmbda,schedule,warmup,start", [
+    (0.5, "constant", 0, 0.0), (0.0, "constant", 0, 0.0), (1.0, "constant", 0, 0.0),
+    (0.0, "step", 2, 1.0), (0.0, "linear", 4, 0.2), (1.0, "step", 3, 0.0), (1.0, "linear", 3, 1.0),
+    (0.8, "linear", 4, 0.0),
+])
+def test_lmbda_bounds_are_the_extremes_of_every_steps_share(lmbda, schedule, warmup, start):
+    """The one answer to 'does this run have on-policy (off-policy) steps': a schedule's start counts, e.g. --lmbda 0
+    --lmbda_schedule step --lmbda_start 1 is on-policy for its first steps."""
+    shares = [lmbda_at(step, lmbda, schedule, warmup, start) for step in range(warmup + 3)]
+    assert lmbda_bounds(lmbda, schedule, warmup, start) == pytest.approx((min(shares), max(shares)))
 
 
 def test_sampling_rng_is_a_function_of_the_step_and_leaves_the_global_rng_alone():

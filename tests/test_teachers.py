@@ -1,196 +1,233 @@
-"""The teacher's signal three ways, through the real command lines: a live teacher's top-K, a top-K cache built once
-(`gkd-cache-teacher`), and a served teacher over HTTP (`gkd-teacher-serve`, the subset of vLLM's API gkd uses). The
-three give the same losses for the same samples; a cache or server that does not fit the run is refused in one line;
-a server that goes away mid-run stops it with a checkpoint."""
+"""Each teacher source through the one interface the trainer asks (`gkd.teachers.Teacher`), in process: the K each
+decides when it opens, what each hands the loss, and one tiny teacher giving the same targets as a live model, as a
+cache built from it, and as the shipped server serving it. The command lines around them: test_teacher_cli.py."""
 
-import json
-import re
-import shutil
-import subprocess
-import sys
-import time
+import threading
+from http.server import ThreadingHTTPServer
 
 import pytest
-from helpers import CLI_ENV, REPO, assert_ok, default_signals, metrics, run_cli, train_args
+import torch
 
-from gkd import train
-from gkd.checkpoints import checkpoint_problem
+from gkd import losses, models
+from gkd.batching import pad_batch
+from gkd.data import DataSource, EncodeOptions, prepare_dataset
+from gkd.errors import ConfigError
+from gkd.sampling import Sampling
+from gkd.teachers import CompletionPositions, SampleRequest, TeacherUnavailable
+from gkd.teachers.cache import CachedTeacher, TeacherCache
+from gkd.teachers.live import LiveTeacher
+from gkd.teachers.server import ServedTeacher, TeacherServer
+from gkd.tools import cache_teacher
+from gkd.tools.teacher_server import ServeConfig, make_handler
+from gkd.tools.teacher_server import Teacher as ServedModel
 
-pytestmark = pytest.mark.subprocess
-TOP_K = 8
-
-
-def start_server(teacher, *extra) -> tuple[subprocess.Popen, str]:
-    command = [sys.executable, "-m", "gkd.tools.teacher_server", "--model_name_or_path", str(teacher), "--port", "0",
-               *map(str, extra)]
-    process = subprocess.Popen(command, cwd=REPO, env=CLI_ENV, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                               text=True, preexec_fn=default_signals)
-    line = process.stdout.readline()  # "serving ... at http://127.0.0.1:PORT (the OpenAI API under /v1 ..."
-    match = re.search(r"(http://[\d.]+:\d+)", line)
-    assert match, line
-    return process, match.group(1)
-
-
-@pytest.fixture(scope="module")
-def server(tiny_models):
-    process, url = start_server(tiny_models[1])
-    yield url
-    process.kill()
-    process.communicate()
+TOP_K = 6
+MAX_LENGTH, MAX_NEW_TOKENS = 96, 8
 
 
 @pytest.fixture(scope="module")
-def cache(tiny_models, chat_data, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("teacher_cache") / "cache"
-    result = run_cli(["-m", "gkd.tools.cache_teacher", "--teacher_model_name_or_path", tiny_models[1],
-                      "--tokenizer_name_or_path", tiny_models[0], "--dataset_name", chat_data, "--top_k", TOP_K,
-                      "--output_dir", folder, "--max_length", "96", "--max_new_tokens", "8", "--shard_size", "3"])
-    assert_ok(result)
+def loaded(tiny_models):
+    student, teacher = tiny_models
+    tokenizer = models.load_tokenizer(models.ModelRef(str(student)))
+    model = models.load_frozen(models.ModelRef(str(teacher)), "float32")
+    return tokenizer, model
+
+
+@pytest.fixture(scope="module")
+def window(loaded, chat_data):
+    """The encoded chat data as one padded micro-batch, and its completion positions."""
+    tokenizer, _ = loaded
+    stop_ids = (tokenizer.eos_token_id,)
+    encoded = prepare_dataset(DataSource(str(chat_data)), tokenizer, EncodeOptions(MAX_LENGTH, MAX_NEW_TOKENS,
+                                                                                   stop_ids))[0]
+    rows = encoded[0:len(encoded)]
+    return pad_batch([dict(zip(rows, values)) for values in zip(*rows.values())], tokenizer.pad_token_id)
+
+
+def positions_of(batch: dict) -> CompletionPositions:
+    prompt_width, completion_width = batch["prompt_ids"].shape[1], batch["completion_ids"].shape[1]
+    mask = batch["completion_mask"].bool()
+    return CompletionPositions(batch, torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1),
+                               torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1),
+                               slice(prompt_width - 1, prompt_width - 1 + completion_width), mask,
+                               batch["completion_ids"][mask])
+
+
+@pytest.fixture(scope="module")
+def cache_folder(tiny_models, chat_data, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("interface_cache") / "cache"
+    cache_teacher.main(["--teacher_model_name_or_path", str(tiny_models[1]), "--tokenizer_name_or_path",
+                        str(tiny_models[0]), "--dataset_name", str(chat_data), "--top_k", str(TOP_K), "--output_dir",
+                        str(folder), "--max_length", str(MAX_LENGTH), "--max_new_tokens", str(MAX_NEW_TOKENS)])
     return folder
 
 
-def losses_of(output_dir) -> list[float]:
-    return [m["loss"] for m in metrics(output_dir)]
+@pytest.fixture(scope="module")
+def server_url(tiny_models):
+    """The shipped server (gkd-teacher-serve's code) on a thread of this process, on a free loopback port."""
+    served = ServedModel(ServeConfig(model_name_or_path=str(tiny_models[1]), port=0))
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(served))
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
 
 
-def without_live_teacher(args: list[str]) -> list[str]:
-    """A training command with its --teacher_model_name_or_path removed (a cache or a server takes its place)."""
-    position = args.index("--teacher_model_name_or_path")
-    return args[:position] + args[position + 2:]
+def served_teacher(url: str, top_k: int, beta: float = 0.5) -> ServedTeacher:
+    server = TeacherServer(url, timeout=30, retries=0, concurrency=2)
+    server.describe()
+    return ServedTeacher(server, top_k, beta)
 
 
-def test_cache_server_and_live_top_k_give_the_same_losses(tiny_models, chat_data, server, cache, tmp_path):
-    student, teacher = tiny_models
-    common = ["--lmbda", "0", "--beta", "0.5", "--seed", "1", "--max_steps", "3"]
-    assert_ok(run_cli(train_args(student, teacher, chat_data, tmp_path / "live", *common, "--teacher_top_k", TOP_K)))
-    assert_ok(run_cli(without_live_teacher(train_args(student, teacher, chat_data, tmp_path / "cached", *common,
-                                                      "--teacher_logits_path", cache))))
-    assert_ok(run_cli(without_live_teacher(train_args(student, teacher, chat_data, tmp_path / "served", *common,
-                                                      "--teacher_server_url", server, "--teacher_top_k", TOP_K))))
-    reference = losses_of(tmp_path / "live")
-    assert len(reference) == 3 and all(loss > 0 for loss in reference)
-    # The cache stores float16 log-probabilities: the same losses to float16's precision.
-    assert losses_of(tmp_path / "cached") == pytest.approx(reference, rel=2e-3)
-    assert losses_of(tmp_path / "served") == pytest.approx(reference, rel=1e-5)
-    assert all("kd_loss" in m for m in metrics(tmp_path / "cached"))
+# ---------------------------------------------------------------- K, decided when a source opens
 
 
-def test_a_served_teacher_writes_completions_and_scores_the_students(tiny_models, chat_data, server, tmp_path):
-    student, _ = tiny_models
-
-    def served(out, *extra):
-        return without_live_teacher(train_args(student, "unused", chat_data, out, "--teacher_server_url", server,
-                                               *extra))
-
-    assert_ok(run_cli(served(tmp_path / "seqkd", "--lmbda", "0.5", "--seq_kd", "true", "--teacher_top_k", "4",
-                             "--seed", "2", "--sft_loss_weight", "0.4")))
-    logged = metrics(tmp_path / "seqkd")
-    assert [m["teacher_generated"] for m in logged] == [1, 0] and [m["on_policy"] for m in logged] == [0, 1]
-    assert "sft_loss" in logged[0] and logged[0]["sft_loss"] > 0  # teacher completions get the SFT term
-    assert_ok(run_cli(served(tmp_path / "sampled", "--lmbda", "1", "--beta", "1", "--teacher_top_k", "1")))
-    assert all(m["on_policy"] == 1 and m["loss"] >= 0 for m in metrics(tmp_path / "sampled"))
+def test_k_is_decided_when_each_source_opens(loaded, cache_folder, server_url):
+    _, model = loaded
+    cache = TeacherCache(cache_folder, model.config.vocab_size)
+    assert CachedTeacher(cache, None, 0.5).top_k == TOP_K  # the cache's own K by default
+    assert CachedTeacher(cache, 3, 0.5).top_k == 3
+    assert served_teacher(server_url, 4).top_k == 4
+    assert LiveTeacher(model, None, 0.5, 1.0, 512).top_k is None  # the full vocabulary
+    assert LiveTeacher(model, 5, 0.5, 1.0, 512).top_k == 5
 
 
-def test_a_cache_that_does_not_fit_the_run_is_refused(capfd, tiny_models, chat_data, cache, tmp_path):
-    from test_hostile import refused
+def test_a_cache_refuses_more_k_than_it_holds(loaded, cache_folder):
+    from gkd.teachers.cache import CacheIdentity, check_fits, read_manifest
 
-    student, _ = tiny_models
-
-    def from_cache(folder, *extra):
-        return without_live_teacher(train_args(student, "x", chat_data, tmp_path / "out", "--teacher_logits_path",
-                                               folder, "--lmbda", "0", *extra))[1:]
-
-    refused(capfd, train.main, from_cache(cache, "--lmbda", "0.5"), "cannot score the student's samples")
-    refused(capfd, train.main, from_cache(cache, "--max_length", "80"), "max_length differs")
-    refused(capfd, train.main, from_cache(cache, "--teacher_top_k", "9"), "holds only the top 8")
-    edited = tmp_path / "edited.jsonl"
-    edited.write_text(chat_data.read_text().replace("paris", "lyon"))
-    args = from_cache(cache)
-    args[args.index("--dataset_name") + 1] = str(edited)
-    refused(capfd, train.main, args, "data differs", "another dataset, or edited records")
-    broken = tmp_path / "broken"
-    shutil.copytree(cache, broken)
-    shutil.rmtree(broken / "shard-00001")
-    refused(capfd, train.main, from_cache(broken), "shard-00001 cannot be read")
-    (broken / "cache.json").unlink()
-    refused(capfd, train.main, from_cache(broken), "not a finished teacher cache")
+    manifest = read_manifest(cache_folder)
+    identity = CacheIdentity(**{key: tuple(value) if isinstance(value, list) else value
+                                for key, value in manifest["identity"].items()})
+    check_fits(manifest, identity, TOP_K, cache_folder)
+    with pytest.raises(ConfigError, match=f"holds only the top {TOP_K}"):
+        check_fits(manifest, identity, TOP_K + 1, cache_folder)
 
 
-def test_a_killed_cache_build_resumes_from_its_complete_shards(tiny_models, chat_data, cache, tmp_path):
-    folder = tmp_path / "cache"
-    shutil.copytree(cache, folder)
-    manifest = json.loads((folder / "cache.json").read_text())
-    (folder / "cache.json").unlink()  # killed before the end: two complete shards, one half-written
-    shutil.rmtree(folder / "shard-00002")
-    (folder / ".shard-00002.partial-1").mkdir()
-    (folder / "cache.partial.json").write_text(json.dumps({
-        "identity": manifest["identity"], "top_k": TOP_K, "storage_dtype": "float16", "shard_size": 3,
-        "teacher": str(tiny_models[1]), "teacher_revision": "main"}))
-    kept = (folder / "shard-00000").stat().st_mtime_ns
-    result = run_cli(["-m", "gkd.tools.cache_teacher", "--teacher_model_name_or_path", tiny_models[1],
-                      "--tokenizer_name_or_path", tiny_models[0], "--dataset_name", chat_data, "--top_k", TOP_K,
-                      "--output_dir", folder, "--max_length", "96", "--max_new_tokens", "8", "--shard_size", "3"])
-    assert_ok(result)
-    assert "2 shards already complete" in result.stderr
-    assert (folder / "shard-00000").stat().st_mtime_ns == kept and not list(folder.glob(".shard-*"))
-    assert json.loads((folder / "cache.json").read_text())["shards"] == manifest["shards"]
+# ---------------------------------------------------------------- what each hands the loss
 
 
-def test_a_server_that_cannot_serve_the_run_is_refused(capfd, tiny_models, chat_data, server, tmp_path):
-    from test_hostile import refused
-    from tiny import make_tokenizer
-
-    student, _ = tiny_models
-
-    def served(url, *extra):
-        return without_live_teacher(train_args(student, "x", chat_data, tmp_path / "out", "--teacher_server_url", url,
-                                               "--lmbda", "0", *extra))[1:]
-
-    refused(capfd, train.main, served(server), "needs --teacher_top_k")
-    refused(capfd, train.main, served(server, "--teacher_top_k", "50"), "cannot give 50 log-probabilities",
-            "--max-logprobs 50")
-    make_tokenizer(tmp_path / "other_tokenizer", vocab_size=280)
-    refused(capfd, train.main, served(server, "--teacher_top_k", "4", "--teacher_tokenizer_name_or_path",
-                                      tmp_path / "other_tokenizer"), "vocabulary differs")
-    refused(capfd, train.main, served("http://127.0.0.1:9", "--teacher_top_k", "4", "--teacher_server_retries", "0"),
-            "failed 1 times", "Connection refused")
+def test_a_live_teacher_hands_the_dense_loss_its_states_or_logits(loaded, window):
+    _, model = loaded
+    teacher, positions = LiveTeacher(model, None, 0.5, 1.0, 512), positions_of(window)
+    with torch.no_grad():
+        logits = model(input_ids=positions.input_ids, attention_mask=positions.attention_mask).logits
+    expected = logits[:, positions.columns][positions.mask]
+    dense = teacher.targets(positions, as_logits=False, vocab_size=model.config.vocab_size)
+    assert isinstance(dense, losses.DenseTeacher)
+    torch.testing.assert_close(torch.nn.functional.linear(dense.hidden, dense.weight, dense.bias), expected)
+    torch.testing.assert_close(teacher.targets(positions, as_logits=True, vocab_size=model.config.vocab_size),
+                               expected)
 
 
-def test_a_server_that_goes_away_mid_run_stops_it_with_a_checkpoint(tiny_models, chat_data, tmp_path):
-    student, teacher = tiny_models
-    process, url = start_server(teacher)
-    out = tmp_path / "run"
-    args = without_live_teacher(train_args(student, "x", chat_data, out, "--teacher_server_url", url,
-                                           "--teacher_top_k", "4", "--lmbda", "0", "--max_steps", "100000",
-                                           "--teacher_server_retries", "1"))
-    training = subprocess.Popen([sys.executable, *args], cwd=REPO, env=CLI_ENV, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, text=True, preexec_fn=default_signals)
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and training.poll() is None and not (
-                (out / "metrics.jsonl").exists() and len(metrics(out)) >= 2):
-            time.sleep(0.2)
-    finally:
-        process.kill()
-        process.communicate()
-    _, stderr = training.communicate(timeout=120)
-    lines = [line for line in stderr.splitlines() if line.startswith("error:")]
-    assert training.returncode == 2 and len(lines) == 1 and "Traceback" not in stderr, stderr[-3000:]
-    step = int(re.search(r"checkpoint-(\d+)", lines[0]).group(1))
-    assert step >= 2 and "--resume_from_checkpoint last" in lines[0]
-    assert checkpoint_problem(out / f"checkpoint-{step}") is None
-    assert len(metrics(out)) == step  # no step trained on missing teacher data
+@pytest.mark.parametrize("as_logits", [False, True])
+def test_a_live_teachers_top_k_is_the_top_of_its_distribution(loaded, window, as_logits):
+    _, model = loaded
+    positions = positions_of(window)
+    with torch.no_grad():
+        logits = model(input_ids=positions.input_ids, attention_mask=positions.attention_mask).logits
+    log_probs = logits[:, positions.columns][positions.mask].log_softmax(-1)
+    sparse = LiveTeacher(model, TOP_K, 0.5, 1.0, 3).targets(positions, as_logits, model.config.vocab_size)
+    assert isinstance(sparse, losses.SparseTeacher) and sparse.ids.shape == (len(positions.labels), TOP_K)
+    torch.testing.assert_close(sparse.log_probs, log_probs.topk(TOP_K).values)
+    assert torch.equal(sparse.ids, log_probs.topk(TOP_K).indices) and sparse.valid.all()
 
 
-def test_multi_rank_cache_build_splits_the_shards(tiny_models, chat_data, cache, tmp_path):
-    """Two DeepSpeed CPU ranks: each scores its share of the shards; the cache equals the one-process cache."""
-    folder = tmp_path / "cache"
-    result = run_cli(["--config_file", "ds_configs/zero2.yaml", "--num_processes", "2", "--main_process_port", "0",
-                      "-m", "gkd.tools.cache_teacher", "--teacher_model_name_or_path", tiny_models[1],
-                      "--tokenizer_name_or_path", tiny_models[0], "--dataset_name", chat_data, "--top_k", TOP_K,
-                      "--output_dir", folder, "--max_length", "96", "--max_new_tokens", "8", "--shard_size", "3"],
-                     launcher=[sys.executable, "-m", "accelerate.commands.launch"])
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "caching the teacher (rank 0)" in result.stderr and "5/5" in result.stderr  # shards 0 and 2 of 3
-    ours, reference = (json.loads((path / "cache.json").read_text()) for path in (folder, cache))
-    assert ours["shards"] == reference["shards"] and ours["identity"] == reference["identity"]
+def test_k_1_with_beta_1_compares_on_the_sampled_token(loaded, window):
+    """tinker's estimator: the support is each position's own token, with the teacher's log-probability of it."""
+    _, model = loaded
+    positions = positions_of(window)
+    with torch.no_grad():
+        logits = model(input_ids=positions.input_ids, attention_mask=positions.attention_mask).logits
+    log_probs = logits[:, positions.columns][positions.mask].log_softmax(-1)
+    sparse = LiveTeacher(model, 1, 1.0, 1.0, 512).targets(positions, False, model.config.vocab_size)
+    assert torch.equal(sparse.ids[:, 0], positions.labels)
+    torch.testing.assert_close(sparse.log_probs[:, 0], log_probs.gather(1, positions.labels[:, None])[:, 0])
+
+
+# ---------------------------------------------------------------- one teacher, three sources, the same targets
+
+
+def test_one_teacher_gives_the_same_targets_live_cached_and_served(loaded, window, cache_folder, server_url):
+    _, model = loaded
+    vocab_size = model.config.vocab_size
+    positions = positions_of(window)
+    live = LiveTeacher(model, TOP_K, 0.5, 1.0, 512).targets(positions, False, vocab_size)
+    for teacher in (CachedTeacher(TeacherCache(cache_folder, vocab_size), TOP_K, 0.5),
+                    served_teacher(server_url, TOP_K)):
+        (batch,) = teacher.fetch([window], vocab_size)
+        sparse = teacher.targets(positions_of(batch), False, vocab_size)
+        assert torch.equal(sparse.ids, live.ids), type(teacher).__name__
+        assert torch.equal(sparse.valid, live.valid)
+        # the cache stores float16; the server computes in its own batch (padding changes the last bits)
+        torch.testing.assert_close(sparse.log_probs, live.log_probs, rtol=2e-3, atol=2e-3)
+        timings = teacher.pop_timings()
+        assert timings["teacher_seconds"] > 0 and teacher.pop_timings() == {}
+
+
+def test_a_served_teacher_samples_through_the_request(loaded, window, server_url):
+    tokenizer, _ = loaded
+    teacher = served_teacher(server_url, TOP_K)
+    sampling = Sampling(5, (tokenizer.eos_token_id,), tokenizer.pad_token_id, temperature=1.0)
+    request = SampleRequest(window["prompt_ids"][:3], window["prompt_mask"][:3], sampling, [1, 2, 3], 10_000,
+                            decode=None)
+    ids, mask = teacher.sample(request)
+    again, _ = teacher.sample(request)
+    assert ids.shape[0] == 3 and ids.shape[1] <= 5 and mask.sum() > 0
+    assert torch.equal(ids, again)  # the same seeds, the same completions
+    assert "teacher_sampling_seconds" in teacher.pop_timings()
+
+
+def test_a_server_that_is_gone_is_unavailable_not_a_crash(loaded, window, server_url):
+    tokenizer, model = loaded
+    teacher = served_teacher(server_url, TOP_K)
+    teacher.server.url = "http://127.0.0.1:9"  # nothing listens on the discard port
+    with pytest.raises(TeacherUnavailable, match="127.0.0.1:9"):
+        teacher.fetch([window], model.config.vocab_size)
+
+
+# ---------------------------------------------------------------- vLLM's answers, read and checked
+
+
+def vllm_answer(rows, entries_of) -> dict:
+    """A /v1/completions answer in vLLM's shape: one choice per row, `prompt_logprobs` null at token 0."""
+    choices = []
+    for index, (prompt, completion) in enumerate(rows):
+        tokens = prompt + completion
+        entries = [None] + [entries_of(position, tokens[position]) for position in range(1, len(tokens))]
+        choices.append({"index": index, "text": "", "prompt_logprobs": entries, "finish_reason": "length"})
+    return {"id": "cmpl-1", "object": "text_completion", "choices": choices}
+
+
+def ranked(position, token, k=3, logprob=-1.0):
+    """The top k ids (10, 11, ...) and the own token, as vLLM lists them."""
+    entry = {str(10 + rank): {"logprob": logprob - rank, "rank": rank + 1, "decoded_token": "x"} for rank in range(k)}
+    entry.setdefault(str(token), {"logprob": -7.5, "rank": 99, "decoded_token": "y"})
+    return entry
+
+
+def test_a_vllm_answer_gives_top_k_and_the_own_token_at_completion_positions():
+    from gkd.teachers.server import check_answer, sparse_targets
+
+    rows = [([5, 6], [7, 8]), ([5], [9])]
+    scores = check_answer(vllm_answer(rows, ranked), rows, 3, 1000, "server")
+    assert scores[0]["ids"] == [[10, 11, 12]] * 2 and scores[1]["actual"] == [-7.5]
+    assert scores[0]["log_probs"][0] == [-1.0, -2.0, -3.0]
+    targets = sparse_targets(scores, 3, vocab_size=11)  # ids at or beyond the shared vocabulary are invalid slots
+    assert targets.ids.shape == (3, 3) and targets.valid[:, 0].all() and not targets.valid[:, 1:].any()
+
+
+@pytest.mark.parametrize("broken, expected", [
+    (lambda position, token: ranked(position, token, k=2), "2 log-probabilities ranked 1..3, asked for 3"),
+    (lambda position, token: ranked(position, token, logprob=float("nan")), "logprob nan, not a log-probability"),
+    (lambda position, token: {**ranked(position, token), "123456": {"logprob": -9.0, "rank": 4}}, "123456 is outside the served model's vocabulary"),
+    (lambda position, token: {str(10 + rank): {"logprob": -1.0 - rank, "rank": rank + 1} for rank in range(3)},
+     "no log-probability for the token itself"),
+])
+def test_an_answer_that_breaks_the_contract_is_an_error_naming_the_server(broken, expected):
+    from gkd.teachers.server import TeacherServerError, check_answer
+
+    rows = [([5, 6], [7, 8])]
+    with pytest.raises(TeacherServerError, match="http://teacher:8000") as raised:
+        check_answer(vllm_answer(rows, broken), rows, 3, 1000, "http://teacher:8000/v1/completions")
+    assert expected in str(raised.value)

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import REPO, assert_ok, metrics, run_cli, train_args
+from test_docs import readme_metrics
 
 pytestmark = pytest.mark.subprocess
 
@@ -126,6 +127,11 @@ def test_a_two_step_run_logs_the_pinned_losses(tiny_models, chat_data, tmp_path)
     assert first["kd_loss"] == pytest.approx(0.003238097997382283, rel=1e-4)
     assert first["sft_loss"] == pytest.approx(5.7041425704956055, rel=1e-4)
     assert second["loss"] == pytest.approx(0.003250731620937586, rel=1e-4) and "sft_loss" not in second
+    # The README's Outputs section lists exactly these keys (tests/test_docs.py checks the rest of its list).
+    always, _, summary = readme_metrics()
+    assert (set(first), set(second)) == (always | {"step", "kd_loss", "sft_loss"}, always | {"step", "kd_loss"})
+    last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert summary <= set(last) <= summary | {"step", "epoch"}
 
 
 def test_plain_text_trains_on_every_token_and_continues_windows_on_policy(tiny_models, tmp_path):

@@ -10,6 +10,7 @@ from tiny import load_student_and_teacher
 from gkd.config import GKDConfig
 from gkd.losses import generalized_jsd
 from gkd.steps import STUDENT, TEACHER
+from gkd.teachers.live import LiveTeacher
 from gkd.trainer import GKDTrainer
 
 STOP = 2  # <|im_end|> in tests/tiny.py's tokenizer
@@ -28,7 +29,8 @@ def make_trainer(tiny_models, tmp_path, student=None, teacher=None, peft=False, 
 
         peft_config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0,
                                  task_type="CAUSAL_LM")
-    return GKDTrainer(model=student or loaded_student, teacher=teacher or loaded_teacher, args=args,
+    teacher = LiveTeacher.from_options(teacher or loaded_teacher, args)
+    return GKDTrainer(model=student or loaded_student, teacher=teacher, args=args,
                       stop_token_ids=[STOP], processing_class=tokenizer, peft_config=peft_config,
                       train_dataset=Dataset.from_list(SAMPLES))
 
@@ -79,7 +81,7 @@ def test_the_loss_is_the_per_token_divergence_from_the_reference(tiny_models, tm
     width = batch["completion_ids"].shape[1]
     with torch.no_grad():
         student = trainer.model(input_ids=input_ids, attention_mask=attention_mask).logits[:, -width - 1:-1]
-        teacher = trainer.teacher(input_ids=input_ids, attention_mask=attention_mask).logits[:, -width - 1:-1]
+        teacher = trainer.teacher.model(input_ids=input_ids, attention_mask=attention_mask).logits[:, -width - 1:-1]
     mask = batch["completion_mask"].bool()
     expected = generalized_jsd(student[mask].double(), teacher[mask][:, : student.shape[-1]].double(), 0.5).mean()
     torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)

@@ -9,6 +9,7 @@ from datasets import Dataset
 from tiny import load_student_and_teacher
 
 from gkd.config import GKDConfig
+from gkd.teachers.live import LiveTeacher
 from gkd.trainer import GKDTrainer
 
 
@@ -22,7 +23,8 @@ def test_bf16_autocast_reaches_student_and_teacher_backbones(tiny_models, tmp_pa
     args.bf16, args.mixed_precision = True, "bf16"
     samples = [{"prompt_ids": [5, 6, 7, 8], "completion_ids": [9, 10, 11, 2]}] * 2
     trainer = GKDTrainer(
-        model=student, teacher=teacher, args=args, stop_token_ids=[2], processing_class=tokenizer,
+        model=student, teacher=LiveTeacher.from_options(teacher, args), args=args, stop_token_ids=[2],
+        processing_class=tokenizer,
         train_dataset=Dataset.from_list(samples),
     )
     assert trainer._use_chunked_loss(student)

@@ -21,6 +21,10 @@ from ..errors import ConfigError, DataError, ModelError
 from .records import Conversation
 
 ENCODED_COLUMNS = ("prompt_ids", "completion_ids", "is_text", "truncated")
+# Carried from each sample's record: its teacher's name (routed to a `--teacher` when a run starts) and where it came
+# from (to name the record in a routing error).
+RECORD_COLUMNS = ("teacher", "source")
+MIN_TEXT_TOKENS = 2  # a plain-text window: its first token is the prompt, the rest are predicted
 
 
 @dataclass(frozen=True)
@@ -54,7 +58,8 @@ class EncodeStats:
 
 
 def encode_rows(rows: dict[str, list], tokenizer, options: EncodeOptions) -> dict[str, list]:
-    """Encode a batch of normalised rows (columns of `Conversation` fields) into `ENCODED_COLUMNS`."""
+    """Encode a batch of normalised rows (columns of `Conversation` fields) into `ENCODED_COLUMNS` and
+    `RECORD_COLUMNS`."""
     size = len(rows["source"])
     chats = [i for i in range(size) if rows["text"][i] is None]
     if chats and not getattr(tokenizer, "chat_template", None):
@@ -71,7 +76,8 @@ def encode_rows(rows: dict[str, list], tokenizer, options: EncodeOptions) -> dic
     order = [("prompt", i) for i in prompts] + [("full", i) for i in fulls] + [("text", i) for i in texts]
     tokenized = chat.tokenize_many([{"prompt": prompts, "full": fulls, "text": texts}[kind][i] for kind, i in order])
     ids = {key: value for key, value in zip(order, tokenized)}
-    encoded = {column: [] for column in ENCODED_COLUMNS}
+    encoded = {column: [] for column in (*ENCODED_COLUMNS, *RECORD_COLUMNS)}
+    teachers = rows.get("teacher") or [None] * size
     for i in range(size):
         if i in texts:
             samples = _text_windows(ids[("text", i)], options.max_length)
@@ -82,6 +88,8 @@ def encode_rows(rows: dict[str, list], tokenizer, options: EncodeOptions) -> dic
         for sample in samples:
             for column in ENCODED_COLUMNS:
                 encoded[column].append(sample[column])
+            encoded["teacher"].append(teachers[i])
+            encoded["source"].append(rows["source"][i])
     return encoded
 
 
@@ -90,7 +98,8 @@ def encode_conversations(conversations: list[Conversation], tokenizer, max_lengt
     """`encode_rows` for a list in memory (evaluation prompts, tests): one dict of ids per sample, and statistics."""
     options = EncodeOptions(max_length, max_new_tokens, tuple(stop_token_ids))
     rows = {"prompt": [c.prompt for c in conversations], "completion": [c.completion for c in conversations],
-            "text": [c.text for c in conversations], "source": [c.source for c in conversations]}
+            "text": [c.text for c in conversations], "source": [c.source for c in conversations],
+            "teacher": [c.teacher for c in conversations]}
     encoded = encode_rows(rows, tokenizer, options)
     samples = [dict(zip(ENCODED_COLUMNS, values)) for values in zip(*(encoded[c] for c in ENCODED_COLUMNS))]
     return [{"prompt_ids": s["prompt_ids"], "completion_ids": s["completion_ids"]} for s in samples], \
@@ -112,7 +121,7 @@ def _text_windows(ids: list[int], max_length: int) -> list[dict]:
     windows = []
     for start in range(0, max(len(ids) - 1, 1), stride):
         window = ids[start:start + max_length]
-        if len(window) >= 2:
+        if len(window) >= MIN_TEXT_TOKENS:
             windows.append({"prompt_ids": window[:1], "completion_ids": window[1:], "is_text": True,
                             "truncated": False})
     return windows

@@ -15,7 +15,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from ..errors import DataError
-from .encoding import EncodeOptions, EncodeStats, encode_rows
+from .encoding import MIN_TEXT_TOKENS, EncodeOptions, EncodeStats, encode_rows
 from .sources import DataSource, fingerprint, read_conversations
 
 logger = logging.getLogger(__name__)
@@ -26,10 +26,12 @@ NORMALISED_BATCH = 1000
 
 
 def prepare_dataset(source: DataSource, tokenizer, options: EncodeOptions, num_proc: int | None = None,
-                    batch_size: int | None = None, cache_root: str | Path | None = None):
+                    batch_size: int | None = None, cache_root: str | Path | None = None,
+                    data_fingerprint: str | None = None):
     """(encoded `datasets.Dataset`, `EncodeStats`, cache key): from the cache when the same data, tokenizer and
-    options were encoded before, else read, validated, encoded and cached now."""
-    key = cache_key(source, tokenizer, options)
+    options were encoded before, else read, validated, encoded and cached now. A caller that needs the data's
+    fingerprint too (a teacher cache's identity) passes the one it computed: the data is hashed once."""
+    key = cache_key(source, tokenizer, options, data_fingerprint)
     folder = Path(cache_root or _default_cache_root()) / key
     if (folder / STATS_FILE).is_file():
         import datasets
@@ -41,11 +43,11 @@ def prepare_dataset(source: DataSource, tokenizer, options: EncodeOptions, num_p
     return dataset, stats, key
 
 
-def cache_key(source: DataSource, tokenizer, options: EncodeOptions) -> str:
+def cache_key(source: DataSource, tokenizer, options: EncodeOptions, data_fingerprint: str | None = None) -> str:
     """Changes with the records, the tokenizer (vocabulary, special tokens, chat template), the options, and the code
     that reads and encodes them (so an upgrade of gkd never reuses an encoding an older version wrote)."""
     code = "".join((Path(__file__).parent / name).read_text() for name in ("records.py", "encoding.py"))
-    parts = [FORMAT_VERSION, hashlib.sha256(code.encode()).hexdigest(), fingerprint(source),
+    parts = [FORMAT_VERSION, hashlib.sha256(code.encode()).hexdigest(), data_fingerprint or fingerprint(source),
              tokenizer_fingerprint(tokenizer), json.dumps(asdict(options))]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
 
@@ -79,6 +81,10 @@ def _encode_now(source, tokenizer, options, num_proc, batch_size, folder: Path):
             features=_encoded_features(), new_fingerprint=folder.name, cache_file_name=str(staging / "encoded.arrow"),
             desc="tokenizing",
         )
+        if len(encoded) == 0:  # only plain text can give no sample: every chat record gives one, cut to fit
+            raise DataError(source.name, f"no record is long enough to train on: all {num_records} are plain text of "
+                                         f"fewer than {MIN_TEXT_TOKENS} tokens (a window needs one prompt token and at "
+                                         "least one to predict)")
         encoded = encoded.add_column("index", list(range(len(encoded))))  # a sample's row: its key in a logits cache
         stats = EncodeStats(num_records=num_records, **_column_counts(encoded))
         encoded.save_to_disk(str(staging / "dataset"))
@@ -105,13 +111,14 @@ def _write_normalised(source: DataSource, path: Path):
         "completion": datasets.Value("string"),
         "text": datasets.Value("string"),
         "source": datasets.Value("string"),
+        "teacher": datasets.Value("string"),
     })
     count = 0
     with ArrowWriter(features=features, path=str(path)) as writer:
         batch = []
         for conversation in read_conversations(source):
             batch.append({"prompt": conversation.prompt, "completion": conversation.completion,
-                          "text": conversation.text, "source": conversation.source})
+                          "text": conversation.text, "source": conversation.source, "teacher": conversation.teacher})
             if len(batch) == NORMALISED_BATCH:
                 writer.write_batch({name: [row[name] for row in batch] for name in features})
                 count += len(batch)
@@ -133,6 +140,8 @@ def _encoded_features():
         "completion_ids": datasets.Sequence(datasets.Value("int32")),
         "is_text": datasets.Value("bool"),
         "truncated": datasets.Value("bool"),
+        "teacher": datasets.Value("string"),
+        "source": datasets.Value("string"),
     })
 
 
@@ -150,51 +159,103 @@ def _column_counts(encoded) -> dict:
 
 
 
-def training_datasets(script_args, training_args, tokenizer, stop_token_ids: list[int]):
+def training_datasets(script_args, training_args, tokenizer, stop_token_ids: list[int], teacher_kind: str = "live",
+                      teacher_names: list[str] | None = None, default_teacher: str | None = None):
     """The run's (train, eval) datasets, encoded once per node (the main process first, the others from its cache),
-    with what their statistics mean for the run said or refused before any model loads."""
+    with what their statistics mean for the run (and its teacher: live, cache or server) said or refused before any
+    model loads; and the training data's fingerprint (what a teacher cache must have been built from). With several
+    teachers (`teacher_names`), every sample is routed to one (`route_teachers`)."""
     from ..errors import ConfigError
 
     options = EncodeOptions(training_args.max_length, training_args.max_new_tokens, tuple(stop_token_ids))
     kwargs = {"num_proc": script_args.dataset_num_proc, "batch_size": script_args.dataset_batch_size}
     train_source = DataSource(script_args.dataset_name, script_args.dataset_config, script_args.dataset_train_split)
     with training_args.main_process_first(desc="encoding the data"):
-        train, stats, _ = prepare_dataset(train_source, tokenizer, options, **kwargs)
+        data_fingerprint = fingerprint(train_source)
+        train, stats, _ = prepare_dataset(train_source, tokenizer, options, data_fingerprint=data_fingerprint,
+                                          **kwargs)
         eval_source = _eval_source(script_args, training_args)
         evaluation = prepare_dataset(eval_source, tokenizer, options, **kwargs)[0] if eval_source else None
     logger.info(stats.describe(script_args.dataset_name, training_args.max_length))
-    _check_trainable(stats, training_args, script_args.dataset_name)
+    train = route_teachers(train, teacher_names, default_teacher, script_args.dataset_name)
+    if evaluation is not None:
+        evaluation = route_teachers(evaluation, teacher_names, default_teacher,
+                                    script_args.eval_dataset_name or script_args.dataset_name)
+    _check_trainable(stats, training_args, script_args.dataset_name, teacher_kind)
     if training_args.text_prompt_tokens is not None and not stats.num_text:
         logger.warning("--text_prompt_tokens has no effect: %s has no plain-text records", script_args.dataset_name)
-    if stats.num_text and training_args.lmbda > 0 and training_args.text_prompt_tokens is None:
-        raise ConfigError(f"{script_args.dataset_name}: plain-text records have no prompt for the student to continue "
-                          f"on on-policy steps (--lmbda {training_args.lmbda}): give --text_prompt_tokens N (the "
-                          "first N tokens of a window are the prompt), or --lmbda 0")
-    return train, evaluation
+    samplers = []  # who continues a prompt on some step: a text window's prompt is one token without the option
+    if training_args.has_on_policy_steps:
+        samplers.append(f"the student on on-policy steps ({training_args.lmbda_options})")
+    if training_args.seq_kd and training_args.has_off_policy_steps:
+        samplers.append("the teacher on --seq_kd steps")
+    if stats.num_text and samplers and training_args.text_prompt_tokens is None:
+        raise ConfigError(f"{script_args.dataset_name}: plain-text records have no prompt for {' or '.join(samplers)} "
+                          "to continue: give --text_prompt_tokens N (the first N tokens of a window are the prompt), "
+                          "or train without sampling (--lmbda 0, no --seq_kd)")
+    return train, evaluation, data_fingerprint
+
+
+def route_teachers(dataset, teacher_names: list[str] | None, default_teacher: str | None, name: str):
+    """Each sample's teacher as an index into `teacher_names` (the column `teacher_index`): its record's `teacher`
+    field, or `default_teacher` where it names none. A name the run does not know, or a record without one and no
+    default, is refused naming the record. Without `teacher_names` (one teacher) the field is ignored, said once."""
+    import pyarrow.compute as compute
+
+    column = dataset.data.column("teacher")
+    named = len(column) - column.null_count
+    if not teacher_names:
+        if named:
+            logger.warning("%s: %d records name a teacher; the run has one teacher (no --teacher NAME=SOURCE), so "
+                           "the field is ignored", name, named)
+        return dataset
+    counts = {entry["values"]: entry["counts"] for entry in compute.value_counts(column).to_pylist()}
+    missing = counts.pop(None, 0)
+    known = ", ".join(teacher_names)
+    for unknown in (teacher for teacher in counts if teacher not in teacher_names):
+        row = compute.index(column, unknown).as_py()
+        raise DataError(dataset[row]["source"], f"names the teacher {unknown!r}, which no --teacher gives (known: "
+                                                f"{known})", field="teacher")
+    if missing and default_teacher is None:
+        row = compute.index(compute.is_null(column), True).as_py()
+        raise DataError(dataset[row]["source"], f"names no teacher, and there is no --default_teacher: add a "
+                                                f"'teacher' field ({known}) or give --default_teacher NAME",
+                        field="teacher")
+    if missing:
+        counts[default_teacher] = counts.get(default_teacher, 0) + missing
+    logger.info("%s: samples per teacher: %s", name,
+                ", ".join(f"{teacher} {counts.get(teacher, 0)}" for teacher in teacher_names))
+    position = {teacher: index for index, teacher in enumerate(teacher_names)}
+    indices = [position[teacher if teacher is not None else default_teacher] for teacher in column.to_pylist()]
+    return dataset.add_column("teacher_index", indices)
 
 
 def _eval_source(script_args, training_args) -> DataSource | None:
     if script_args.eval_dataset_name:
         return DataSource(script_args.eval_dataset_name, script_args.dataset_config, script_args.dataset_test_split)
-    evaluates = str(training_args.eval_strategy).split(".")[-1].lower() != "no"
-    if evaluates:  # a Hub dataset's test split (config.check_together refused local data without eval data)
+    if training_args.evaluates:  # a Hub dataset's test split (config.check_together refused local data without it)
         return DataSource(script_args.dataset_name, script_args.dataset_config, script_args.dataset_test_split)
     return None
 
 
-def _check_trainable(stats: EncodeStats, training_args, name: str) -> None:
-    """Steps without a single completion token train nothing: refuse a run made of them, warn of a partial one."""
+def _check_trainable(stats: EncodeStats, training_args, name: str, teacher_kind: str = "live") -> None:
+    """Prompt-only records train only on steps that sample a response for them: on-policy steps, and off-policy ones
+    under --seq_kd. Refuse a run whose off-policy steps would train on nothing, warn of records that train less."""
     from ..errors import ConfigError
 
-    off_policy = training_args.lmbda < 1 or training_args.lmbda_schedule != "constant"
-    if not stats.num_prompt_only or training_args.seq_kd or not off_policy:
+    if not stats.num_prompt_only or training_args.seq_kd or not training_args.has_off_policy_steps:
         return
+    on_policy, lmbda = training_args.has_on_policy_steps, training_args.lmbda_options
+    if teacher_kind == "cache":  # it scores the dataset's responses only: no --seq_kd, no on-policy steps
+        remedy = "a --teacher_logits_path cache cannot answer them: --seq_kd needs a live teacher or a server"
+    else:
+        remedy = "add --seq_kd to have the teacher answer them" + (" on the off-policy steps" if on_policy else "")
     if stats.num_prompt_only == stats.num_samples:
-        raise ConfigError(
-            f"{name}: every record is prompt-only (no response to train on), so the off-policy steps (all but "
-            f"--lmbda {training_args.lmbda} of them) would train on nothing; add --seq_kd (the teacher answers them) "
-            "or use --lmbda 1"
-        )
-    logger.warning("%d prompt-only records have no response: they train only on on-policy steps (lmbda=%s); add "
-                   "--seq_kd to have the teacher answer them on the other steps", stats.num_prompt_only,
-                   training_args.lmbda)
+        steps = "the off-policy steps" if on_policy else "every step"
+        alternative = "" if teacher_kind == "cache" else ", or use --lmbda 1"
+        raise ConfigError(f"{name}: every record is prompt-only (no response to train on), so {steps} ({lmbda}) "
+                          f"would train on nothing; {remedy}{alternative}")
+    trains = (f"they train only on on-policy steps ({lmbda})" if on_policy else
+              f"they never train ({lmbda}: no step samples a response for them)")
+    logger.warning("%d of %d samples are prompt-only (no response): %s; %s", stats.num_prompt_only,
+                   stats.num_samples, trains, remedy)

@@ -9,7 +9,8 @@ A file's format is detected from its first record, and every later record must f
 - Alpaca: `{"instruction", "input" (optional), "output"}`; the user turn is torchtune's Alpaca prompt.
 - ShareGPT: `{"conversations": [{"from": "system"|"human"|"gpt"|"user"|"assistant", "value": ...}]}`.
 - plain text: `{"text": ...}`, for pretraining-style logit distillation (no chat template; see encoding.py).
-Every record may carry `answers` (a string or a list of strings) for evaluation. Fields set to null count as absent,
+Every record may carry `answers` (a string or a list of strings) for evaluation, and `teacher` (the name of the
+`--teacher NAME=SOURCE` that teaches it, in a run with several teachers). Fields set to null count as absent,
 because Arrow fills the columns a record lacks with nulls. Unknown fields are ignored.
 """
 
@@ -48,6 +49,7 @@ class Conversation:
     answers: list[str] | None  # reference answers for evaluation, when the record has them
     source: str  # where the record came from: "file.jsonl:LINE" for JSON Lines, "file.json[INDEX]" otherwise
     text: str | None = None  # a plain-text document (then prompt is empty)
+    teacher: str | None = None  # the `--teacher NAME` this record learns from (runs with several teachers)
 
     @property
     def is_text(self) -> bool:
@@ -90,6 +92,7 @@ def normalise(record: Any, where: Location, file_format: str) -> Conversation:
         raise where.error(None, f"expected a JSON object, got {kind(record)}")
     fields = {name: value for name, value in record.items() if value is not None}
     answers = _answers(fields.get("answers"), where)
+    teacher = _teacher(fields.get("teacher"), where)
     if file_format == "chat" and ("messages" in fields or "prompt" in fields):
         prompt, completion = _chat(fields, where)
     elif file_format == "sharegpt" and "conversations" in fields:
@@ -100,13 +103,14 @@ def normalise(record: Any, where: Location, file_format: str) -> Conversation:
         text = _string(fields["text"], "text", where)
         if not text.strip():
             raise where.error("text", "expected some text, got an empty string")
-        return Conversation(prompt=[], completion=None, answers=answers, source=where.source, text=text)
+        return Conversation(prompt=[], completion=None, answers=answers, source=where.source, text=text,
+                            teacher=teacher)
     else:
         raise where.error(None, f"expected {FORMATS[file_format]} like the file's first record; found fields "
                                 f"{sorted(record)}")
     if completion is not None and not completion.strip():
         completion = None  # an empty reply is a placeholder, never a target to train on
-    return Conversation(prompt=prompt, completion=completion, answers=answers, source=where.source)
+    return Conversation(prompt=prompt, completion=completion, answers=answers, source=where.source, teacher=teacher)
 
 
 def _chat(fields: dict, where: Location) -> tuple[list[dict], str | None]:
@@ -241,6 +245,17 @@ def _answers(value: Any, where: Location) -> list[str] | None:
         if not isinstance(answer, str):
             raise where.error(f"answers[{i}]", f"expected a string, got {kind(answer)}")
     return list(value)
+
+
+def _teacher(value: Any, where: Location) -> str | None:
+    """A record's teacher: a name given with `--teacher NAME=SOURCE` (checked against the run's names when it
+    starts: the encoded data does not depend on them)."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        got = "an empty string" if isinstance(value, str) else kind(value)
+        raise where.error("teacher", f"expected the name of a --teacher, got {got}")
+    return value
 
 
 def kind(value: Any) -> str:

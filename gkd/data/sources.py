@@ -178,9 +178,18 @@ def _parquet_records(file: Path) -> Iterator[tuple[Location, Any]]:
     try:
         table = parquet.ParquetFile(file)
     except Exception as error:  # noqa: BLE001 -- pyarrow raises several types for a file that is not Parquet
-        raise DataError(file, f"cannot read it as Parquet: {error}") from None
+        raise DataError(file, f"cannot read it as Parquet: {' '.join(str(error).split())}") from None
     index = 0
-    for batch in table.iter_batches(batch_size=ARROW_BATCH):
+    batches = table.iter_batches(batch_size=ARROW_BATCH)
+    while True:
+        try:  # a corrupted page only shows when its batch is decoded (OSError, or ArrowInvalid, a ValueError)
+            batch = next(batches, None)
+        except (OSError, ValueError) as error:
+            message = " ".join(str(error).split())  # thrift's messages span lines
+            raise DataError(file, f"corrupted Parquet data: records from {index} on cannot be read: "
+                                  f"{message}") from None
+        if batch is None:
+            break
         for record in batch.to_pylist():
             yield Location(file, index), record
             index += 1

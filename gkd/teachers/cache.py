@@ -5,7 +5,8 @@ KD-logit workflow: the teacher is never in memory during training, and epochs af
 Layout: `cache.json` (what produced it: teacher, tokenizer, K, the data's fingerprint, the encoding options; written
 last, when every shard is complete) and `shard-NNNNN/` folders written by `datasets.save_to_disk`, one row per encoded
 sample in the order of the run's encoded dataset: `index`, `completion_ids` (int32, to check the run encodes the same
-tokens), `topk_ids` (int32) and `topk_log_probs` (float16 or bfloat16) flattened [tokens x K] in descending order, and
+tokens), `topk_ids` (int32) and `topk_log_probs` (float16, or bfloat16 as its raw 16 bits in uint16: Arrow has no
+bfloat16 type; `storage_dtype` in cache.json says which) flattened [tokens x K] in descending order, and
 `actual_log_probs` (float32, the teacher's log-probability of each completion token).
 """
 
@@ -17,11 +18,14 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
-from . import SparseTargets
+from .base import PrefetchedTeacher
+from .targets import SparseTargets
 
 FORMAT = "gkd-teacher-cache-1"
 MANIFEST = "cache.json"
 PROGRESS = "cache.partial.json"
+STORAGE_DTYPES = ("float16", "bfloat16")
+_ARROW_TYPES = {"float16": "float16", "bfloat16": "uint16"}  # the Arrow type each storage dtype is written as
 
 
 @dataclass(frozen=True)
@@ -35,9 +39,40 @@ class CacheIdentity:
     stop_token_ids: tuple[int, ...]
     num_samples: int
 
+    @classmethod
+    def of(cls, data_fingerprint: str, tokenizer, options, num_samples: int) -> "CacheIdentity":
+        """The identity of an encoding (`data.EncodeOptions`) of data with that fingerprint: the one construction,
+        for the cache builder and for the run that reads the cache."""
+        from ..data.pipeline import tokenizer_fingerprint
+
+        return cls(data_fingerprint, tokenizer_fingerprint(tokenizer), options.max_length, options.max_new_tokens,
+                   tuple(options.stop_token_ids), num_samples)
+
 
 def shard_name(number: int) -> str:
     return f"shard-{number:05d}"
+
+
+def log_probs_feature(storage_dtype: str):
+    """The `datasets` feature of the `topk_log_probs` column for a storage dtype."""
+    import datasets
+
+    return datasets.Sequence(datasets.Value(_ARROW_TYPES[storage_dtype]))
+
+
+def to_storage(log_probs: torch.Tensor, storage_dtype: str) -> list:
+    """Float log-probabilities as the column stores them: floats that Arrow rounds to float16, or bfloat16's bits
+    (rounded to nearest even by torch, as an in-memory bfloat16 tensor would be)."""
+    if storage_dtype == "bfloat16":
+        return log_probs.to("cpu", torch.bfloat16).view(torch.int16).numpy().view(np.uint16).tolist()
+    return log_probs.tolist()
+
+
+def from_storage(values, storage_dtype: str) -> np.ndarray:
+    """The stored column back as float32: a bfloat16 is the top half of the float32 it rounds."""
+    if storage_dtype == "bfloat16":
+        return (np.asarray(values, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+    return np.asarray(values, dtype=np.float32)
 
 
 def read_manifest(folder: str | Path) -> dict:
@@ -87,6 +122,10 @@ class TeacherCache:
         self.folder = Path(folder)
         self.manifest = read_manifest(self.folder)
         self.top_k = self.manifest["top_k"]
+        self.storage_dtype = self.manifest.get("storage_dtype", "float16")
+        if self.storage_dtype not in STORAGE_DTYPES:
+            raise ConfigError(f"--teacher_logits_path {self.folder}: storage_dtype {self.storage_dtype!r} in "
+                              f"{MANIFEST}, expected one of {', '.join(STORAGE_DTYPES)}")
         self.vocab_size = vocab_size
         shards = []
         for shard in self.manifest["shards"]:
@@ -99,6 +138,11 @@ class TeacherCache:
             if len(dataset) != shard["rows"]:
                 raise ConfigError(f"--teacher_logits_path {self.folder}: {shard['name']} has {len(dataset)} rows, "
                                   f"{shard['rows']} were written (truncated?); rebuild the cache")
+            stored = getattr(dataset.features.get("topk_log_probs"), "feature", None)
+            if getattr(stored, "dtype", None) != _ARROW_TYPES[self.storage_dtype]:
+                raise ConfigError(f"--teacher_logits_path {self.folder}: {shard['name']} stores log-probabilities as "
+                                  f"{getattr(stored, 'dtype', stored)}, {MANIFEST} says {self.storage_dtype}; rebuild "
+                                  "the cache")
             shards.append(dataset)
         self.rows = datasets.concatenate_datasets(shards).with_format("numpy")
 
@@ -117,7 +161,7 @@ class TeacherCache:
                                   f"cached tokens, the run trains on {length}; rebuild the cache")
             k = self.top_k
             ids.append(np.asarray(records["topk_ids"][row]).reshape(-1, k)[:length])
-            log_probs.append(np.asarray(records["topk_log_probs"][row], dtype=np.float32).reshape(-1, k)[:length])
+            log_probs.append(from_storage(records["topk_log_probs"][row], self.storage_dtype).reshape(-1, k)[:length])
             actual.append(np.asarray(records["actual_log_probs"][row], dtype=np.float32)[:length])
         ids = torch.from_numpy(np.concatenate(ids).astype(np.int64))
         log_probs = torch.from_numpy(np.concatenate(log_probs))
@@ -126,9 +170,9 @@ class TeacherCache:
 
 
 @torch.no_grad()
-def score_batch(model, batch: dict, top_k: int, chunk_size: int = 512) -> list[dict]:
+def score_batch(model, batch: dict, top_k: int, chunk_size: int = 512, storage_dtype: str = "float16") -> list[dict]:
     """The teacher's top-K ids and log-probabilities, and the actual token's, at every completion position of each
-    row of a padded batch (`batching.pad_batch`'s layout), as the rows of a cache shard."""
+    row of a padded batch (`batching.pad_batch`'s layout), as the rows of a cache shard (`to_storage`'s values)."""
     from .live import last_hidden_state, top_k_targets
 
     input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
@@ -151,7 +195,17 @@ def score_batch(model, batch: dict, top_k: int, chunk_size: int = 512) -> list[d
             "index": int(batch["index"][row]),
             "completion_ids": batch["completion_ids"][row, :length].int().tolist(),
             "topk_ids": targets.ids[positions].int().flatten().tolist(),
-            "topk_log_probs": targets.log_probs[positions].flatten().tolist(),
+            "topk_log_probs": to_storage(targets.log_probs[positions].flatten(), storage_dtype),
             "actual_log_probs": targets.actual_log_probs[positions].tolist(),
         })
     return rows
+
+
+class CachedTeacher(PrefetchedTeacher):
+    """The `Teacher` a run reads from a cache: K is `--teacher_top_k`, or all the cache holds."""
+
+    def __init__(self, cache: TeacherCache, top_k: int | None, beta: float):
+        self.cache, self.top_k, self.beta = cache, top_k or cache.top_k, beta
+
+    def lookup(self, batch: dict, vocab_size: int) -> SparseTargets:
+        return self.cache.targets(batch, self.top_k, vocab_size)

@@ -1,10 +1,11 @@
-"""The teacher as a model beside the student: its hidden states feed the dense loss, or its top-K the sparse one."""
+"""The teacher as a model beside the student: its hidden states feed the dense loss, or its top-K the sparse one, and
+it samples completions through the trainer's own decode loop (`--seq_kd`)."""
 
 import torch
-import torch.nn.functional as F
 
-from ..losses import DenseTeacher, SparseTeacher, _log_probs
-from . import SparseTargets
+from ..losses import DenseTeacher
+from .base import CompletionPositions, SampleRequest, Teacher
+from .targets import top_k_of_logits, top_k_targets
 
 
 def last_hidden_state(model, input_ids, attention_mask):
@@ -14,33 +15,82 @@ def last_hidden_state(model, input_ids, attention_mask):
     return model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
 
 
-@torch.no_grad()
-def top_k_targets(hidden: torch.Tensor, head: torch.nn.Linear, k: int, temperature: float, vocab_size: int,
-                  labels: torch.Tensor, chunk_size: int) -> SparseTargets:
-    """The live teacher's K most likely tokens at each row of `hidden` [N, H], a chunk of rows at a time (never
-    [N, V] at once), with the log-probability of each row's own token (`labels`). Ids of a padded embedding's rows
-    (at or beyond `vocab_size`) are invalid, as a server's would be."""
-    ids, log_probs, actual = [], [], []
-    for start in range(0, hidden.shape[0], max(chunk_size, 1)):
-        rows = slice(start, start + max(chunk_size, 1))
-        chunk = _log_probs(F.linear(hidden[rows], head.weight, head.bias), temperature)
-        top = chunk.topk(k, dim=-1)
-        ids.append(top.indices)
-        log_probs.append(top.values.float())
-        actual.append(chunk.gather(1, labels[rows, None]).squeeze(1).float())
-    ids, log_probs = torch.cat(ids), torch.cat(log_probs)
-    return SparseTargets(ids, log_probs, ids < vocab_size, torch.cat(actual))
+def has_plain_head(model) -> bool:
+    """Whether a loss may project hidden states with the model's lm_head itself: a plain, whole Linear, and no logit
+    transform (softcapping, scaling) between it and the logits."""
+    config = model.config.get_text_config()
+    transforms = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier",
+                  "lm_head_multiplier")
+    return (type(model.get_output_embeddings()) is torch.nn.Linear
+            and all(getattr(config, name, None) in (None, 1, 1.0) for name in transforms))
 
 
-def dense(hidden: torch.Tensor, head: torch.nn.Linear) -> DenseTeacher:
-    return DenseTeacher(hidden, head.weight, head.bias)
+class LiveTeacher(Teacher):
+    """A frozen model beside the student: `model`, or `ref` loaded when the trainer starts (after the student, and
+    after the output folder is prepared). `top_k` None for the full vocabulary. `loss_temperature` softens its top-K
+    as the loss softens both sides; `beta` picks the sampled-token support at K = 1, beta = 1."""
 
+    can_sample = True
 
-def sparse_teacher(targets: SparseTargets, top_k: int | None, beta: float, labels: torch.Tensor) -> SparseTeacher:
-    """What the sparse loss compares against: the first `top_k` slots, or, for K = 1 with beta = 1 (reverse KL), the
-    completion's own token (tinker's and TRL's server mode: the student's sample, where reverse KL puts its weight)."""
-    if top_k == 1 and beta == 1.0:
-        targets = targets.sampled_token(labels)
-    elif top_k is not None:
-        targets = targets.top(top_k)
-    return SparseTeacher(targets.ids, targets.log_probs, targets.valid)
+    def __init__(self, model, top_k: int | None, beta: float, loss_temperature: float, chunk_size: int,
+                 ref=None, dtype: str = "auto", attn_implementation: str | None = None):
+        self.model, self.top_k, self.beta = model, top_k, beta
+        self.loss_temperature, self.chunk_size = loss_temperature, chunk_size
+        self._load = (ref, dtype, attn_implementation)
+        self._accelerator = None
+        if model is not None:
+            self.vocab_size = model.config.get_text_config().vocab_size
+
+    @classmethod
+    def from_options(cls, model, training_args, ref=None, model_args=None) -> "LiveTeacher":
+        """K is `--teacher_top_k` (None: the full vocabulary, the dense loss). Without `model`, `ref` loads at start
+        in `--dtype` with `--attn_implementation`."""
+        loading = {} if model_args is None else {"dtype": model_args.dtype,
+                                                 "attn_implementation": model_args.attn_implementation}
+        return cls(model, training_args.teacher_top_k, training_args.beta, training_args.loss_temperature,
+                   training_args.loss_chunk_size, ref=ref, **loading)
+
+    def start(self, accelerator, deepspeed: bool) -> None:
+        if self.model is None:
+            from ..models import load_frozen
+
+            self.model = load_frozen(*self._load)
+            self.vocab_size = self.model.config.get_text_config().vocab_size
+        if deepspeed:
+            from trl.models.utils import prepare_deepspeed
+
+            self.model = prepare_deepspeed(self.model, accelerator)
+        else:
+            self.model = accelerator.prepare_model(self.model, evaluation_mode=True)
+        self.model.eval()
+        self._accelerator = accelerator
+
+    def _unwrapped(self):
+        return self.model if self._accelerator is None else self._accelerator.unwrap_model(self.model)
+
+    @torch.no_grad()
+    def targets(self, positions: CompletionPositions, as_logits: bool, vocab_size: int):
+        p = positions
+        if as_logits:  # the full-logits loss (ZeRO-3's sharded heads): logits at the completion columns only
+            keep = p.batch["completion_ids"].shape[1] + 1
+            logits = self.model(input_ids=p.input_ids, attention_mask=p.attention_mask,
+                                logits_to_keep=keep).logits[:, :-1][p.mask]
+            if self.top_k is None:
+                return logits
+            targets = top_k_of_logits(logits, self.top_k, self.loss_temperature, vocab_size, p.labels)
+        else:
+            model = self._unwrapped()
+            hidden = last_hidden_state(model, p.input_ids, p.attention_mask)[:, p.columns][p.mask]
+            head = model.get_output_embeddings()
+            if self.top_k is None:
+                return DenseTeacher(hidden, head.weight, head.bias)
+            targets = top_k_targets(hidden, head, self.top_k, self.loss_temperature, vocab_size, p.labels,
+                                    self.chunk_size or 512)
+        return targets.for_loss(self.top_k, self.beta, p.labels)
+
+    def sample(self, request: SampleRequest) -> tuple[torch.Tensor, torch.Tensor]:
+        return request.decode(self.model)
+
+    def chunked_loss_ok(self) -> bool:
+        return has_plain_head(self._unwrapped())
+

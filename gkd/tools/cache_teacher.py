@@ -23,12 +23,11 @@ from pathlib import Path
 import torch
 
 from gkd.errors import ConfigError
-from gkd.folders import LOCK_FILE, check_not_an_input, check_not_busy, check_writable, lock_folder, move_aside
-from gkd.teachers.cache import FORMAT, MANIFEST, PROGRESS, CacheIdentity, score_batch, shard_name
+from gkd.folders import LOCK_FILE, check_output, lock_folder, move_aside, release_lock
+from gkd.teachers.cache import (FORMAT, MANIFEST, PROGRESS, STORAGE_DTYPES, CacheIdentity, log_probs_feature,
+                                score_batch, shard_name)
 
 logger = logging.getLogger(__name__)
-
-STORAGE_DTYPES = {"float16": "float16", "bfloat16": "bfloat16"}
 
 
 @dataclass
@@ -71,21 +70,16 @@ def build(config: CacheConfig) -> Path:
     from accelerate import PartialState
 
     from gkd import data, models
-    from gkd.launch import cpu_deepspeed_backend
+    from gkd.launch import cpu_deepspeed_backend, warn_about_state
 
     backend = cpu_deepspeed_backend(torch.cuda.is_available())  # CPU ranks need gloo named: see gkd/launch.py
     state = PartialState(backend=backend) if backend else PartialState()
+    warn_about_state(state)  # e.g. `accelerate launch --num_processes 2` that started one process
     teacher_ref = models.ModelRef(config.teacher_model_name_or_path, config.teacher_model_revision,
                                   config.trust_remote_code, "--teacher_model_name_or_path")
     models.check_model(teacher_ref)
-    folder = Path(config.output_dir)
-    if folder.exists() and not folder.is_dir():
-        raise ConfigError(f"--output_dir {folder} is a file, not a folder")
-    check_not_an_input(folder, [config.teacher_model_name_or_path, config.tokenizer_name_or_path,
-                                config.dataset_name], "--output_dir")
-    check_writable(folder, "--output_dir")
-    if state.is_main_process:
-        check_not_busy(folder)
+    folder = check_output(config.output_dir, [config.teacher_model_name_or_path, config.tokenizer_name_or_path,
+                                              config.dataset_name])  # as every tool checks its output folder
     vocabulary = models.embedding_size(teacher_ref)
     if config.top_k > vocabulary:
         raise ConfigError(f"--top_k {config.top_k} is more than the teacher's vocabulary of {vocabulary} tokens")
@@ -100,29 +94,52 @@ def build(config: CacheConfig) -> Path:
     options = data.EncodeOptions(config.max_length, config.max_new_tokens, tuple(stop_ids))
     source = data.DataSource(config.dataset_name, config.dataset_config, config.dataset_train_split)
     with state.main_process_first():
-        encoded, stats, _ = data.prepare_dataset(source, tokenizer, options, num_proc=config.dataset_num_proc)
-    identity = CacheIdentity(data.sources.fingerprint(source), data.pipeline.tokenizer_fingerprint(tokenizer),
-                             config.max_length, config.max_new_tokens, tuple(stop_ids), len(encoded))
+        data_fingerprint = data.sources.fingerprint(source)
+        encoded, stats, _ = data.prepare_dataset(source, tokenizer, options, num_proc=config.dataset_num_proc,
+                                                 data_fingerprint=data_fingerprint)
+    identity = CacheIdentity.of(data_fingerprint, tokenizer, options, len(encoded))
+    existed, lock = folder.exists(), None
     if state.is_main_process:
-        _prepare_folder(folder, config, identity)
-    state.wait_for_everyone()
-
-    shards = [(number, start, min(start + config.shard_size, len(encoded)))
-              for number, start in enumerate(range(0, len(encoded), config.shard_size))]
-    mine = [shard for shard in shards if shard[0] % state.num_processes == state.process_index
-            and not (folder / shard_name(shard[0])).is_dir()]
-    if mine:
-        model = models.load_frozen(teacher_ref, config.dtype).to(state.device)
-        _score_shards(model, encoded, mine, folder, config, tokenizer.pad_token_id, state)
-    state.wait_for_everyone()
-    if state.is_main_process:
-        _write_manifest(folder, config, identity, shards, stats)
-    state.wait_for_everyone()
+        lock = _prepare_folder(folder, config, identity)
+    try:
+        state.wait_for_everyone()
+        shards = [(number, start, min(start + config.shard_size, len(encoded)))
+                  for number, start in enumerate(range(0, len(encoded), config.shard_size))]
+        mine = [shard for shard in shards if shard[0] % state.num_processes == state.process_index
+                and not (folder / shard_name(shard[0])).is_dir()]
+        if mine:
+            model = models.load_frozen(teacher_ref, config.dtype).to(state.device)
+            _score_shards(model, encoded, mine, folder, config, tokenizer.pad_token_id, state)
+        state.wait_for_everyone()
+        if state.is_main_process:
+            _write_manifest(folder, config, identity, shards, stats)
+        state.wait_for_everyone()
+    except BaseException:
+        if lock is not None:
+            _forget_failed_build(folder, existed)
+        raise
+    finally:
+        if lock is not None:
+            release_lock(lock)  # not only at exit: a caller in the same process (tests, a notebook) may build again
     return folder
 
 
-def _prepare_folder(folder: Path, config: CacheConfig, identity: CacheIdentity) -> None:
-    """A new folder, a partial build of the same cache (resumed), or a refusal naming what is there."""
+def _forget_failed_build(folder: Path, existed: bool) -> None:
+    """After a build that raised: its half-written shards go; with no shard complete, so does its progress file (and
+    the folder it created), so a rerun starts afresh with any options. Complete shards stay, to resume from when the
+    same options are given again (other options are refused without --overwrite, as for a killed build)."""
+    for staging in folder.glob(f".shard-*.partial-{os.getpid()}"):
+        shutil.rmtree(staging, ignore_errors=True)
+    if any(path.is_dir() for path in folder.glob("shard-*")):
+        return
+    (folder / PROGRESS).unlink(missing_ok=True)
+    if not existed and all(path.name == LOCK_FILE for path in folder.iterdir()):
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _prepare_folder(folder: Path, config: CacheConfig, identity: CacheIdentity):
+    """A new folder, a partial build of the same cache (resumed), or a refusal naming what is there; returns the
+    folder's lock."""
     settings = {"identity": asdict(identity), "top_k": config.top_k, "storage_dtype": config.storage_dtype,
                 "shard_size": config.shard_size, "teacher": config.teacher_model_name_or_path,
                 "teacher_revision": config.teacher_model_revision}
@@ -145,10 +162,11 @@ def _prepare_folder(folder: Path, config: CacheConfig, identity: CacheIdentity) 
             done = sorted(path.name for path in folder.glob("shard-*") if path.is_dir())
             logger.info("resuming the partial cache in %s: %d shards already complete", folder, len(done))
     folder.mkdir(parents=True, exist_ok=True)
-    lock_folder(folder)  # one build at a time; released when this process ends
+    lock = lock_folder(folder)  # one build at a time; released when the build ends or this process does
     for stale in folder.glob(".shard-*"):  # a killed build's half-written shard
         shutil.rmtree(stale, ignore_errors=True)
     progress.write_text(json.dumps(settings, indent=1))
+    return lock
 
 
 def _move_aside(folder: Path) -> None:
@@ -166,7 +184,7 @@ def _score_shards(model, encoded, shards, folder: Path, config: CacheConfig, pad
         "index": datasets.Value("int64"),
         "completion_ids": datasets.Sequence(datasets.Value("int32")),
         "topk_ids": datasets.Sequence(datasets.Value("int32")),
-        "topk_log_probs": datasets.Sequence(datasets.Value(config.storage_dtype)),
+        "topk_log_probs": log_probs_feature(config.storage_dtype),  # Arrow has no bfloat16: its bits, as uint16
         "actual_log_probs": datasets.Sequence(datasets.Value("float32")),
     })
     total = sum(end - start for _, start, end in shards)
@@ -178,7 +196,8 @@ def _score_shards(model, encoded, shards, folder: Path, config: CacheConfig, pad
             samples = encoded[batch_start:min(batch_start + config.batch_size, end)]
             batch = pad_batch([dict(zip(samples, values)) for values in zip(*samples.values())], pad_token_id)
             batch = {key: value.to(state.device) for key, value in batch.items()}
-            rows.extend(score_batch(model, batch, config.top_k))  # prompt-only samples get empty rows
+            # prompt-only samples get empty rows
+            rows.extend(score_batch(model, batch, config.top_k, storage_dtype=config.storage_dtype))
             progress.update(len(samples["index"]))
         staging = folder / f".{shard_name(number)}.partial-{os.getpid()}"
         shard = datasets.Dataset.from_dict({key: [row[key] for row in rows] for key in features}, features=features)
@@ -225,13 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def cli() -> None:
-    """The `gkd-cache-teacher` console script."""
+if __name__ == "__main__":  # `python -m gkd.tools.cache_teacher`; `gkd-cache-teacher` runs gkd.cli.command
     from gkd.cli import run
 
     run(main)
-
-
-if __name__ == "__main__":
-    cli()
-

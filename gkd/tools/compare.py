@@ -12,8 +12,11 @@ A plan file names the students, the runs (their own options on top of the common
     runs: {gkd_l0.5: [--lmbda, 0.5], sft: [--objective, sft, --seq_kd, true, --lmbda, 0]}
     seeds: {gkd_l0.5: [1]}
 
-Runs already finished in the output folder are reused, so an interrupted study continues where it stopped; one
-trained with other options than the plan gives it now is refused, not reported under the new ones. Writes
+Runs already finished in the output folder are reused and a run stopped part-way (preempted, killed) resumes from its
+newest complete checkpoint, so an interrupted study continues where it stopped. A run folder that can be neither (one
+trained with other options than the plan gives it now, or an unfinished run with no complete checkpoint) is refused,
+not reported under the new options nor deleted; `--overwrite` moves it aside and trains that run anew. The whole plan
+(every student, teacher, data path and run option) is checked before the first run trains. Writes
 OUTPUT_DIR/results.json and results.md (metrics with 95% bootstrap intervals, and each model's paired difference to
 its student's `--reference` run, by default where it started; with several students, each one's runs minus the
 first student's same runs) and compare.png. `train_seconds` is the wall time of the runs this invocation trained
@@ -22,7 +25,6 @@ first student's same runs) and compare.png. `train_seconds` is the wall time of 
 
 import json
 import shlex
-import shutil
 import subprocess
 import sys
 import time
@@ -60,6 +62,9 @@ class CompareConfig:
     seed: int = field(default=0, metadata={"help": "Training seed of every run (plans add seeds), and the eval's."})
     bootstrap_samples: int = field(default=1000)
     reference: str = field(default="start", metadata={"help": "The run each model's paired difference is taken to."})
+    overwrite: bool = field(default=False, metadata={
+        "help": "Move aside (to <folder>.replaced-N) a run folder this plan can neither reuse nor resume, and train "
+                "that run anew. Runs that match the plan are still reused or resumed."})
 
 
 @dataclass
@@ -75,10 +80,12 @@ def load_plan(config: CompareConfig, train_overrides: list[str]) -> Plan:
     is checked whole here, and every run's options later by the training parser, before the first run trains."""
     import yaml
 
+    from gkd.cli import _unique_key_loader
+
     spec = {}
     if config.plan:
-        try:
-            spec = yaml.safe_load(Path(config.plan).read_text())
+        try:  # a run or student named twice would otherwise keep the last without a word
+            spec = yaml.load(Path(config.plan).read_text(), Loader=_unique_key_loader())
         except (OSError, yaml.YAMLError) as error:
             raise ConfigError(f"--plan {config.plan}: cannot read it ({' '.join(str(error).split())})") from None
         if not isinstance(spec, dict) or set(spec) - {"students", "runs", "seeds", "common"}:
@@ -97,7 +104,15 @@ def load_plan(config: CompareConfig, train_overrides: list[str]) -> Plan:
     unknown = [name for name in names if name not in OBJECTIVES]
     if unknown:
         raise ConfigError(f"--runs: unknown objective(s) {unknown}; choose from {list(OBJECTIVES)}")
+    for index, name in enumerate(names):
+        if name in names[:index] or name in runs:
+            where = "in --plan and in --runs" if name in runs else "twice in --runs"
+            raise ConfigError(f"the run '{name}' is named {where}; name each run once")
     runs.update({name: OBJECTIVES[name] for name in names})
+    for name in ("start", "teacher"):
+        if name in runs:
+            raise ConfigError(f"--plan {config.plan}: a run may not be named '{name}': the report's {name} row has "
+                              "that name")
     extra_seeds = _mapping(spec, "seeds", config.plan)
     for name, values in extra_seeds.items():
         if name not in runs or not isinstance(values, list) or not all(isinstance(v, int) for v in values):
@@ -130,18 +145,55 @@ def _resolved(path: str) -> str:
 
 
 def check_runs(config: CompareConfig, plan: Plan) -> None:
-    """Parse every run's full training command before the first trains: a typo in the last run of a study must not
-    wait hours to be found."""
+    """Parse every run's full training command and check every model, cache and data path it names (and the teacher
+    and data the evaluation reads) before the first run trains: a typo or a missing student in the last run of a
+    study must not wait hours to be found."""
     from gkd.train import parse_args
 
+    _check_model(config.teacher, "--teacher")
+    _check_data(config.val_data, "--val_data")
+    checked = set()
     for student, path in plan.students.items():
         for run, args in plan.runs.items():
             for seed in plan.seeds[run]:
                 command = train_command(path, config, [*plan.common, *args], seed, Path(config.output_dir) / "x")
                 try:
-                    parse_args(command[2:])
+                    script_args, model_args, _ = parse_args(command[2:])
+                    for flag, name, revision in _inputs(script_args, model_args):
+                        if (flag, name) not in checked:
+                            _check_model(name, flag, revision) if revision else _check_data(name, flag)
+                            checked.add((flag, name))
                 except GKDError as error:
                     raise ConfigError(f"run {student}/{run}: {error}") from None
+
+
+def _inputs(script_args, model_args) -> list[tuple[str, str, str | None]]:
+    """(flag, path or Hub id, revision for a model, None for data) of every model, cache and data set a run reads."""
+    named = [("--model_name_or_path", model_args.model_name_or_path, model_args.model_revision),
+             ("--teacher_model_name_or_path", model_args.teacher_model_name_or_path, model_args.teacher_model_revision),
+             ("--teacher_logits_path", model_args.teacher_logits_path, None),
+             ("--dataset_name", script_args.dataset_name, None),
+             ("--eval_dataset_name", script_args.eval_dataset_name, None)]
+    return [(flag, str(name), revision) for flag, name, revision in named if name]
+
+
+def _check_model(name: str, flag: str, revision: str = "main") -> None:
+    from gkd import models
+
+    models.check_model(models.ModelRef(name, revision, flag=flag))
+
+
+def _check_data(name: str, flag: str) -> None:
+    """A data path (or a teacher cache) exists; a Hub dataset id is left to the run, whose records are checked there
+    before it trains."""
+    from gkd.data.sources import looks_like_path
+
+    if flag == "--teacher_logits_path":
+        from gkd.teachers.cache import read_manifest
+
+        read_manifest(name)
+    elif not Path(name).expanduser().exists() and looks_like_path(name):
+        raise ConfigError(f"{flag} {name}: no such file or folder")
 
 
 def run_folder(output_dir: Path, plan: Plan, student: str, run: str, seed: int, default_seed: int) -> Path:
@@ -171,24 +223,53 @@ def train_runtime(folder: Path) -> float | None:
     return runtimes[-1] if runtimes else None
 
 
-def check_reusable(folder: Path, name: str, command: list[str]) -> None:
-    """A finished run is reused only if it was trained with the options this plan gives it now (`command`, as
-    train_command builds it): a plan edited after its runs (more steps, another learning rate) must not report the
-    old runs under the new options. Compared without the interpreter and the script's path."""
+def next_step(folder: Path, name: str, command: list[str], overwrite: bool) -> str:
+    """What this invocation does with one run's folder (`command` as train_command builds it), decided before the first
+    run trains: `reuse` a finished run trained as the plan says, `resume` a run stopped part-way (preempted, killed)
+    from its newest complete checkpoint, `train` in a new folder or one holding no run's results (gkd-train replaces a
+    failed start's files itself), and `replace` anything else: moved aside first, and only with --overwrite; never
+    deleted."""
+    from gkd.checkpoints import last_complete_checkpoint
+    from gkd.run_folder import METRICS_FILE, read_metrics, results_in
+
+    if not folder.exists():
+        return "train"
+    if finished(folder) or last_complete_checkpoint(folder)[0] is not None:
+        problem = _other_run(folder, command)
+        if problem is None:
+            return "reuse" if finished(folder) else "resume"
+    elif results_in(folder) or ((folder / METRICS_FILE).is_file()
+                                and any("loss" in record for record in read_metrics(folder))):
+        problem = (f"holds an unfinished run with no complete checkpoint to resume from "
+                   f"({', '.join(results_in(folder)) or 'metrics.jsonl of its steps'})")
+    else:
+        return "train"
+    if overwrite:
+        return "replace"
+    raise ConfigError(f"{name}: {folder} {problem}; pass --overwrite to move it aside and train the run again, or use "
+                      "another --output_dir")
+
+
+def _other_run(folder: Path, command: list[str]) -> str | None:
+    """Why the run in `folder` is not the one this plan gives (`command`), or None when it is: a plan edited after its
+    runs (more steps, another learning rate) must not report or continue the old runs under the new options.
+    Compared without the interpreter, the script's path and a resume's --resume_from_checkpoint."""
     expected = command[2:]
     try:
         recorded = json.loads((folder / "run_config.json").read_text(encoding="utf-8"))["command"][1:]
     except (OSError, ValueError, TypeError, KeyError):
-        raise ConfigError(f"{name}: {folder / 'run_config.json'} does not say how the run was trained (expected "
-                          "gkd's JSON with a `command` list); move the folder away or use another --output_dir"
-                          ) from None
-    if recorded != expected:
-        before, now = _options_of(recorded), _options_of(expected)
-        changed = [f"{flag} {before.get(flag, '(unset)')} -> {now.get(flag, '(unset)')}"
-                   for flag in sorted(before.keys() | now.keys()) if before.get(flag) != now.get(flag)]
-        raise ConfigError(f"{name}: {folder} holds a run trained with other options than this plan gives it "
-                          f"({'; '.join(changed) or 'the same options in another order'}); move it away or use "
-                          "another --output_dir")
+        return ("is unusable: its run_config.json does not say how the run was trained (expected gkd's JSON with a "
+                "`command` list)")
+    if "--resume_from_checkpoint" in recorded[:-1]:
+        at = recorded.index("--resume_from_checkpoint")
+        recorded = recorded[:at] + recorded[at + 2:]
+    if recorded == expected:
+        return None
+    before, now = _options_of(recorded), _options_of(expected)
+    changed = [f"{flag} {before.get(flag, '(unset)')} -> {now.get(flag, '(unset)')}"
+               for flag in sorted(before.keys() | now.keys()) if before.get(flag) != now.get(flag)]
+    return (f"holds a run trained with other options than this plan gives it "
+            f"({'; '.join(changed) or 'the same options in another order'})")
 
 
 def _options_of(arguments: list[str]) -> dict[str, str]:
@@ -211,20 +292,32 @@ def train_command(student: str, config: CompareConfig, args: list[str], seed: in
             "--report_to", "none", "--seed", str(seed), *args]
 
 
-def train(folder: Path, student: str, config: CompareConfig, args: list[str], seed: int) -> float:
-    """One run through the real CLI, in this process's folder (relative paths mean what they meant here); returns its
-    wall seconds. A folder left by an interrupted run of this runner's is removed first: this runner made it, and
-    only a finished run is worth keeping."""
-    if folder.exists():
-        print(f"== {folder}: left unfinished by an earlier run of this study, training it again", flush=True)
-        shutil.rmtree(folder)
+def train(folder: Path, student: str, config: CompareConfig, args: list[str], seed: int, step: str) -> float:
+    """One run through the real CLI, in this process's folder (relative paths mean what they meant here), as
+    `next_step` decided: trained, resumed from its newest complete checkpoint (`--resume_from_checkpoint last`), or
+    trained after its old folder was moved aside; returns its wall seconds."""
+    from gkd.folders import move_aside
+
     command = train_command(student, config, args, seed, folder)
+    if step == "resume":
+        command += ["--resume_from_checkpoint", "last"]
+        print(f"== {folder}: stopped part-way by an earlier run of this study, resuming it", flush=True)
+    elif step == "replace":
+        print(f"== --overwrite: moved {folder} to {move_aside(folder, 'replaced')}", flush=True)
     print(f"== {folder.name}: {' '.join(command[2:])}", flush=True)
     started = time.time()
-    result = subprocess.run(command)
-    if result.returncode != 0:  # the run printed its own `error:` line: one is enough
-        print(f"== {folder.name} failed with exit code {result.returncode}; its error is above", file=sys.stderr)
-        raise SystemExit(result.returncode)
+    process = subprocess.Popen(command)
+    try:
+        returncode = process.wait()
+    except BaseException:  # Ctrl-C or SIGTERM: the run got it too and saves a checkpoint at its step's end; let it
+        process.wait()
+        raise
+    if returncode != 0:  # the run printed its own `error:` line: one is enough
+        print(f"== {folder.name} failed with exit code {returncode}; its error is above", file=sys.stderr)
+        raise SystemExit(returncode)
+    if not finished(folder):  # stopped by a signal at a step's end: its checkpoint is saved, not its final model
+        raise ConfigError(f"{folder.name} stopped before its final model (its checkpoint is saved); run the same "
+                          "command again to resume it")
     return time.time() - started
 
 
@@ -275,13 +368,19 @@ def differences_table(differences_by_model: dict) -> str:
             if value is None:
                 cells.append("n/a")
                 continue
-            seen = interval and (interval[0] > 0 or interval[1] < 0)
-            text = f"{value:+.3f} [{interval[0]:+.3f}, {interval[1]:+.3f}]" if interval else f"{value:+.3f}"
+            text = f"{_signed(value)} [{_signed(interval[0])}, {_signed(interval[1])}]" if interval else _signed(value)
+            # "real" as printed: an interval that rounds to [0, 0] (two equal models) is not a difference
+            seen = interval and (round(interval[0], 3) > 0 or round(interval[1], 3) < 0)
             cells.append(f"**{text}**" if seen else text)
         lines.append(f"| {name} | {row['reference']} | " + " | ".join(cells) + " |")
     lines.append("")
     lines.append("Bold: the interval excludes 0, a difference these prompts can see.")
     return "\n".join(lines)
+
+
+def _signed(value: float) -> str:
+    """Three decimals with a sign; what rounds to zero prints as +0.000, never -0.000."""
+    return f"{0.0 if abs(value) < 5e-4 else value:+.3f}"
 
 
 def plot(report: dict, path: Path) -> None:
@@ -315,6 +414,7 @@ def _git_commit() -> str | None:
 def main(argv: list[str] | None = None) -> int:
     from gkd import data
     from gkd.cli import parse
+    from gkd.folders import check_output
     from gkd.tools.evaluate import evaluate_folders, markdown_table
 
     config, train_overrides = parse(CompareConfig, argv, description=__doc__.splitlines()[0], allow_extra=True)
@@ -325,22 +425,27 @@ def main(argv: list[str] | None = None) -> int:
     check_runs(config, plan)
     conversations = data.load_conversations(config.val_data)[: config.eval_records]  # validate before training
     output_dir = Path(config.output_dir)
-    runs = {}  # name -> (folder, student, options, seed, reused), every reuse checked before the first run trains
+    inputs = [*plan.students.values(), config.teacher, config.train_data, config.val_data]
+    check_output(output_dir, inputs, replaces=False)  # written into (runs, results), never moved aside
+    runs, named = {}, {}  # name -> (folder, student, options, seed, step): every folder judged before a run trains
     for student, path in plan.students.items():
         for run, args in plan.runs.items():
             for seed in plan.seeds[run]:
                 folder = run_folder(output_dir, plan, student, run, seed, config.seed)
                 name = model_name(plan, student, run, seed, config.seed)
-                options, reused = [*plan.common, *args], finished(folder)
-                if reused:
-                    check_reusable(folder, name, train_command(path, config, options, seed, folder))
-                runs[name] = (folder, path, options, seed, reused)
+                if folder in named:
+                    raise ConfigError(f"the runs {named[folder]} and {name} would both train in {folder}; rename one")
+                named[folder] = name
+                check_output(folder, inputs, f"{name}: folder")
+                options = [*plan.common, *args]
+                step = next_step(folder, name, train_command(path, config, options, seed, folder), config.overwrite)
+                runs[name] = (folder, path, options, seed, step)
     trained, seconds = {}, {}
-    for name, (folder, path, args, seed, reused) in runs.items():
-        if reused:
+    for name, (folder, path, args, seed, step) in runs.items():
+        if step == "reuse":
             print(f"== {name}: finished earlier in {folder}, reusing it", flush=True)
         else:
-            seconds[name] = train(folder, path, config, args, seed)
+            seconds[name] = train(folder, path, config, args, seed, step)
         trained[name] = folder
     starts = {(f"{student}/start" if len(plan.students) > 1 else "start"): path
               for student, path in plan.students.items()}
@@ -366,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def cli() -> None:
+if __name__ == "__main__":  # `python -m gkd.tools.compare`; `gkd-compare` runs gkd.cli.command
     from gkd.cli import run
 
     run(main)

@@ -47,15 +47,13 @@ def _batches(items: list, size: int):
 
 @torch.no_grad()
 def greedy_responses(model, tokenizer, prompts: list[list[int]], stop_ids, max_new_tokens, batch_size) -> Responses:
-    from gkd.generation import generate
+    from gkd.generation import Sampling, generate
 
     ids, texts = [], []
     for chunk in _batches(prompts, batch_size):
         batch = pad_batch([{"prompt_ids": p, "completion_ids": []} for p in chunk], tokenizer.pad_token_id)
-        completion, mask = generate(
-            model, batch["prompt_ids"], batch["prompt_mask"], max_new_tokens=max_new_tokens,
-            stop_token_ids=stop_ids, pad_token_id=tokenizer.pad_token_id, temperature=None,
-        )
+        completion, mask = generate(model, batch["prompt_ids"], batch["prompt_mask"], Sampling(
+            max_new_tokens, stop_ids, tokenizer.pad_token_id, temperature=None))
         for row, row_mask in zip(completion, mask):
             tokens = row[row_mask.bool()].tolist()
             ids.append(tokens)
@@ -75,23 +73,23 @@ def _completion_logits(model, prompt_ids, prompt_mask, completion_ids, completio
 @torch.no_grad()
 def divergences(student, teacher, tokenizer, prompts, stop_ids, max_new_tokens, batch_size, seed) -> dict:
     """Per prompt: summed reverse KL and JSD over the student's own sample at temperature 1, and its token count."""
-    from gkd.generation import generate
+    from gkd.generation import Sampling, generate
 
     torch.manual_seed(seed)
     per_prompt = {"reverse_kl": [], "jsd": [], "sample_tokens": []}
     for chunk in _batches(prompts, batch_size):
         batch = pad_batch([{"prompt_ids": p, "completion_ids": []} for p in chunk], tokenizer.pad_token_id)
-        completion, mask = generate(
-            student, batch["prompt_ids"], batch["prompt_mask"], max_new_tokens=max_new_tokens,
-            stop_token_ids=stop_ids, pad_token_id=tokenizer.pad_token_id, temperature=1.0,
-        )
+        completion, mask = generate(student, batch["prompt_ids"], batch["prompt_mask"], Sampling(
+            max_new_tokens, stop_ids, tokenizer.pad_token_id, temperature=1.0))
         args = (batch["prompt_ids"], batch["prompt_mask"], completion, mask)
         student_logits, teacher_logits = losses.align_vocab(
             _completion_logits(student, *args), _completion_logits(teacher, *args)
         )
         kept = mask.bool()
         for name, beta in (("reverse_kl", 1.0), ("jsd", 0.5)):
-            per_token = losses.generalized_jsd(student_logits, teacher_logits, beta)
+            # A divergence is never negative: what float32 rounding leaves below 0 (about -1e-8 per token for two
+            # equal distributions, the teacher against itself) is 0.
+            per_token = losses.generalized_jsd(student_logits, teacher_logits, beta).clamp_min(0.0)
             per_prompt[name] += torch.where(kept, per_token, 0.0).sum(dim=1).tolist()
         per_prompt["sample_tokens"] += kept.sum(dim=1).tolist()
     return per_prompt
@@ -429,8 +427,11 @@ def main(argv: list[str] | None = None) -> int:
         print(plot_run(config.plot_run))
         return 0
     from gkd import data
+    from gkd.folders import check_output
 
     named = config.named_students()
+    # Written into, never moved aside: it may hold a student (a run's checkpoint, say), but be none and lie in none.
+    check_output(config.output_dir, [*named.values(), config.teacher, config.dataset_name], replaces=False)
     conversations = data.load_conversations(config.dataset_name)[: config.max_records]
     if any(conversation.is_text for conversation in conversations):
         raise ConfigError(f"{config.dataset_name}: plain-text records have no prompt to answer; evaluate on chat "
@@ -442,12 +443,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def cli() -> None:
-    """The `gkd-eval` console script."""
+if __name__ == "__main__":  # `python -m gkd.tools.evaluate`; `gkd-eval` runs gkd.cli.command
     from gkd.cli import run
 
     run(main)
-
-
-if __name__ == "__main__":
-    cli()

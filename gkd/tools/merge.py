@@ -471,7 +471,7 @@ def merge_lora(config: MergeConfig, log: Callable[[str], None] = print) -> Path:
     adapter_config = read_adapter_config(adapter_dir)
     base, base_source = resolve_base(adapter_dir, adapter_config, config.base_model_name_or_path)
     output_dir = Path(config.output_dir)
-    check_output_folder(output_dir, config.overwrite, [adapter_dir] + ([Path(base)] if Path(base).exists() else []))
+    check_output_folder(output_dir, config.overwrite, [adapter_dir, base])
     log(f"adapter: {adapter_dir}")
     log(f"base model: {base} (from {base_source})")
 
@@ -513,8 +513,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def cli() -> None:
-    """The `gkd-merge` console script (also `python scripts/merge_lora.py`)."""
+if __name__ == "__main__":  # `python -m gkd.tools.merge`; `gkd-merge` runs gkd.cli.command
     from gkd.cli import run
 
     run(main)

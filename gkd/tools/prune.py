@@ -208,7 +208,7 @@ class Importance:
 def prune(config: PruneConfig) -> dict:
     """Prune `config.model_name_or_path` into `config.output_dir`; returns the report also saved as pruning.json."""
     source, output_dir, name = Path(config.model_name_or_path), Path(config.output_dir), config.model_name_or_path
-    check_output_folder(output_dir, config.overwrite, [source] if source.exists() else [])
+    check_output_folder(output_dir, config.overwrite, [source, config.calibration_data])  # every input
     device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     ref = ModelRef(name, config.model_revision, config.trust_remote_code, "--model_name_or_path")
     check_model(ref)
@@ -621,8 +621,7 @@ def parameter_summary(parameters: dict) -> str:
     )
 
 
-def cli() -> None:
-    """The `gkd-prune` console script (also `python scripts/prune.py`)."""
+if __name__ == "__main__":  # `python -m gkd.tools.prune`; `gkd-prune` runs gkd.cli.command
     from gkd.cli import run
 
     run(main)

@@ -15,7 +15,6 @@ Requests are served one at a time (a lock around the model); each request's prom
 
 import json
 import logging
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -268,12 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def cli() -> None:
-    """The `gkd-teacher-serve` console script."""
+if __name__ == "__main__":  # `python -m gkd.tools.teacher_server`; `gkd-teacher-serve` runs gkd.cli.command
     from gkd.cli import run
 
     run(main)
-
-
-if __name__ == "__main__":
-    sys.exit(cli())
