@@ -18,9 +18,9 @@ install: $(BIN)/python
 test: install
 	$(BIN)/python -m pytest -q tests
 
-# In-process tests only (no CLI subprocesses, DeepSpeed ranks or benchmarks): a few minutes.
+# In-process tests only (no CLI subprocesses, DeepSpeed ranks, benchmarks or the embedded SmolLM2): under 3 minutes.
 test-fast: install
-	$(BIN)/python -m pytest -q tests -m "not subprocess and not distributed and not bench"
+	$(BIN)/python -m pytest -q tests -m "not subprocess and not distributed and not bench and not slow"
 
 demo: install
 	$(BIN)/python examples/demo.py --config examples/demo.yaml --cache_dir $(CACHE)

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
-from .errors import ConfigError, GKDError
+from .errors import ConfigError, GKDError, check_finite
 
 INTERRUPTED_EXIT_CODE = 130
 TERMINATED_EXIT_CODE = 143
@@ -51,17 +51,6 @@ def parse(dataclass_types, argv: list[str] | None = None, description: str | Non
         return parsed[: len(types)] + ((parsed[-1],) if allow_extra else ())
     except (ValueError, TypeError) as error:  # unknown flags or keys, TrainingArguments' own checks
         raise ConfigError(_one_line(error)) from None
-
-
-def check_finite(options) -> None:
-    """NaN passes every range check (`nan <= 0` is False), and inf most: refuse both in every float option."""
-    import dataclasses
-    import math
-
-    for option in dataclasses.fields(options):
-        value = getattr(options, option.name, None)
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ConfigError(f"--{option.name} must be a finite number, got {value}")
 
 
 def _parser_class():

@@ -14,10 +14,8 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
-from .cli import check_finite
-from .errors import ConfigError, GKDError
+from .errors import ConfigError, GKDError, check_finite
 from .sampling import BACKENDS
-from .launch import cpu_deepspeed_backend
 from .steps import LMBDA_SCHEDULES, lmbda_bounds
 
 logger = logging.getLogger(__name__)
@@ -478,9 +476,6 @@ class GKDConfig(TrainingArguments):
             self.bf16 = self.fp16 = False
         if not has_accelerator:
             self.dataloader_pin_memory = False  # pinning needs an accelerator; torch warns on every dataloader
-        if self.ddp_backend is None:
-            # Must be set before TrainingArguments sets up the devices: see gkd/launch.py.
-            self.ddp_backend = cpu_deepspeed_backend(has_accelerator)
         try:
             super().__post_init__()
         except ValueError as error:  # TrainingArguments' own checks: one line, like ours

@@ -27,3 +27,15 @@ class DataError(GKDError):
 
 class ModelError(GKDError):
     """A model or tokenizer folder that is missing, unreadable, or incompatible (for example another vocabulary)."""
+
+
+def check_finite(options) -> None:
+    """NaN passes every range check (`nan <= 0` is False), and inf most: refuse both in every float option of a
+    dataclass of options."""
+    import dataclasses
+    import math
+
+    for option in dataclasses.fields(options):
+        value = getattr(options, option.name, None)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"--{option.name} must be a finite number, got {value}")

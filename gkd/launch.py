@@ -19,6 +19,18 @@ import os
 logger = logging.getLogger(__name__)
 
 
+def with_cpu_deepspeed_backend(argv: list[str]) -> list[str]:
+    """`argv` with `--ddp_backend gloo` added for a DeepSpeed rank on a machine without GPU (unless it names a
+    backend): TrainingArguments sets up the process group while it is built, so the choice must be among its
+    arguments, not made after."""
+    import torch
+
+    backend = cpu_deepspeed_backend(torch.cuda.is_available())
+    if backend is None or any(arg == "--ddp_backend" or arg.startswith("--ddp_backend=") for arg in argv):
+        return argv
+    return [*argv, "--ddp_backend", backend]
+
+
 def cpu_deepspeed_backend(has_accelerator: bool) -> str | None:
     """'gloo' for a rank that accelerate launched with DeepSpeed on a machine without GPU, else None (accelerate's
     own choice: nccl on GPUs)."""

@@ -129,6 +129,7 @@ def _check_same_run(checkpoint: Path, model_args, script_args, flag: str) -> Non
             if name in was and was[name] != getattr(model_args, name):
                 raise ConfigError(f"{flag} was trained with --{name} {was[name]}; this run gives "
                                   f"{getattr(model_args, name)}: resume it with the same LoRA options")
+    _check_same_teachers(recorded, model_args, flag)
     data = (recorded.get("script_args") or {}).get("dataset_name")
     if script_args is not None and data and data != script_args.dataset_name:
         logger.warning("%s was trained on %s; this run continues it on %s", checkpoint, data, script_args.dataset_name)
@@ -277,9 +278,55 @@ def write_run_config(trainer, script_args, model_args, training_args) -> None:
         # Absolute when a folder, so merge_lora finds the base from anywhere; a Hub id as given.
         "model_name_or_path": _absolute_if_folder(model_args.model_name_or_path),
         "teacher_model_name_or_path": _absolute_if_folder(model_args.teacher_model_name_or_path),
+        "teachers": teacher_identities(model_args),  # --teacher NAME=SOURCE: a resume must name the same ones
     }
     path = Path(training_args.output_dir) / RUN_CONFIG
     path.write_text(json.dumps(record, indent=2, default=str))
+
+
+def teacher_identities(model_args) -> list[dict]:
+    """Each `--teacher NAME=SOURCE` as a resume compares it: its name, kind and source (absolute if a folder), a Hub
+    teacher's revision, a cache's manifest hash (a rebuilt cache is another teacher). Empty with one teacher given
+    the single-teacher way."""
+    import hashlib
+
+    identities = []
+    for spec in model_args.teacher_specs:
+        identity = {"name": spec.name, "kind": spec.kind, "source": _absolute_if_folder(spec.source)}
+        if spec.kind == "live" and not os.path.isdir(spec.source):
+            identity["revision"] = model_args.teacher_model_revision
+        if spec.kind == "cache":
+            manifest = Path(spec.source) / "cache.json"
+            identity["cache_hash"] = hashlib.sha256(manifest.read_bytes()).hexdigest()[:16]
+        identities.append(identity)
+    return identities
+
+
+def _check_same_teachers(recorded: dict, model_args, flag: str) -> None:
+    """A run resumed with other teachers would change what its later steps learn from: refused, naming the first
+    difference (a run recorded before teachers were recorded is not checked)."""
+    if "teachers" not in recorded:
+        return
+    was = {teacher["name"]: teacher for teacher in recorded["teachers"]}
+    now = {teacher["name"]: teacher for teacher in teacher_identities(model_args)}
+    if was == now:
+        return
+    if not was or not now:
+        several, one = "several teachers (--teacher NAME=SOURCE)", "one teacher (--teacher_model_name_or_path, ...)"
+        was_given, now_given = (several, one) if was else (one, several)
+        raise ConfigError(f"{flag} was trained with {was_given}; this run gives {now_given}: resume it with the same "
+                          "teachers")
+    missing, added = sorted(set(was) - set(now)), sorted(set(now) - set(was))
+    if missing or added:
+        difference = ", ".join([f"without --teacher {name}" for name in missing] +
+                               [f"with a new --teacher {name}" for name in added])
+        raise ConfigError(f"{flag} was trained with the teachers {', '.join(was)}; this run is {difference}: resume "
+                          "it with the same --teacher options")
+    name = next(name for name in was if was[name] != now[name])
+    changed = next(key for key in ("source", "kind", "revision", "cache_hash")
+                   if was[name].get(key) != now[name].get(key))
+    raise ConfigError(f"{flag} was trained with --teacher {name} {changed} {was[name].get(changed)}; this run gives "
+                      f"{now[name].get(changed)}: resume it with the same teacher")
 
 
 def _absolute_if_folder(name: str | None) -> str | None:

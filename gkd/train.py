@@ -24,7 +24,9 @@ logger = logging.getLogger("gkd")
 
 def parse_args(argv: list[str] | None = None):
     from gkd.config import GKDConfig, ModelArguments, ScriptArguments, check_together
+    from gkd.launch import with_cpu_deepspeed_backend
 
+    argv = with_cpu_deepspeed_backend(list(sys.argv[1:] if argv is None else argv))
     script_args, model_args, training_args = parse((ScriptArguments, ModelArguments, GKDConfig), argv)
     check_together(script_args, model_args, training_args)
     return script_args, model_args, training_args
@@ -43,9 +45,11 @@ def main(argv: list[str] | None = None) -> None:
     if training_args.process_index == 0:
         check_not_busy(training_args.output_dir)  # another run's pid, before its checkpoints are read
     training_args.resume_from_checkpoint = run_folder.resolve_resume(training_args, model_args, script_args)
+    # --teacher NAME=SOURCE, when several: their folders are inputs too
+    teacher_sources = [spec.source for spec in model_args.teacher_specs if spec.kind != "server"]
     run_folder.check(training_args, [model_args.model_name_or_path, model_args.teacher_model_name_or_path,
                                      model_args.teacher_logits_path, script_args.dataset_name,
-                                     script_args.eval_dataset_name])
+                                     script_args.eval_dataset_name, *teacher_sources])
     student_ref = models.ModelRef(model_args.model_name_or_path, model_args.model_revision,
                                   model_args.trust_remote_code, "--model_name_or_path")
     models.check_model(student_ref)
@@ -56,7 +60,8 @@ def main(argv: list[str] | None = None) -> None:
     stop_ids = models.stop_token_ids(tokenizer, student_ref)
 
     train_dataset, eval_dataset, data_fingerprint = data.training_datasets(
-        script_args, training_args, tokenizer, stop_ids, model_args.teacher_kind)
+        script_args, training_args, tokenizer, stop_ids, model_args.teacher_kind,
+        [spec.name for spec in model_args.teacher_specs], model_args.default_teacher)
     teacher = teachers.open_teacher(model_args, training_args, tokenizer, stop_ids, len(train_dataset),
                                     data_fingerprint, teacher_ref)
 

@@ -13,6 +13,7 @@ Where and why this differs from TRL 1.16's experimental `GKDTrainer`:
 
 import logging
 from collections import defaultdict
+from dataclasses import dataclass, field
 
 import torch
 from transformers import Trainer
@@ -20,7 +21,7 @@ from trl.models.utils import _ForwardRedirection, unwrap_model_for_generation
 from trl.trainer.utils import disable_dropout_in_model
 
 from . import losses
-from .batching import left_pad_prompts, pad_batch, text_prompts
+from .batching import ROW_KEYS, left_pad_prompts, pad_batch, text_prompts
 from .checkpoints import complete_checkpoint, only_tied_weights_missing
 from .decoding import StaticDecoder
 from .errors import GKDError
@@ -89,12 +90,14 @@ class GKDTrainer(Trainer):
                            args.generation_backend)
         self.generation_backend = resolve_backend(args.generation_backend, args.device, zero3)
         # Built once per run and reused by every generation, so the static caches, the decode graph and the merged
-        # LoRA copies keep their addresses (CUDA graphs replay on fixed addresses): one decoder per sampling model.
-        # The plain backend (transformers' generate) needs none.
+        # LoRA copies keep their addresses (CUDA graphs replay on fixed addresses): one decoder per sampling model
+        # (the student, and each teacher model that samples under --seq_kd, keyed by the model: several teachers have
+        # caches of other shapes). The plain backend (transformers' generate) needs none.
         self._decoders = {}
         if self.generation_backend != "plain":
             options = default_compile_options(args.device) if self.generation_backend == "compiled" else None
-            self._decoders = {STUDENT: StaticDecoder(options), TEACHER: StaticDecoder(options)}
+            self._decoders = {STUDENT: StaticDecoder(options)}
+            self._decoder_options = options
         self._lora_copies = MergedLoraCopies()  # generation copies of the student's LoRA layers
         # Samples may only hold ids that both models embed and the tokenizer knows. A padded embedding's extra rows
         # (the teacher's or the student's) are untrained and get sampled now and then; the other model's forward
@@ -154,7 +157,8 @@ class GKDTrainer(Trainer):
             batches = [text_prompts(batch, self.args.text_prompt_tokens, self.pad_token_id) for batch in batches]
         prompt_ids, prompt_mask = left_pad_prompts(batches, self.pad_token_id)
         if source == TEACHER:
-            completion_ids, completion_mask = self.teacher.sample(self._sample_request(prompt_ids, prompt_mask))
+            completion_ids, completion_mask = self.teacher.sample(self._sample_request(prompt_ids, prompt_mask,
+                                                                                       batches))
         else:
             completion_ids, completion_mask = self._decode(STUDENT, self.model_wrapped, prompt_ids, prompt_mask)
         sampled, start = [], 0
@@ -162,7 +166,7 @@ class GKDTrainer(Trainer):
             rows = slice(start, start + batch["prompt_ids"].shape[0])
             start = rows.stop
             width = max(1, int(completion_mask[rows].sum(dim=1).max().item()))
-            carried = {key: batch[key] for key in ("index", "is_text") if key in batch}
+            carried = {key: batch[key] for key in ROW_KEYS if key in batch}
             sampled.append(
                 {
                     "prompt_ids": batch["prompt_ids"],
@@ -174,13 +178,16 @@ class GKDTrainer(Trainer):
             )
         return sampled
 
-    def _sample_request(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> SampleRequest:
+    def _sample_request(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                        batches: list[dict]) -> SampleRequest:
         """What the teacher is asked to sample (`--seq_kd`): a server draws each row from its seed, a model beside
-        the student through this trainer's own decode loop."""
+        the student through this trainer's own decode loop; each row names its teacher where the data does."""
         rank, step = self.args.process_index, self.state.global_step
         seeds = [step_seed(self.args.seed, step, "served", rank * 100_000 + row) for row in range(len(prompt_ids))]
+        routed = all("teacher_index" in batch for batch in batches)
+        teacher_index = torch.cat([batch["teacher_index"] for batch in batches]) if routed else None
         return SampleRequest(prompt_ids, prompt_mask, self.sampling, seeds, self.shared_vocab_size,
-                             lambda model: self._decode(TEACHER, model, prompt_ids, prompt_mask))
+                             lambda model, ids, mask: self._decode(TEACHER, model, ids, mask), teacher_index)
 
     def _decode(self, source: str, model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor):
         device = self.args.device
@@ -196,9 +203,14 @@ class GKDTrainer(Trainer):
         ) as generator, seeded:
             completion_ids, completion_mask = generate(
                 generator, prompt_ids.to(device), prompt_mask.to(device), self.sampling,
-                decoder=self._decoders.get(source), lora_copies=self._lora_copies if source == STUDENT else None,
+                decoder=self._decoder_for(source, model), lora_copies=self._lora_copies if source == STUDENT else None,
             )
         return completion_ids, completion_mask
+
+    def _decoder_for(self, source: str, model) -> StaticDecoder | None:
+        if source == STUDENT or not self._decoders:
+            return self._decoders.get(source)
+        return self._decoders.setdefault((source, id(model)), StaticDecoder(self._decoder_options))
 
     # ---- the loss ----
 
@@ -212,6 +224,9 @@ class GKDTrainer(Trainer):
             # Kept as tensors until the log line: `.item()` here would sync the GPU every micro-batch.
             self._part_sums["kd_loss"] = self._part_sums["kd_loss"] + parts.kd.detach() * scale
             self._part_sums["sft_loss"] = self._part_sums["sft_loss"] + parts.sft.detach() * scale
+            for name, (kd, tokens) in getattr(parts, "by_teacher", {}).items():  # unscaled: per teacher's own tokens
+                self._part_sums[f"kd_loss/{name}"] = self._part_sums[f"kd_loss/{name}"] + kd.detach()
+                self._part_sums[f"kd_tokens/{name}"] = self._part_sums[f"kd_tokens/{name}"] + tokens
         loss = parts.total * scale
         return (loss, None) if return_outputs else loss
 
@@ -242,19 +257,24 @@ class GKDTrainer(Trainer):
                 student_hidden = student_hidden[:, columns][mask]
                 head = unwrapped.get_output_embeddings()
                 teacher = self._teacher_targets(positions, as_logits=False)
-                weight, bias = head.weight, head.bias
-                if isinstance(teacher, losses.SparseTeacher) and weight.shape[0] > self.shared_vocab_size:
-                    weight = weight[: self.shared_vocab_size]  # the tail bucket: real tokens only
-                    bias = None if bias is None else bias[: self.shared_vocab_size]
-                return losses.chunked_distillation_loss(student_hidden, weight, teacher, options, positions.labels,
-                                                        bias)
+
+                def chunked(target, rows):
+                    weight, bias = head.weight, head.bias
+                    if isinstance(target, losses.SparseTeacher) and weight.shape[0] > self.shared_vocab_size:
+                        weight = weight[: self.shared_vocab_size]  # the tail bucket: real tokens only
+                        bias = None if bias is None else bias[: self.shared_vocab_size]
+                    hidden, labels = _at(student_hidden, rows), _at(positions.labels, rows)
+                    return losses.chunked_distillation_loss(hidden, weight, target, options, labels, bias)
+
+                return _summed_over_parts(teacher, chunked)
         # The reference path (--loss_chunk_size 0, and ZeRO-3 whose lm_head weights are shards): logits at the
         # completion columns only, the same sums as the chunked path.
         keep = completion_width + 1
         student_logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits
         teacher = self._teacher_targets(positions, as_logits=True)
-        return losses.logits_distillation_loss(student_logits[:, :-1][mask], teacher, options, positions.labels,
-                                               self.shared_vocab_size)
+        student_logits = student_logits[:, :-1][mask]
+        return _summed_over_parts(teacher, lambda target, rows: losses.logits_distillation_loss(
+            _at(student_logits, rows), target, options, _at(positions.labels, rows), self.shared_vocab_size))
 
     def _teacher_targets(self, positions: CompletionPositions, as_logits: bool):
         """What the loss compares against; None when the distillation term has no weight."""
@@ -327,16 +347,55 @@ class GKDTrainer(Trainer):
 
     def _log_loss_parts(self, logs: dict, steps: int) -> None:
         """kd_loss and sft_loss per token, each averaged over the steps it trained on (sft: not the on-policy ones),
-        over all ranks as Trainer's `loss` is. Every rank logs, so the gather is one collective on each."""
+        over all ranks as Trainer's `loss` is. Every rank logs, so the gather is one collective on each. Where the
+        teacher answers in parts (several teachers): kd_loss/NAME per token of that part's own completion tokens, and
+        kd_tokens/NAME, its tokens per optimizer step, over all ranks."""
         sft_steps = sum(self._metrics.get("sft_steps", ()))
+        names = self.teacher.part_names
+        keys = ("kd_loss", "sft_loss", *(f"{kind}/{name}" for name in names for kind in ("kd_loss", "kd_tokens")))
         local = torch.stack([torch.as_tensor(self._part_sums[key], dtype=torch.float32, device=self.args.device)
-                             for key in ("kd_loss", "sft_loss")])
-        kd_sum, sft_sum = self.accelerator.gather(local.reshape(1, 2)).mean(dim=0).tolist()
+                             for key in keys])
+        gathered = self.accelerator.gather(local.reshape(1, len(keys)))
+        kd_sum, sft_sum = gathered[:, :2].mean(dim=0).tolist()
+        by_teacher = gathered[:, 2:].sum(dim=0).tolist()
         self._part_sums.clear()
         if self.args.kd_loss_weight > 0 and steps:
             logs["kd_loss"] = kd_sum / steps
+            for name, kd, tokens in zip(names, by_teacher[0::2], by_teacher[1::2]):
+                if tokens:
+                    logs[f"kd_loss/{name}"] = kd / tokens
+                logs[f"kd_tokens/{name}"] = tokens / steps
         if self.args.sft_loss_weight > 0 and sft_steps:
             logs["sft_loss"] = sft_sum / sft_steps
+
+
+@dataclass
+class PartedLossParts(losses.LossParts):
+    """The loss summed over several teachers' parts, and each part's kd sum and completion tokens, by name."""
+
+    by_teacher: dict = field(default_factory=dict)
+
+
+def _at(values: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    return values if rows is None else values[rows]
+
+
+def _summed_over_parts(teacher, loss_of) -> losses.LossParts:
+    """`loss_of(target, rows)` for one teacher's answer; for several (a list of `TargetPart`s), each part's loss on
+    its own positions, summed. The sums add up, so the window's per-token normalisation holds. A part covering every
+    position is computed on the whole tensors, as one teacher's answer is."""
+    if not isinstance(teacher, list):
+        return loss_of(teacher, None)
+    total = kd = sft = None
+    by_teacher = {}
+    for part in teacher:
+        whole = bool(part.rows.all())
+        parts = loss_of(part.target, None if whole else part.rows)
+        total = parts.total if total is None else total + parts.total
+        kd = parts.kd if kd is None else kd + parts.kd
+        sft = parts.sft if sft is None else sft + parts.sft
+        by_teacher[part.name] = (parts.kd, part.rows.sum())
+    return PartedLossParts(total, kd, sft, by_teacher)
 
 
 def _vocab_size(model) -> int:

@@ -43,3 +43,14 @@ def chat_data(tmp_path_factory):
             messages = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
             handle.write(json.dumps({"messages": messages}) + "\n")
     return path
+
+
+@pytest.fixture(scope="session")
+def second_teacher(tiny_models, tmp_path_factory):
+    """Another teacher for the student of `tiny_models`: its tokenizer, other weights (another seed), 2 layers."""
+    from tiny import make_model
+    from transformers import AutoTokenizer
+
+    folder = tmp_path_factory.mktemp("second_teacher") / "teacher"
+    make_model(folder, AutoTokenizer.from_pretrained(tiny_models[0]), num_layers=2, seed=7)
+    return folder

@@ -82,3 +82,27 @@ def metrics(output_dir) -> list[dict]:
 
 def run_config(output_dir) -> dict:
     return json.loads((Path(output_dir) / "run_config.json").read_text())
+
+
+def in_process(capfd, main, argv) -> subprocess.CompletedProcess:
+    """`main(argv)` run in this process as the console scripts run it (`gkd.cli.run`), stderr captured at the file
+    descriptor: what a subprocess would give, without seconds of imports. For refusals that come before any model
+    loads."""
+    import pytest
+
+    from gkd.cli import run
+
+    capfd.readouterr()
+    argv = [str(arg) for arg in argv]
+    with pytest.raises(SystemExit) as exit_info:
+        run(lambda: main(argv))
+    captured = capfd.readouterr()
+    return subprocess.CompletedProcess(argv, exit_info.value.code, captured.out, captured.err)
+
+
+def refused(capfd, main, argv, *expected) -> str:
+    """`assert_user_error` of `main(argv)` run in process, and refused before any weight loaded."""
+    result = in_process(capfd, main, argv)
+    line = assert_user_error(result, *expected)
+    assert "Loading weights" not in result.stderr, result.stderr[-3000:]
+    return line

@@ -136,3 +136,66 @@ def test_a_live_teachers_top_k_above_the_vocabulary_is_refused_before_any_weight
     assert exit_info.value.code == 2 and len(lines) == 1, stderr[-3000:]
     assert "Traceback" not in stderr and "Loading weights" not in stderr and "tokenizing" not in stderr, stderr[-3000:]
     assert "--teacher_top_k 60000 is more than the 300 tokens" in lines[0], lines[0]
+
+
+# ---------------------------------------------------------------- several teachers (--teacher NAME=SOURCE)
+
+
+def model_options(tmp_path, *options):
+    from gkd.cli import parse as parse_options
+    from gkd.config import ModelArguments
+
+    return parse_options(ModelArguments, ["--model_name_or_path", "student", *map(str, options)])[0]
+
+
+def test_several_teachers_are_named_sources_of_each_kind_on_the_command_line_or_in_yaml(tmp_path):
+    cache = tmp_path / "caches" / "code"
+    cache.mkdir(parents=True)
+    (cache / "cache.json").write_text("{}")
+    model_args = model_options(tmp_path, "--teacher", "math=Qwen/Qwen3-8B", "--teacher", "chat=http://host:8000",
+                               "--teacher", f"code={cache}", "--default_teacher", "chat")
+    assert [(spec.name, spec.kind) for spec in model_args.teacher_specs] == [
+        ("math", "live"), ("chat", "server"), ("code", "cache")]
+    assert model_args.for_teacher(model_args.teacher_specs[2]).teacher_logits_path == str(cache)
+    config = tmp_path / "run.yaml"
+    config.write_text("teacher:\n  - math=Qwen/Qwen3-8B\n  - chat=http://host:8000\n")
+    assert model_options(tmp_path, "--config", config).teacher == ["math=Qwen/Qwen3-8B", "chat=http://host:8000"]
+    # flags replace the file's list, as every other option does
+    assert model_options(tmp_path, "--config", config, "--teacher", "code=T").teacher == ["code=T"]
+
+
+@pytest.mark.parametrize("options,expected", [
+    (["--teacher", "a=T", "--teacher_model_name_or_path", "T"], "or one (--teacher_model_name_or_path), not both"),
+    (["--teacher", "a=T", "--teacher_logits_path", "C"], "not both"),
+    (["--teacher", "a=T", "--teacher", "a=U"], "--teacher a is given twice"),
+    (["--teacher", "T"], "--teacher T: expected NAME=SOURCE"),
+    (["--teacher", "a=T", "--default_teacher", "b"], "--default_teacher b is none of the teachers (a)"),
+    (["--teacher_model_name_or_path", "T", "--default_teacher", "b"], "--default_teacher names one of several"),
+])
+def test_malformed_teachers_are_refused_in_one_line(tmp_path, options, expected):
+    with pytest.raises(ConfigError) as raised:
+        model_options(tmp_path, *options)
+    assert expected in str(raised.value) and "\n" not in str(raised.value)
+
+
+def test_each_teacher_is_checked_as_the_runs_one_and_named(tmp_path):
+    """What a cache cannot do (on-policy steps) is refused naming the teacher that is the cache."""
+    cache = tmp_path / "code"
+    cache.mkdir()
+    (cache / "cache.json").write_text("{}")
+    argv = ["--model_name_or_path", "student", "--teacher", "math=T", "--teacher", f"code={cache}", "--dataset_name",
+            "data.jsonl", "--output_dir", tmp_path / "out", "--report_to", "none", "--lmbda", "0.5"]
+    with pytest.raises(ConfigError, match=r"^--teacher code: --teacher_logits_path holds"):
+        parse_args([str(arg) for arg in argv])
+    parse_args([str(arg) for arg in argv[:-2]] + ["--lmbda", "0"])
+
+
+def test_the_options_module_imports_no_cli_generation_or_launch_code():
+    """config.py holds options and their checks: importing it brings in no command-line, sampling or launch code."""
+    import subprocess
+    import sys
+
+    probe = ("import sys, gkd.config; print(sorted(m for m in sys.modules if m.startswith('gkd')))")
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    for module in ("gkd.cli", "gkd.generation", "gkd.decoding", "gkd.launch"):
+        assert f"'{module}'" not in loaded, loaded

@@ -577,7 +577,7 @@ def test_the_training_pipeline_encodes_once_and_reuses_the_cache(tmp_path, token
     options = EncodeOptions(max_length=64, max_new_tokens=16, stop_token_ids=(tokenizer.eos_token_id,))
     first, stats, key = prepare_dataset(DataSource(str(data)), tokenizer, options, cache_root=tmp_path / "cache")
     assert (stats.num_records, stats.num_samples, stats.num_prompt_only, stats.num_text) == (3, 3, 1, 1)
-    assert first.column_names == ["prompt_ids", "completion_ids", "is_text", "truncated", "index"]
+    assert first.column_names == ["prompt_ids", "completion_ids", "is_text", "truncated", "teacher", "source", "index"]
     assert first["index"] == [0, 1, 2]
     again, _, same_key = prepare_dataset(DataSource(str(data)), tokenizer, options, cache_root=tmp_path / "cache")
     assert same_key == key and again["prompt_ids"] == first["prompt_ids"]
@@ -760,3 +760,39 @@ def test_plain_text_sampled_on_any_step_needs_text_prompt_tokens(tmp_path, token
         assert text in message, (text, message)
     script_args, training_args = run_args(tmp_path, "live", *options, "--text_prompt_tokens", "4")
     training_datasets(script_args, training_args, tokenizer, [tokenizer.eos_token_id], "live")
+
+
+# ---------------------------------------------------------------- several teachers: each record routed to its own
+
+
+def test_records_name_their_teacher_in_every_format_and_are_routed_by_index(tmp_path, tokenizer):
+    import pyarrow as pa
+    from pyarrow import parquet
+
+    from gkd.data import DataSource, EncodeOptions, prepare_dataset
+    from gkd.data.pipeline import route_teachers
+
+    data = tmp_path / "train"
+    data.mkdir()
+    write_jsonl(data / "a.jsonl", [{**GOOD, "teacher": "math"}, GOOD])
+    write_jsonl(data / "b.jsonl", [{"instruction": "x", "output": "y", "teacher": "code"}])
+    parquet.write_table(pa.Table.from_pylist([{**GOOD, "teacher": "chat"}, {**GOOD, "teacher": None}]),
+                        data / "c.parquet")
+    options = EncodeOptions(max_length=64, max_new_tokens=16, stop_token_ids=(tokenizer.eos_token_id,))
+    encoded, _, _ = prepare_dataset(DataSource(str(data)), tokenizer, options, cache_root=tmp_path / "cache")
+    assert encoded["teacher"] == ["math", None, "code", "chat", None]
+    routed = route_teachers(encoded, ["chat", "math", "code"], "chat", "train")
+    assert routed["teacher_index"] == [1, 0, 2, 0, 0]
+    assert route_teachers(encoded, None, None, "train").column_names == encoded.column_names  # one teacher: ignored
+    with pytest.raises(DataError) as unknown:
+        route_teachers(encoded, ["chat", "math"], "chat", "train")
+    check_message(unknown.value, "b.jsonl:1", "field 'teacher'", "'code'", "known: chat, math")
+    with pytest.raises(DataError) as missing:
+        route_teachers(encoded, ["chat", "math", "code"], None, "train")
+    check_message(missing.value, "a.jsonl:2", "names no teacher", "--default_teacher")
+    assert route_teachers(encoded.select([1, 4]), ["only"], None, "train")["teacher_index"] == [0, 0]
+
+
+def test_a_teacher_field_must_be_a_name(tmp_path):
+    with pytest.raises(DataError, match="field 'teacher': expected the name of a --teacher, got a number"):
+        load_one(tmp_path, {**GOOD, "teacher": 3})

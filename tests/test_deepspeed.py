@@ -400,3 +400,23 @@ def test_ds_configs_point_at_their_json_and_leave_the_trainer_its_values():
     ddp = yaml.safe_load((folder / "multi_gpu.yaml").read_text())
     assert ddp["distributed_type"] == "MULTI_GPU" and "deepspeed_config" not in ddp
     assert (folder / "README.md").exists()
+
+
+def test_zero3_several_teachers_each_ranks_rows_with_another_teacher(tiny_models, second_teacher, two_records,
+                                                                     tmp_path):
+    """Two live teachers, sharded, and each rank's one record taught by another one: a sharded teacher's forward and
+    generation are collectives, so every rank runs every teacher (it hung or died when each rank asked only its
+    own). Dataset, on-policy and --seq_kd steps all finish, each teacher's loss logged."""
+    student, teacher = tiny_models
+    data = tmp_path / "routed.jsonl"
+    records = [json.loads(line) for line in two_records.read_text().splitlines()]
+    data.write_text("".join(json.dumps({**record, "teacher": name}) + "\n"
+                            for record, name in zip(records, ("math", "chat"))))
+    args = equivalence_args(tiny_models, data, tmp_path / "run", 1, "--seq_kd", "--max_steps", "3")
+    position = args.index("--teacher_model_name_or_path")
+    args = args[:position] + args[position + 2:] + ["--teacher", f"math={teacher}", "--teacher",
+                                                     f"chat={second_teacher}"]
+    assert_ok(launch("zero3.yaml", args))
+    logged = metrics(tmp_path / "run")
+    assert {m["on_policy"] for m in logged} == {0.0, 1.0}
+    assert all(m["kd_tokens/math"] > 0 and m["kd_tokens/chat"] > 0 for m in logged)

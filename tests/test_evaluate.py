@@ -114,3 +114,43 @@ def test_a_model_against_itself_diverges_by_zero_never_less(tiny_models):
     per_prompt = divergences(teacher, teacher, tokenizer, [s["prompt_ids"] for s in samples], stop_ids, 8, 8, 0)
     assert min(per_prompt["jsd"]) >= 0.0 and min(per_prompt["reverse_kl"]) >= 0.0
     assert max(per_prompt["jsd"]) < 1e-5
+
+
+def test_evaluate_scores_each_record_against_its_own_teacher(capfd, tiny_models, second_teacher, chat_data, tmp_path):
+    """--teacher NAME=PATH, repeated: every record is scored against the teacher it names (or the default), the
+    reference row is each record's own teacher (0 divergence), and each teacher's reverse KL is reported."""
+    from helpers import refused
+
+    from gkd.tools import evaluate
+
+    student, teacher = tiny_models
+    data = tmp_path / "routed.jsonl"
+    records = [json.loads(line) for line in chat_data.read_text().splitlines()]
+    data.write_text("".join(json.dumps({**record, **({"teacher": "math"} if number % 3 == 0 else {})}) + "\n"
+                            for number, record in enumerate(records)))
+    args = ["--student", f"before={student}", "--teacher", f"math={teacher}", "--teacher", f"chat={second_teacher}",
+            "--dataset_name", data, "--max_new_tokens", "4", "--bootstrap_samples", "50"]
+    args = [str(arg) for arg in args]
+    assert evaluate.main(args + ["--default_teacher", "chat", "--output_dir", str(tmp_path / "eval")]) == 0
+    report = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    before, reference = report["models"]["before"], report["models"]["teacher"]
+    assert abs(reference["reverse_kl"]) < 1e-5 and abs(reference["reverse_kl/math"]) < 1e-5
+    assert before["reverse_kl/math"] > 1e-4 and before["reverse_kl/chat"] > 1e-4
+    tokens = report["per_prompt"]["before"]["sample_tokens"]
+    summed = report["per_prompt"]["before"]["reverse_kl"]
+    math_rows = [row for row in range(len(records)) if row % 3 == 0]
+    assert before["reverse_kl/math"] == pytest.approx(sum(summed[row] for row in math_rows)
+                                                      / sum(tokens[row] for row in math_rows))
+    # the math rows alone, against the math teacher alone: the same per-prompt divergences
+    alone = evaluate.evaluate_folders({"before": student}, teacher,
+                                      [c for n, c in enumerate(evaluate_conversations(data)) if n % 3 == 0],
+                                      max_new_tokens=4, bootstrap_samples=50)
+    assert alone["per_prompt"]["before"]["reverse_kl"] == pytest.approx([summed[row] for row in math_rows])
+    refused(capfd, evaluate.main, args + ["--output_dir", str(tmp_path / "o")], "routed.jsonl:2",
+            "names no teacher", "--default_teacher")
+
+
+def evaluate_conversations(path):
+    from gkd.data import load_conversations
+
+    return load_conversations(path)

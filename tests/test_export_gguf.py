@@ -63,14 +63,19 @@ def metadata(path: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def smollm2(tmp_path_factory):
-    """(original GGUF, the Hugging Face folder examples/embedded.py converts it into), converted for this module."""
+    """(original GGUF, the Hugging Face folder examples/embedded.py converts it into). The demo's cached conversion
+    when it has SmolLM2's digit split (converted by today's embedded.py), else one converted for this module."""
     spec = importlib.util.spec_from_file_location("embedded", REPO / "examples" / "embedded.py")
     embedded = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(embedded)
+    cached = embedded.DEFAULT_CACHE_DIR / embedded.TEACHER_FOLDER
+    if embedded._is_complete(cached) and '"Digits"' in (cached / "tokenizer.json").read_text():
+        return embedded.smollm2_gguf_path(), cached
     return embedded.smollm2_gguf_path(), embedded.prepare_teacher(tmp_path_factory.mktemp("smollm2"))
 
 
 @needs_smollm2
+@pytest.mark.slow
 def test_q4_1_export_gives_back_the_original_file(smollm2, tmp_path):
     """SLOW (about 40 s with the conversion). Every tensor byte for byte, in the same order and type (token_embd in
     Q8_0, norms in F32, the rest Q4_1), and every metadata value llama.cpp reads."""
@@ -93,6 +98,7 @@ def test_q4_1_export_gives_back_the_original_file(smollm2, tmp_path):
 
 
 @needs_smollm2
+@pytest.mark.slow
 def test_converted_teacher_splits_text_as_smollm2_does(smollm2):
     """examples/embedded.py restores SmolLM2's digit split, which transformers' GGUF loader drops."""
     tokenizer = AutoTokenizer.from_pretrained(smollm2[1])
@@ -101,12 +107,13 @@ def test_converted_teacher_splits_text_as_smollm2_does(smollm2):
 
 
 @needs_smollm2
+@pytest.mark.slow
 def test_q8_0_export_keeps_the_greedy_token_on_the_validation_prompts(smollm2, tmp_path):
     """SLOW (about 30 s idle). transformers loads the Q8_0 file; on every position of the demo's 60 validation
     conversations (chat template applied) its greedy next token is compared with the Hugging Face model's.
 
     Measured: 97.1 % of 3051 positions agree (98.9 % of the 797 response positions), short of the issue's 99 %; every
-    disagreement is a near tie, where the reference's two best logits are within 0.24 of each other (a quarter of this
+    disagreement is a near tie, where the reference's two best logits are within 0.24 of each other (a fifth of this
     135M model's positions are within 0.5). So the test asserts 96 % overall and the same token wherever the reference
     leads by 0.5 or more. The f32 export gives identical logits (test_f32_f16_bf16_round_trip on tiny models; 0.0 on
     SmolLM2 by hand), so what differs here is Q8_0 rounding alone."""
@@ -235,7 +242,7 @@ def test_lora_run_is_merged_first(tiny, tmp_path):
     reference = logits(model.eval())
     assert (reference - logits(load_folder(tiny["llama"]))).abs().max() > 1e-2  # the adapter matters
 
-    exported = export(adapter, tmp_path / "lora.f32.gguf", "f32")
+    exported = export(adapter, tmp_path / "exports" / "lora.f32.gguf", "f32")  # a folder that does not exist yet
     assert (logits(load_gguf(exported)) - reference).abs().max().item() <= 1e-4 * reference.abs().max().item()
 
 

@@ -17,33 +17,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import CLI_ENV, REPO, assert_ok, assert_user_error, default_signals, metrics, run_cli, train_args
+from helpers import (CLI_ENV, REPO, assert_ok, assert_user_error, default_signals, in_process, metrics, refused,
+                     run_cli, train_args)
 from safetensors.torch import load_file
 
 from gkd import train
-from gkd.cli import run
 from gkd.tools import evaluate, merge, prune
 
 GOOD = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello."}]}
-
-
-def in_process(capfd, main, argv) -> tuple[int, str]:
-    """Exit code and stderr of `main(argv)` run as the console scripts run it."""
-    capfd.readouterr()
-    argv = [str(arg) for arg in argv]
-    with pytest.raises(SystemExit) as exit_info:
-        run(lambda: main(argv))
-    return exit_info.value.code, capfd.readouterr().err
-
-
-def refused(capfd, main, argv, *expected) -> str:
-    code, stderr = in_process(capfd, main, argv)
-    lines = [line for line in stderr.splitlines() if line.startswith("error:")]
-    assert code == 2 and len(lines) == 1, (code, stderr[-3000:])
-    assert "Traceback" not in stderr and "Loading weights" not in stderr, stderr[-3000:]
-    for text in expected:
-        assert text in lines[0], (text, lines[0])
-    return lines[0]
 
 
 def write_jsonl(path: Path, *records) -> Path:
@@ -147,6 +128,7 @@ def test_train_refuses_an_output_dir_it_cannot_write(capfd, tiny_models, chat_da
     refused(capfd, train.main, argv, "cannot write --output_dir", "permission denied")
 
 
+@pytest.mark.subprocess  # the `runs` fixture trains two runs in subprocesses
 @pytest.mark.parametrize(
     "case,expected",
     [
@@ -205,6 +187,7 @@ def test_train_reads_a_folder_of_upper_case_jsonl_files(capfd, tiny_models, tmp_
     assert len(load_conversations(folder)) == 2
 
 
+@pytest.mark.subprocess  # the `runs` fixture trains two runs in subprocesses
 @pytest.mark.parametrize(
     "case,expected",
     [
@@ -245,6 +228,7 @@ def test_resume_is_refused_where_it_would_mix_or_misread_runs(capfd, tiny_models
     assert {path: path.stat().st_mtime_ns for path in out.rglob("*")} == before if before else not out.exists()
 
 
+@pytest.mark.subprocess  # the `runs` fixture trains two runs in subprocesses
 def test_a_finished_run_is_not_written_into_without_resume_or_overwrite(capfd, tiny_models, chat_data, runs):
     before = (runs["full"] / "model.safetensors").read_bytes()
     refused(capfd, train.main, train_args(*tiny_models, chat_data, runs["full"])[1:], "already holds a run's results",
@@ -398,7 +382,8 @@ def test_a_signal_a_library_swallows_still_ends_in_one_line(capfd, signum, code,
     previous = {signum: signal.signal(signum, signal.default_int_handler) for signum in (signal.SIGINT,)}
     previous[signal.SIGTERM] = signal.getsignal(signal.SIGTERM)
     try:
-        got, stderr = in_process(capfd, lambda argv: swallowing_main(signum, then_raise)(), [])
+        result = in_process(capfd, lambda argv: swallowing_main(signum, then_raise)(), [])
+        got, stderr = result.returncode, result.stderr
         assert (got, stderr.strip().splitlines()) == (code, [line])
         assert signal.getsignal(signal.SIGTERM) == previous[signal.SIGTERM]  # the runner gives the handlers back
     finally:
@@ -413,9 +398,11 @@ def test_a_second_signal_ends_a_process_that_swallows_every_exception():
         "import time\n"
         "from gkd.cli import run\n"
         "def main():\n"
-        "    print('ready', flush=True)\n"
+        "    ready = False\n"
         "    while True:\n"
-        "        try:\n"
+        "        try:\n"  # 'ready' is printed inside the try, so the first signal always lands in it
+        "            if not ready:\n"
+        "                ready = print('ready', flush=True) or True\n"
         "            time.sleep(0.05)\n"
         "        except BaseException:\n"
         "            pass\n"
@@ -462,10 +449,10 @@ def test_a_home_path_the_shell_did_not_expand_works_in_train(capfd, home):
 
 
 def test_a_home_path_the_shell_did_not_expand_works_in_eval(capfd, home):
-    code, stderr = in_process(capfd, evaluate.main, [
+    result = in_process(capfd, evaluate.main, [
         "--student", "~/models/student", "--teacher", "~/models/teacher", "--dataset_name", "~/data/chat.jsonl",
         "--output_dir", "~/eval", "--max_records", "2", "--max_new_tokens", "4", "--bootstrap_samples", "10"])
-    assert code == 0 and "Traceback" not in stderr, stderr[-3000:]
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert (home / "eval/eval.json").exists()
 
 
@@ -542,6 +529,7 @@ def test_lora_runs_are_reproducible_from_the_seed(tiny_models, chat_data, tmp_pa
 # --------------------------------------------------------------------------------------------------- the tools
 
 
+@pytest.mark.subprocess  # the `runs` fixture trains two runs in subprocesses
 def test_prune_refuses_unknown_flags_and_unusable_models(capfd, tiny_models, runs, tmp_path):
     student, _ = tiny_models
     refused(capfd, prune.main, ["--model_name_or_path", student, "--output_dir", tmp_path / "o", "--num_layer", "1"],
@@ -579,6 +567,7 @@ def test_merge_refuses_unknown_flags_and_missing_adapters(capfd, tmp_path):
                                 "nan"], "--verify_tolerance must be a finite number")  # every CLI, every float
 
 
+@pytest.mark.subprocess  # the `runs` fixture trains two runs in subprocesses
 def test_merge_refuses_an_adapter_trained_on_another_model(capfd, tiny_models, runs, tmp_path):
     """The student's adapter (2 blocks) onto the 3-block teacher: every shape fits, one block has no adapter."""
     refused(capfd, merge.main, ["--adapter_path", runs["lora"], "--base_model_name_or_path", tiny_models[1],
@@ -591,7 +580,7 @@ def test_every_command_line_documents_its_options(capfd):
 
     for main in (train.main, prune.main, merge.main, evaluate.main, cache_teacher.main, teacher_server.main,
                  compare.main):
-        code, _ = in_process(capfd, main, ["--help"])
+        code = in_process(capfd, main, ["--help"]).returncode
         assert code == 0, main.__module__
 
 

@@ -95,7 +95,7 @@ def test_a_served_teacher_writes_completions_and_scores_the_students(tiny_models
 
 
 def test_a_cache_that_does_not_fit_the_run_is_refused(capfd, tiny_models, chat_data, cache, tmp_path):
-    from test_hostile import refused
+    from helpers import refused
 
     student, _ = tiny_models
 
@@ -140,7 +140,7 @@ def test_a_killed_cache_build_resumes_from_its_complete_shards(tiny_models, chat
 
 
 def test_a_server_that_cannot_serve_the_run_is_refused(capfd, tiny_models, chat_data, server, tmp_path):
-    from test_hostile import refused
+    from helpers import refused
     from tiny import make_tokenizer
 
     student, _ = tiny_models
@@ -233,7 +233,7 @@ def test_a_server_whose_answers_break_the_contract_is_refused(capfd, tiny_models
     """Every answer is checked (count, shape, finite log-probabilities <= 0, ids in the vocabulary), and one that
     breaks vLLM's contract is an error naming the server and what was wrong, at once, not retried; so is an answer
     that is not JSON. A context of exactly --max_length is one token short."""
-    from test_hostile import refused
+    from helpers import refused
 
     student, teacher = tiny_models
     broken = {"edit": None}
@@ -292,7 +292,7 @@ def trickle_headers(handler, *_):
 def test_a_trickling_server_times_out_within_the_timeout(capfd, tiny_models, chat_data, tmp_path, stall):
     """--teacher_server_timeout bounds a whole request, not each read: a server that sends a byte every 0.5 s fails
     the request (the describe call or the probe) after the timeout, then the retry path runs."""
-    from test_hostile import refused
+    from helpers import refused
 
     student, teacher = tiny_models
     timeout = 2
@@ -419,3 +419,93 @@ def test_a_failed_cache_build_leaves_nothing_that_blocks_a_rerun(tiny_models, ch
     assert [path.name for path in folder.iterdir() if path.name != ".gkd-run.lock"] == []
     cache_teacher.main(command + ["--storage_dtype", "bfloat16"])
     assert json.loads((folder / "cache.json").read_text())["storage_dtype"] == "bfloat16"
+
+
+# ---------------------------------------------------------------- several teachers (--teacher NAME=SOURCE)
+
+
+def named_teachers(args: list[str], *teachers: str) -> list[str]:
+    """A training command whose one teacher is replaced by `--teacher NAME=SOURCE` options."""
+    return without_live_teacher(args) + [item for teacher in teachers for item in ("--teacher", teacher)]
+
+
+@pytest.fixture(scope="module")
+def routed_data(chat_data, tmp_path_factory):
+    """The chat data, records alternately taught by `math` and `chat`, the last two by the default."""
+    path = tmp_path_factory.mktemp("routed") / "routed.jsonl"
+    records = [json.loads(line) for line in chat_data.read_text().splitlines()]
+    for number, record in enumerate(records[:-2]):
+        record["teacher"] = ("math", "chat")[number % 2]
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+    return path
+
+
+def test_several_teachers_each_teach_their_own_records_and_a_resume_keeps_them(
+        capfd, tiny_models, second_teacher, routed_data, tmp_path):
+    from helpers import refused
+
+    student, teacher = tiny_models
+    out = tmp_path / "out"
+    args = named_teachers(train_args(student, teacher, routed_data, out, "--lmbda", "0.5", "--seed", "0",
+                                     "--save_strategy", "steps", "--save_steps", "1", "--default_teacher", "chat"),
+                          f"math={teacher}", f"chat={second_teacher}")
+    result = run_cli(args)
+    assert_ok(result)
+    assert "samples per teacher: math 3, chat 5" in result.stderr
+    logged = metrics(out)
+    assert len(logged) == 2 and {m["on_policy"] for m in logged} == {0.0, 1.0}
+    for name in ("math", "chat"):
+        assert any(m.get(f"kd_loss/{name}", 0) > 0 for m in logged), name
+        assert sum(m[f"kd_tokens/{name}"] for m in logged) > 0
+    for m in logged:  # the teachers' per-token losses add up to the run's, weighted by their tokens
+        tokens = sum(m[f"kd_tokens/{name}"] for name in ("math", "chat"))
+        summed = sum(m.get(f"kd_loss/{name}", 0) * m[f"kd_tokens/{name}"] for name in ("math", "chat"))
+        assert summed / tokens == pytest.approx(m["kd_loss"], rel=1e-4)
+    resume = ["--resume_from_checkpoint", "last", "--max_steps", "3"]
+    swapped = named_teachers(train_args(student, teacher, routed_data, out, "--default_teacher", "chat", *resume),
+                             f"math={second_teacher}", f"chat={second_teacher}")[1:]
+    refused(capfd, train.main, swapped, "was trained with --teacher math source", str(teacher))
+    refused(capfd, train.main, without_live_teacher(train_args(student, teacher, routed_data, out, *resume))[1:]
+            + ["--teacher", f"math={teacher}"], "this run is without --teacher chat")
+    assert_ok(run_cli(args[:args.index("--max_steps")] + args[args.index("--max_steps") + 2:] + resume))
+    logged = metrics(out)
+    assert [m["step"] for m in logged] == [1, 2, 3] and all("kd_tokens/chat" in m for m in logged)
+
+
+@pytest.mark.parametrize("kind", ["live", "cache", "server"])
+def test_one_named_teacher_trains_exactly_like_the_single_teacher_options(tiny_models, chat_data, cache, server,
+                                                                          tmp_path, kind):
+    student, teacher = tiny_models
+    lmbda = "0" if kind == "cache" else "0.5"
+    common = ["--lmbda", lmbda, "--seed", "0", "--teacher_top_k", str(TOP_K)]  # seed 0: steps 1 and 2 differ
+    source, option = {"live": (teacher, "--teacher_model_name_or_path"), "cache": (cache, "--teacher_logits_path"),
+                      "server": (server, "--teacher_server_url")}[kind]
+    single = without_live_teacher(train_args(student, teacher, chat_data, tmp_path / "single", *common))
+    assert_ok(run_cli(single + [option, source]))
+    assert_ok(run_cli(named_teachers(train_args(student, teacher, chat_data, tmp_path / "named", *common),
+                                     f"a={source}")))
+    single, named = metrics(tmp_path / "single"), metrics(tmp_path / "named")
+    if kind != "cache":
+        assert {m["on_policy"] for m in single} == {0.0, 1.0}
+    assert [m["loss"] for m in named] == [m["loss"] for m in single]
+    assert [m["grad_norm"] for m in named] == [m["grad_norm"] for m in single]
+    assert all(m["kd_tokens/a"] > 0 for m in named)
+    weights = [(tmp_path / run / "model.safetensors").read_bytes() for run in ("single", "named")]
+    assert weights[0] == weights[1]
+
+
+def test_each_teacher_is_checked_at_start_and_named(capfd, tiny_models, chat_data, cache, tmp_path):
+    from helpers import refused
+
+    student, teacher = tiny_models
+
+    def teachers(*specs, extra=()):
+        return named_teachers(train_args(student, teacher, chat_data, tmp_path / "out", "--lmbda", "0",
+                                         "--default_teacher", "a", *extra), *specs)[1:]
+
+    refused(capfd, train.main, teachers(f"a={teacher}", f"code={cache}", extra=["--teacher_top_k", "9"]),
+            "--teacher code: --teacher_top_k 9", "holds only the top 8")
+    refused(capfd, train.main, teachers(f"a={teacher}", f"other={tmp_path / 'missing'}"), "--teacher other: ")
+    refused(capfd, train.main, teachers(f"a={teacher}", "b=http://127.0.0.1:9",
+                                        extra=["--teacher_top_k", "4", "--teacher_server_retries", "0"]),
+            "--teacher b: ", "Connection refused")

@@ -231,3 +231,75 @@ def test_an_answer_that_breaks_the_contract_is_an_error_naming_the_server(broken
     with pytest.raises(TeacherServerError, match="http://teacher:8000") as raised:
         check_answer(vllm_answer(rows, broken), rows, 3, 1000, "http://teacher:8000/v1/completions")
     assert expected in str(raised.value)
+
+
+# ---------------------------------------------------------------- several teachers, each row its own
+
+
+def test_several_teachers_give_each_row_its_own_teachers_targets(loaded, window, second_teacher, cache_folder):
+    """A live teacher (dense) and a cache of another (top-K) behind one RoutedTeacher: each is asked about its own
+    rows only, and each part holds what that teacher alone gives at those rows' positions."""
+    from gkd.teachers.routed import RoutedTeacher
+
+    _, model = loaded
+    vocab_size = model.config.vocab_size
+    other = models.load_frozen(models.ModelRef(str(second_teacher)), "float32")
+    live, cached = LiveTeacher(other, None, 0.5, 1.0, 512), CachedTeacher(TeacherCache(cache_folder, vocab_size),
+                                                                          TOP_K, 0.5)
+    routed = RoutedTeacher({"chat": live, "math": cached})
+    rows = window["completion_mask"].shape[0]
+    batch = {**window, "teacher_index": torch.tensor([row % 2 for row in range(rows)])}
+    (fetched,) = routed.fetch([batch], vocab_size)
+    positions = positions_of(fetched)
+    parts = routed.targets(positions, as_logits=False, vocab_size=vocab_size)
+    assert [part.name for part in parts] == ["chat", "math"]
+    owner = batch["teacher_index"][:, None].expand_as(positions.mask)[positions.mask]
+    whole = positions_of(window)
+    dense = live.targets(whole, as_logits=False, vocab_size=vocab_size)
+    (alone,) = cached.fetch([window], vocab_size)
+    sparse = cached.targets(positions_of(alone), False, vocab_size)
+    chat, math = parts
+    assert torch.equal(chat.rows, owner == 0) and torch.equal(math.rows, owner == 1)
+    assert isinstance(chat.target, losses.DenseTeacher) and isinstance(math.target, losses.SparseTeacher)
+    torch.testing.assert_close(chat.target.hidden, dense.hidden[chat.rows], rtol=1e-5, atol=1e-5)
+    assert torch.equal(math.target.ids, sparse.ids[math.rows])
+    assert torch.equal(math.target.log_probs, sparse.log_probs[math.rows])
+    logits = routed.targets(positions, as_logits=True, vocab_size=vocab_size)[0].target
+    torch.testing.assert_close(logits, live.targets(whole, True, vocab_size)[chat.rows], rtol=1e-5, atol=1e-5)
+    # rows of one teacher only: it is asked about the whole batch, as the run's one teacher would be
+    only_math = {**window, "teacher_index": torch.ones(rows, dtype=torch.long)}
+    (fetched,) = routed.fetch([only_math], vocab_size)
+    (part,) = routed.targets(positions_of(fetched), False, vocab_size)
+    assert part.name == "math" and bool(part.rows.all()) and torch.equal(part.target.ids, sparse.ids)
+    assert "teacher_seconds" in routed.pop_timings()
+
+
+def test_several_prefetched_teachers_are_asked_at_once_and_sample_their_own_rows(loaded, window, cache_folder,
+                                                                                 server_url):
+    """A cache and a server behind one RoutedTeacher: fetched on two threads, each part its own source's top-K; and
+    under --seq_kd each row's completion is its own teacher's (a server draws a row from its seed alone)."""
+    from gkd.teachers.routed import RoutedTeacher
+
+    tokenizer, model = loaded
+    vocab_size = model.config.vocab_size
+    cached = CachedTeacher(TeacherCache(cache_folder, vocab_size), TOP_K, 0.5)
+    routed = RoutedTeacher({"served": served_teacher(server_url, TOP_K), "cached": cached})
+    rows = window["completion_mask"].shape[0]
+    batch = {**window, "teacher_index": torch.tensor([(row // 2) % 2 for row in range(rows)])}
+    (fetched,) = routed.fetch([batch], vocab_size)
+    parts = routed.targets(positions_of(fetched), False, vocab_size)
+    live = LiveTeacher(model, TOP_K, 0.5, 1.0, 512).targets(positions_of(window), False, vocab_size)
+    assert [part.name for part in parts] == ["served", "cached"]
+    for part in parts:
+        assert torch.equal(part.target.ids, live.ids[part.rows]), part.name
+        torch.testing.assert_close(part.target.log_probs, live.log_probs[part.rows], rtol=2e-3, atol=2e-3)
+    assert routed.pop_timings()["teacher_seconds"] > 0
+
+    sampling = Sampling(5, (tokenizer.eos_token_id,), tokenizer.pad_token_id, temperature=1.0)
+    two_servers = RoutedTeacher({"a": served_teacher(server_url, TOP_K), "b": served_teacher(server_url, TOP_K)})
+    request = SampleRequest(window["prompt_ids"][:4], window["prompt_mask"][:4], sampling, [1, 2, 3, 4], 10_000,
+                            decode=None, teacher_index=torch.tensor([1, 0, 0, 1]))
+    ids, mask = two_servers.sample(request)
+    alone, alone_mask = served_teacher(server_url, TOP_K).sample(request)
+    for row in range(4):
+        assert ids[row][mask[row].bool()].tolist() == alone[row][alone_mask[row].bool()].tolist()

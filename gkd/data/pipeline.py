@@ -198,17 +198,20 @@ def training_datasets(script_args, training_args, tokenizer, stop_token_ids: lis
 
 def route_teachers(dataset, teacher_names: list[str] | None, default_teacher: str | None, name: str):
     """Each sample's teacher as an index into `teacher_names` (the column `teacher_index`): its record's `teacher`
-    field, or `default_teacher` where it names none. A name the run does not know, or a record without one and no
-    default, is refused naming the record. Without `teacher_names` (one teacher) the field is ignored, said once."""
+    field, or `default_teacher` where it names none (the only one, when one is given). A name the run does not know,
+    or a record without one and no default, is refused naming the record. Without `teacher_names` (one teacher, not
+    given as --teacher NAME=SOURCE) the field is ignored, said once."""
     import pyarrow.compute as compute
 
-    column = dataset.data.column("teacher")
+    column = dataset.with_format("arrow")["teacher"]  # in the dataset's order (a selection's too)
     named = len(column) - column.null_count
     if not teacher_names:
         if named:
             logger.warning("%s: %d records name a teacher; the run has one teacher (no --teacher NAME=SOURCE), so "
                            "the field is ignored", name, named)
         return dataset
+    if default_teacher is None and len(teacher_names) == 1:
+        default_teacher = teacher_names[0]
     counts = {entry["values"]: entry["counts"] for entry in compute.value_counts(column).to_pylist()}
     missing = counts.pop(None, 0)
     known = ", ".join(teacher_names)

@@ -1,10 +1,11 @@
 """Where the teacher's signal comes from, behind one interface (`base.Teacher`): a live model beside the student
 (`live`), a cache of its top-K log-probabilities built once (`cache`), or an inference server on its own machines
-(`server`). `check_teacher` checks a live teacher before any data is read; `open_teacher` opens the run's one teacher,
-its K decided there. The trainer asks the `Teacher` it gets and never which kind it is.
+(`server`); several of them, each sample routed to its own (`routed`). `check_teacher` checks a live teacher before
+any data is read; `open_teacher` opens the run's one teacher, its K decided there. The trainer asks the `Teacher` it
+gets and never which kind it is.
 """
 
-from .base import CompletionPositions, SampleRequest, Teacher, TeacherUnavailable  # noqa: F401
+from .base import CompletionPositions, SampleRequest, TargetPart, Teacher, TeacherUnavailable  # noqa: F401
 from .targets import SparseTargets, completion_rows  # noqa: F401
 
 
@@ -15,6 +16,15 @@ def check_teacher(model_args, training_args, student_tokenizer, student_ref):
     from .. import models
     from ..errors import ConfigError
 
+    if model_args.teacher:  # several teachers: each checked as the run's one, its refusals named
+        from ..config import named_teacher
+
+        refs = {}
+        for spec in model_args.teacher_specs:
+            with named_teacher(spec.name):
+                refs[spec.name] = check_teacher(model_args.for_teacher(spec), training_args, student_tokenizer,
+                                                student_ref)
+        return refs
     kind = model_args.teacher_kind
     if kind == "live":
         ref = models.ModelRef(model_args.teacher_model_name_or_path, model_args.teacher_model_revision,
@@ -36,7 +46,20 @@ def open_teacher(model_args, training_args, student_tokenizer, stop_token_ids, n
                  data_fingerprint: str, teacher_ref=None) -> Teacher:
     """The run's one teacher, opened from the options with its K decided: a cache checked against the encoded data,
     a server checked for what the run asks of it, or a live model (`teacher_ref` from `check_teacher`) that loads
-    when the trainer starts. Before the output folder is touched, so every refusal comes first."""
+    when the trainer starts. Before the output folder is touched, so every refusal comes first. Several teachers
+    (`--teacher NAME=SOURCE`) open one by one, each as the run's one (`teacher_ref` is then `check_teacher`'s refs by
+    name), behind one `RoutedTeacher`."""
+    if model_args.teacher:
+        from ..config import named_teacher
+        from .routed import RoutedTeacher
+
+        opened = {}
+        for spec in model_args.teacher_specs:
+            with named_teacher(spec.name):
+                opened[spec.name] = open_teacher(model_args.for_teacher(spec), training_args, student_tokenizer,
+                                                 stop_token_ids, num_samples, data_fingerprint,
+                                                 (teacher_ref or {}).get(spec.name))
+        return RoutedTeacher(opened)
     kind = model_args.teacher_kind
     if kind == "cache":
         from ..data import EncodeOptions

@@ -38,9 +38,9 @@ class CompletionPositions:
 @dataclass
 class SampleRequest:
     """Completions wanted for left-padded prompts: sampled as `sampling` says, each row from its own `seeds` entry (a
-    server's), or by the trainer's own decode loop (`decode(model)`, which seeds, gathers and unwraps as the student's
-    sampling does) for a model beside the student. A completion ends before any id at or beyond `vocab_size`, which
-    the student cannot embed."""
+    server's), or by the trainer's own decode loop (`decode(model, prompt_ids, prompt_mask)`, which seeds, gathers
+    and unwraps as the student's sampling does) for a model beside the student. A completion ends before any id at or
+    beyond `vocab_size`, which the student cannot embed."""
 
     prompt_ids: torch.Tensor
     prompt_mask: torch.Tensor
@@ -48,6 +48,24 @@ class SampleRequest:
     seeds: list[int]
     vocab_size: int
     decode: Callable
+    teacher_index: torch.Tensor | None = None  # each row's teacher, where several teach (the batches' column)
+
+    def select(self, rows: list[int]) -> "SampleRequest":
+        """The same request for some of its rows (their seeds kept)."""
+        index = None if self.teacher_index is None else self.teacher_index[rows]
+        return SampleRequest(self.prompt_ids[rows], self.prompt_mask[rows], self.sampling,
+                             [self.seeds[row] for row in rows], self.vocab_size, self.decode, index)
+
+
+@dataclass
+class TargetPart:
+    """One teacher's share of a micro-batch's targets, where several teachers answer it: `rows` [N] selects its
+    completion positions (row-major over the batch's completion mask, as `CompletionPositions.mask` orders them) and
+    `target` is what `Teacher.targets` gives for them alone. The loss is summed part by part."""
+
+    rows: torch.Tensor
+    name: str
+    target: object
 
 
 class Teacher:
@@ -60,6 +78,7 @@ class Teacher:
     top_k: int | None = None
     vocab_size: int | None = None
     can_sample: bool = False
+    part_names: tuple[str, ...] = ()  # the parts `targets` may answer in (several teachers), for per-part logs
 
     def start(self, accelerator, deepspeed: bool) -> None:
         """When the trainer is built, after the student: load a model beside the student and place it on the run's
@@ -73,7 +92,8 @@ class Teacher:
     def targets(self, positions: CompletionPositions, as_logits: bool, vocab_size: int):
         """What the loss compares the student against at `positions`: a `losses.DenseTeacher` (hidden states and
         head, for the chunked loss), teacher logits [N, V] (`as_logits`, for the full-logits loss), or a
-        `losses.SparseTeacher` (top-K). Ids at or beyond `vocab_size` are not real tokens of both models."""
+        `losses.SparseTeacher` (top-K); or, from several teachers, a list of `TargetPart`s, one per teacher of
+        `part_names` with rows here. Ids at or beyond `vocab_size` are not real tokens of both models."""
         raise NotImplementedError
 
     def sample(self, request: SampleRequest) -> tuple[torch.Tensor, torch.Tensor]:

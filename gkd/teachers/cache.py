@@ -173,7 +173,8 @@ class TeacherCache:
 def score_batch(model, batch: dict, top_k: int, chunk_size: int = 512, storage_dtype: str = "float16") -> list[dict]:
     """The teacher's top-K ids and log-probabilities, and the actual token's, at every completion position of each
     row of a padded batch (`batching.pad_batch`'s layout), as the rows of a cache shard (`to_storage`'s values)."""
-    from .live import last_hidden_state, top_k_targets
+    from .live import last_hidden_state
+    from .targets import top_k_targets
 
     input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
     attention_mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)

@@ -89,7 +89,7 @@ class LiveTeacher(Teacher):
         return targets.for_loss(self.top_k, self.beta, p.labels)
 
     def sample(self, request: SampleRequest) -> tuple[torch.Tensor, torch.Tensor]:
-        return request.decode(self.model)
+        return request.decode(self.model, request.prompt_ids, request.prompt_mask)
 
     def chunked_loss_ok(self) -> bool:
         return has_plain_head(self._unwrapped())

@@ -1,6 +1,7 @@
 """How close is a student to its teacher? Metrics on a validation set, as JSON and a Markdown table; curves as PNG.
 
     gkd-eval --student S [--student NAME=S2 ...] --teacher T --dataset_name val.jsonl --output_dir O
+    gkd-eval --student S --teacher math=T1 --teacher chat=T2 [--default_teacher chat] ...  # each record its own
     gkd-eval --plot_run runs/x          # training curves from runs/x/metrics.jsonl -> PNG
     (python -m gkd.evaluate ... is the same command)
 
@@ -12,7 +13,9 @@ Metrics, per student:
 - answer_accuracy: share of records with `answers` whose greedy response contains one (case-insensitive).
 - mean_response_tokens: length of the student's greedy responses.
 Each of the first four gets a 95% bootstrap interval over prompts (`*_ci`); per-prompt values are in eval.json, so
-two students can be compared on the same prompts (`paired_difference`).
+two students can be compared on the same prompts (`paired_difference`). With several teachers (`--teacher NAME=T`,
+as training takes them), each record is scored against the teacher its `teacher` field names (or
+`--default_teacher`), the reference row is each record's own teacher, and `reverse_kl/NAME` is reported per teacher.
 """
 
 import json
@@ -175,25 +178,55 @@ def paired_difference(report: dict, name: str, reference: str, metric: str, samp
 
 def evaluate_students(
     students: dict, teacher, tokenizer, conversations, stop_ids, max_new_tokens=48, batch_size=8, seed=0,
-    bootstrap_samples=1000,
+    bootstrap_samples=1000, routes: list[str] | None = None,
 ) -> dict:
-    """Metrics for each named student against one teacher; the teacher's greedy responses are computed once."""
+    """Metrics for each named student against one teacher; the teacher's greedy responses are computed once.
+
+    Several teachers: `teacher` is a dict of them by name and `routes` names each conversation's; every prompt is
+    scored against its own teacher (prompts grouped by teacher, in their order), and a student may be such a dict
+    too (the reference row: each prompt answered by its own teacher)."""
     from gkd.data import encode_conversations
 
     samples, _ = encode_conversations(conversations, tokenizer, 4096, max_new_tokens, stop_ids)
     prompts = [sample["prompt_ids"] for sample in samples]
     answers = [conversation.answers for conversation in conversations]
-    teacher_answers = greedy_responses(teacher, tokenizer, prompts, stop_ids, max_new_tokens, batch_size)
+    teachers = teacher if isinstance(teacher, dict) else {None: teacher}
+    routes = routes or [None] * len(prompts)
+    groups = {name: [row for row, route in enumerate(routes) if route == name] for name in teachers}
+    groups = {name: rows for name, rows in groups.items() if rows}
+
+    def by_group(ask) -> dict:
+        """`ask(name, its prompts)` per teacher's group, each per-prompt list put back in prompt order."""
+        stitched = {}
+        for name, rows in groups.items():
+            for key, values in ask(name, [prompts[row] for row in rows]).items():
+                column = stitched.setdefault(key, [None] * len(prompts))
+                for row, value in zip(rows, values):
+                    column[row] = value
+        return stitched
+
+    def greedy(model):
+        answered = by_group(lambda name, chunk: vars(greedy_responses(
+            _model_for(model, name), tokenizer, chunk, stop_ids, max_new_tokens, batch_size)))
+        return Responses(answered["ids"], answered["texts"])
+
+    teacher_answers = greedy(teachers)
     report = {"num_prompts": len(prompts), "max_new_tokens": max_new_tokens, "seed": seed,
               "bootstrap_samples": bootstrap_samples, "models": {}, "per_prompt": {}, "samples": []}
     responses = {}
     for name, student in tqdm(students.items(), desc="evaluating", unit="model", total=len(students)):
-        student.eval()
-        own = greedy_responses(student, tokenizer, prompts, stop_ids, max_new_tokens, batch_size)
+        for model in (student.values() if isinstance(student, dict) else [student]):
+            model.eval()
+        own = greedy(student)
         responses[name] = own.texts
         per_prompt = {
-            **divergences(student, teacher, tokenizer, prompts, stop_ids, max_new_tokens, batch_size, seed),
-            **teacher_nll(student, tokenizer, prompts, teacher_answers, batch_size),
+            **by_group(lambda group, chunk: divergences(_model_for(student, group), teachers[group], tokenizer, chunk,
+                                                        stop_ids, max_new_tokens, batch_size, seed)),
+            **by_group(lambda group, chunk: teacher_nll(
+                _model_for(student, group), tokenizer, chunk,
+                Responses(*([values[row] for row in groups[group]] for values in (teacher_answers.ids,
+                                                                                   teacher_answers.texts))),
+                batch_size)),
             "answer_hits": answer_hits(own.texts, answers),
             "response_tokens": [len(ids) for ids in own.ids],
         }
@@ -203,6 +236,9 @@ def evaluate_students(
                         for metric in RATIOS})
         metrics["mean_response_tokens"] = sum(per_prompt["response_tokens"]) / max(len(prompts), 1)
         metrics["checked_prompts"] = sum(hit is not None for hit in per_prompt["answer_hits"])
+        if None not in teachers:  # several teachers: each one's reverse KL over its own prompts
+            metrics.update({f"reverse_kl/{group}": _ratio(per_prompt, "reverse_kl", rows)
+                            for group, rows in groups.items()})
         report["models"][name] = metrics
         report["per_prompt"][name] = per_prompt
     for index in range(min(5, len(prompts))):
@@ -216,26 +252,40 @@ def evaluate_students(
     return report
 
 
+def _model_for(model, group):
+    """A model, or one of several by their teacher's name (the reference row of several teachers)."""
+    return model[group] if isinstance(model, dict) else model
+
+
 def evaluate_folders(
-    student_paths: dict, teacher_path, conversations, max_new_tokens=48, batch_size=8, seed=0, bootstrap_samples=1000
+    student_paths: dict, teacher_path, conversations, max_new_tokens=48, batch_size=8, seed=0, bootstrap_samples=1000,
+    routes: list[str] | None = None,
 ) -> dict:
     """`evaluate_students` for models named by folder or Hub id (a `--use_peft` run's folder counts: its adapter is
-    merged into its base): each named student, then the teacher itself as the reference row."""
+    merged into its base): each named student, then the teacher itself as the reference row. `teacher_path` may be a
+    dict of several teachers by name, `routes` naming each conversation's."""
     from gkd import models
 
-    teacher_ref = models.ModelRef(str(teacher_path), flag="--teacher")
-    models.check_model(teacher_ref)
-    tokenizer = models.load_tokenizer(teacher_ref)
+    teacher_paths = teacher_path if isinstance(teacher_path, dict) else {None: teacher_path}
+    teacher_refs = {name: models.ModelRef(str(path), flag="--teacher" if name is None else f"--teacher {name}")
+                    for name, path in teacher_paths.items()}
+    for ref in teacher_refs.values():
+        models.check_model(ref)
+    first = next(iter(teacher_refs.values()))
+    tokenizer = models.load_tokenizer(first)
+    for name, ref in list(teacher_refs.items())[1:]:
+        models.check_same_vocabulary(models.load_tokenizer(ref), tokenizer, f"teacher {name} ({ref.name})")
     for name, path in student_paths.items():
         student_ref = _student_ref(name, path)
         models.check_same_vocabulary(models.load_tokenizer(student_ref), tokenizer, f"student {name} ({path})")
-    stop_ids = models.stop_token_ids(tokenizer, teacher_ref)
+    stop_ids = models.stop_token_ids(tokenizer, first)
     # Students are evaluated frozen and in eval mode, exactly as the teacher is loaded.
     students = {name: _load_student(name, path) for name, path in student_paths.items()}
-    teacher = models.load_frozen(teacher_ref, "float32")
+    teachers = {name: models.load_frozen(ref, "float32") for name, ref in teacher_refs.items()}
+    teacher = teachers[None] if None in teachers else teachers
     students["teacher"] = teacher
     return evaluate_students(students, teacher, tokenizer, conversations, stop_ids, max_new_tokens, batch_size, seed,
-                             bootstrap_samples)
+                             bootstrap_samples, routes)
 
 
 def _student_ref(name: str, path):
@@ -354,8 +404,13 @@ class EvaluateConfig:
         metadata={"help": "A student: model folder, Hub id or --use_peft run folder; NAME=PATH names it. Repeat the "
                   "flag (or list several) for more students."},
     )
-    teacher: str | None = field(
-        default=None, metadata={"help": "The teacher (folder or Hub id); also evaluated, as the reference row."}
+    teacher: list[str] = field(
+        default_factory=list,
+        metadata={"help": "The teacher (folder or Hub id); also evaluated, as the reference row. Several, as training "
+                  "takes them: NAME=PATH, repeated; each record is scored against the one its `teacher` field names."},
+    )
+    default_teacher: str | None = field(
+        default=None, metadata={"help": "With several --teacher NAME=PATH: the one for records naming none."}
     )
     dataset_name: str | None = field(
         default=None, metadata={"help": "Validation records (any format gkd trains on; `answers` optional)."}
@@ -373,7 +428,7 @@ class EvaluateConfig:
 
     def __post_init__(self):
         if self.plot_run:
-            if self.student or self.teacher or self.dataset_name or self.output_dir:
+            if self.student or self.teacher or self.dataset_name or self.output_dir or self.default_teacher:
                 raise ConfigError("--plot_run plots a run's curves and nothing else: give it alone, or evaluate "
                                   "without it")
             return
@@ -384,6 +439,7 @@ class EvaluateConfig:
                 raise ConfigError(f"--{name} must be at least 1, got {getattr(self, name)}")
         if self.max_records is not None and self.max_records < 1:
             raise ConfigError(f"--max_records must be at least 1, got {self.max_records}")
+        self.named_teachers()  # a malformed --teacher is refused before anything loads
         if (Path(self.output_dir) / "eval.json").exists() and not self.overwrite:
             raise ConfigError(f"--output_dir {self.output_dir} already holds an evaluation (eval.json); pass "
                               "--overwrite to replace it, or choose another folder")
@@ -400,6 +456,46 @@ class EvaluateConfig:
                 raise ConfigError(f"--student {item}: the name '{name}' is taken; name each student with NAME=PATH")
             named[name] = path
         return named
+
+
+    def named_teachers(self) -> str | dict[str, str]:
+        """The one teacher's path, or several by name (`--teacher NAME=PATH` each, as gkd-train takes them)."""
+        if len(self.teacher) == 1 and "=" not in self.teacher[0]:
+            if self.default_teacher is not None:
+                raise ConfigError("--default_teacher names one of several teachers: give them as --teacher NAME=PATH")
+            return self.teacher[0]
+        named = {}
+        for item in self.teacher:
+            name, _, path = item.partition("=")
+            if not name.strip() or not path.strip():
+                raise ConfigError(f"--teacher {item}: expected NAME=PATH when there are several teachers")
+            if name in named or name == "teacher":
+                raise ConfigError(f"--teacher {item}: the name '{name}' is taken; give each teacher its own NAME")
+            named[name] = path
+        if self.default_teacher is not None and self.default_teacher not in named:
+            raise ConfigError(f"--default_teacher {self.default_teacher} is none of the teachers "
+                              f"({', '.join(named)})")
+        return named
+
+
+def teacher_routes(conversations, names: list[str], default: str | None) -> list[str]:
+    """Each record's teacher: its `teacher` field, or `default` (the only teacher, when one is named). A name no
+    --teacher gives, or no name and no default, is refused naming the record."""
+    from gkd.errors import DataError
+
+    default = default or (names[0] if len(names) == 1 else None)
+    routes = []
+    for conversation in conversations:
+        route = conversation.teacher or default
+        if route is None:
+            raise DataError(conversation.source, f"names no teacher, and there is no --default_teacher: add a "
+                                                 f"'teacher' field ({', '.join(names)}) or give --default_teacher NAME",
+                            field="teacher")
+        if route not in names:
+            raise DataError(conversation.source, f"names the teacher {route!r}, which no --teacher gives (known: "
+                                                 f"{', '.join(names)})", field="teacher")
+        routes.append(route)
+    return routes
 
 
 def _merge_repeated(argv: list[str], flag: str) -> list[str]:
@@ -420,7 +516,7 @@ def _merge_repeated(argv: list[str], flag: str) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     from gkd.cli import parse
 
-    argv = _merge_repeated(list(sys.argv[1:] if argv is None else argv), "--student")
+    argv = _merge_repeated(_merge_repeated(list(sys.argv[1:] if argv is None else argv), "--student"), "--teacher")
     (config,) = parse(EvaluateConfig, argv, description=__doc__.splitlines()[0])
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     if config.plot_run:
@@ -430,14 +526,17 @@ def main(argv: list[str] | None = None) -> int:
     from gkd.folders import check_output
 
     named = config.named_students()
+    teacher = config.named_teachers()
+    teacher_paths = list(teacher.values()) if isinstance(teacher, dict) else [teacher]
     # Written into, never moved aside: it may hold a student (a run's checkpoint, say), but be none and lie in none.
-    check_output(config.output_dir, [*named.values(), config.teacher, config.dataset_name], replaces=False)
+    check_output(config.output_dir, [*named.values(), *teacher_paths, config.dataset_name], replaces=False)
     conversations = data.load_conversations(config.dataset_name)[: config.max_records]
     if any(conversation.is_text for conversation in conversations):
         raise ConfigError(f"{config.dataset_name}: plain-text records have no prompt to answer; evaluate on chat "
                           "records (with `answers` for answer accuracy)")
-    report = evaluate_folders(named, config.teacher, conversations, config.max_new_tokens, config.batch_size,
-                              config.seed, config.bootstrap_samples)
+    routes = teacher_routes(conversations, list(teacher), config.default_teacher) if isinstance(teacher, dict) else None
+    report = evaluate_folders(named, teacher, conversations, config.max_new_tokens, config.batch_size,
+                              config.seed, config.bootstrap_samples, routes)
     print(markdown_table(report))
     print(f"wrote {write_report(report, config.output_dir)}")
     return 0

@@ -263,15 +263,23 @@ def export_gguf(config: ExportConfig, log=print) -> Path:
             source = merge_lora(MergeConfig(adapter_path=str(model_dir), output_dir=str(Path(scratch) / "merged"),
                                             base_model_name_or_path=config.base_model_name_or_path, dtype="fp32"),
                                 log=log)
+        output_file.parent.mkdir(parents=True, exist_ok=True)
         staging = output_file.parent / f".{output_file.name}.exporting-{os.getpid()}-{secrets.token_hex(3)}"
         try:
             write_gguf(source, staging, config, name=_model_name(model_dir), log=log)
+            aside = None
             if output_file.exists():
                 if not config.overwrite:  # appeared while we were writing
                     raise ConfigError(f"--output_file {output_file} exists; pass --overwrite to replace it")
                 aside = move_aside(output_file, "replaced")
-                log(f"--overwrite: moved the previous {output_file} to {aside}")
-            staging.rename(output_file)
+            try:
+                staging.rename(output_file)
+            except BaseException:
+                if aside is not None:
+                    aside.rename(output_file)
+                raise
+            if aside is not None:
+                log(f"--overwrite: moved the previous {output_file} to {aside} (delete it when you no longer need it)")
         finally:
             staging.unlink(missing_ok=True)
     return output_file
