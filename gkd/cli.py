@@ -37,6 +37,7 @@ def parse(dataclass_types, argv: list[str] | None = None, description: str | Non
     parser = _parser_class()(types, description=description, allow_abbrev=False)
     parser.add_argument("--config", help="A YAML file of the options below; command-line flags override it.")
     argv = list(sys.argv[1:] if argv is None else argv)
+    _check_empty_values(argv)
     if not allow_extra:
         _check_flags(parser, argv)
     if "--config" in argv:
@@ -95,6 +96,17 @@ def _check_flags(parser, argv: list[str]) -> None:
             raise ConfigError(f"unknown option {name}" + (f"; did you mean {close[0]}?" if close else ""))
 
 
+def _check_empty_values(argv: list[str]) -> None:
+    """An empty value (`--resume_from_checkpoint ""`, an unset shell variable) would be taken as no value, or as the
+    current folder: refused, naming the option, whatever the option."""
+    for index, token in enumerate(argv):
+        name, equals, value = token.partition("=")
+        if not name.startswith("--"):
+            continue
+        if (equals and not value.strip()) or (not equals and index + 1 < len(argv) and not argv[index + 1].strip()):
+            raise ConfigError(f"{name} is empty: give it a value, or leave the option out")
+
+
 def _check_config_file(parser, argv: list[str]) -> None:
     """The checks TrlParser leaves to a traceback: the file exists, parses, is a mapping of known options of the
     right types."""
@@ -146,6 +158,8 @@ def _check_yaml_value(path: Path, key: str, value, action) -> None:
     listed = action.nargs in ("+", "*")
     if value is None and action.default is not None:
         raise ConfigError(f"--config {path}: '{key}' needs a value, got null")
+    if isinstance(value, str) and not value.strip():
+        raise ConfigError(f"--config {path}: '{key}' is empty: give it a value, or leave the key out")
     if isinstance(value, list) and not listed:
         raise ConfigError(f"--config {path}: '{key}' expects one value, got a list")
     if listed and not isinstance(value, list) and value is not None:
@@ -168,9 +182,10 @@ def _one_line(error: BaseException) -> str:
     return " ".join(text.split())
 
 
-def run(main: Callable[[], int | None]) -> None:
+def run(main: Callable[[], int | None], process_exit: bool = True) -> None:
     """Run a CLI's `main`: a `GKDError` becomes `error: ...` on stderr and exit code 2, Ctrl-C and SIGTERM one line
-    and 130 or 143; anything else is a bug and keeps its traceback.
+    and 130 or 143; anything else is a bug and keeps its traceback. `process_exit`: the process ends with `main`
+    (a command line), so signals after it are ignored; False in a test's process, which keeps its own handlers.
 
     The signal handlers record the signal before they raise, and the runner asks the record, not the exception: a
     library's broad `except:` (fsspec's in `datasets.load_from_disk`) can swallow the exception and raise another,
@@ -183,7 +198,7 @@ def run(main: Callable[[], int | None]) -> None:
     except BaseException as error:
         exit_if_signalled()
         if isinstance(error, GKDError):
-            print(f"error: {_one_line(error)}", file=sys.stderr)
+            _say(f"error: {_one_line(error)}")
             sys.exit(2)
         interruption = _interruption_within(error)  # e.g. a Ctrl-C that a library's import machinery wrapped
         if interruption is None or isinstance(error, SystemExit):
@@ -191,7 +206,10 @@ def run(main: Callable[[], int | None]) -> None:
         _exit_interrupted(signal.SIGTERM if isinstance(interruption, Terminated) else signal.SIGINT)
     finally:
         for signum, handler in previous.items():  # None: a handler not set from Python, i.e. the default
-            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+            # A command's whole process: its work is done or refused, and a signal during the interpreter's teardown
+            # would only add a traceback to it. Run in a test's process: the test runner's own handlers come back.
+            late = signal.SIG_IGN if process_exit else (signal.SIG_DFL if handler is None else handler)
+            signal.signal(signum, late)
     exit_if_signalled()
     sys.exit(code or 0)
 
@@ -237,7 +255,19 @@ def _exit_interrupted(signum: int) -> None:
 
 
 def _say_interrupted(signum: int) -> None:
-    print("error: terminated" if signum == signal.SIGTERM else "error: interrupted", file=sys.stderr, flush=True)
+    _say("error: terminated" if signum == signal.SIGTERM else "error: interrupted")
+
+
+def _say(line: str) -> None:
+    """One line on stderr, on a line of its own: progress bars still drawn are closed first (a bar leaves the cursor
+    after its text, and the line would be glued to it)."""
+    tqdm = sys.modules.get("tqdm.std")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ()) or ()):
+        try:
+            bar.close()
+        except Exception:  # noqa: BLE001 -- a bar that cannot close must not hide the error line
+            pass
+    print(line, file=sys.stderr, flush=True)
 
 
 def _exit_code(signum: int) -> int:

@@ -598,6 +598,11 @@ class GKDConfig(TrainingArguments):
                 raise ConfigError(f"--{name} must be at least 1, got {getattr(self, name)}")
         if self.seed < 0:
             raise ConfigError(f"--seed must be >= 0, got {self.seed}")
+        for name in ("logging_steps", "save_steps", "eval_steps"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ConfigError(f"--{name} must be > 0 (a number of steps, or below 1 a share of the run), got "
+                                  f"{value}")
         if self.max_steps <= 0 and self.num_train_epochs <= 0:
             raise ConfigError(f"--max_steps {self.max_steps} and --num_train_epochs {self.num_train_epochs}: the run "
                               "would train on nothing; give a positive --max_steps or --num_train_epochs")

@@ -95,7 +95,7 @@ def in_process(capfd, main, argv) -> subprocess.CompletedProcess:
     capfd.readouterr()
     argv = [str(arg) for arg in argv]
     with pytest.raises(SystemExit) as exit_info:
-        run(lambda: main(argv))
+        run(lambda: main(argv), process_exit=False)
     captured = capfd.readouterr()
     return subprocess.CompletedProcess(argv, exit_info.value.code, captured.out, captured.err)
 

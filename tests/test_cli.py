@@ -93,6 +93,6 @@ def test_benchmark_refuses_an_unknown_flag_in_one_line(module, capfd):
     assert source.rstrip().endswith("run(main)"), f"{module}: python -m {module} must run main through gkd.cli.run"
     main = importlib.import_module(module).main
     with pytest.raises(SystemExit) as exited:
-        run(lambda: main(["--bogus_flag", "1"]))
+        run(lambda: main(["--bogus_flag", "1"]), process_exit=False)
     errors = [line for line in capfd.readouterr().err.splitlines() if line.startswith("error:")]
     assert exited.value.code == 2 and len(errors) == 1 and "--bogus_flag" in errors[0], errors

@@ -130,7 +130,7 @@ def test_a_live_teachers_top_k_above_the_vocabulary_is_refused_before_any_weight
     argv = train_args(*tiny_models, chat_data, tmp_path / "out", "--teacher_top_k", "60000")[1:]
     capfd.readouterr()
     with pytest.raises(SystemExit) as exit_info:
-        run(lambda: train.main(argv))
+        run(lambda: train.main(argv), process_exit=False)
     stderr = capfd.readouterr().err
     lines = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert exit_info.value.code == 2 and len(lines) == 1, stderr[-3000:]

@@ -627,7 +627,7 @@ def test_plain_text_too_short_for_one_window_is_one_line_naming_the_file(tmp_pat
     for _ in range(2):  # a rerun says the same: nothing empty was cached
         capfd.readouterr()
         with pytest.raises(SystemExit) as exit_info:
-            run(lambda: train.main(argv))
+            run(lambda: train.main(argv), process_exit=False)
         stderr = capfd.readouterr().err
         lines = [line for line in stderr.splitlines() if line.startswith("error:")]
         assert exit_info.value.code == 2 and len(lines) == 1 and "Traceback" not in stderr, stderr[-3000:]

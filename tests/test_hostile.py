@@ -730,3 +730,67 @@ def test_compare_checks_every_model_and_data_path_before_the_first_run_trains(ca
     refused(capfd, compare.main, [*base[:2], "--teacher", tmp_path / "no-teacher", *base[4:]], "--teacher",
             "no such folder")
     assert not (tmp_path / "s").exists()
+
+
+# ----------------------------------------------------------------------------- round 3's probe, beyond the issue
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (["--resume_from_checkpoint", ""], "--resume_from_checkpoint is empty"),  # was: trained from scratch, no word
+    (["--eval_dataset_name="], "--eval_dataset_name is empty"),  # was: ran without evaluation
+    (["--logging_steps", "-1"], "--logging_steps must be > 0"),  # was: accepted
+    (["--save_strategy", "steps", "--save_steps", "-1"], "--save_steps must be > 0"),  # was: saved checkpoint-2
+])
+def test_empty_values_and_negative_intervals_are_refused(capfd, tiny_models, chat_data, tmp_path, extra, expected):
+    refused(capfd, train.main, train_args(*tiny_models, chat_data, tmp_path / "out", *extra)[1:], expected)
+
+
+def test_an_empty_value_is_refused_in_yaml_and_in_every_tool(capfd, tiny_models, chat_data, tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text('teacher_logits_path: ""\n')
+    refused(capfd, train.main, [*train_args(*tiny_models, chat_data, tmp_path / "out")[1:], "--config", config],
+            "'teacher_logits_path' is empty")
+    # was: read the current folder as calibration data and recorded it as the built-in set
+    refused(capfd, prune.main, ["--model_name_or_path", tiny_models[1], "--num_layers", "1", "--calibration_data", "",
+                                "--output_dir", tmp_path / "pruned"], "--calibration_data is empty")
+
+
+def test_an_interrupted_merge_says_so_once(capfd, monkeypatch, tmp_path):
+    """merge printed its own `error: interrupted; ...` line and the runner a second one."""
+    def interrupted(config):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(merge, "merge_lora", interrupted)
+    result = in_process(capfd, merge.main, ["--adapter_path", tmp_path, "--output_dir", tmp_path / "merged"])
+    assert result.returncode == 130
+    assert [line for line in result.stderr.splitlines() if line.startswith("error:")] == ["error: interrupted"]
+
+
+def test_an_error_line_is_never_glued_to_a_progress_bar(capfd):
+    """A bar leaves the cursor after its text: the error line started there, and `^error:` found nothing."""
+    from tqdm import tqdm
+
+    from gkd.errors import ConfigError
+
+    def failing():
+        tqdm(total=4, file=sys.stderr).update(1)
+        raise ConfigError("the data ran out")
+
+    result = in_process(capfd, lambda argv: failing(), [])
+    assert result.returncode == 2 and "error: the data ran out" in result.stderr.splitlines(), result.stderr
+
+
+@pytest.mark.subprocess
+def test_a_signal_while_the_interpreter_shuts_down_changes_nothing():
+    """The command's work is done; a Ctrl-C during teardown (torch's atexit hooks, ~1 s) gave an exit 0 with an
+    `Exception ignored ... KeyboardInterrupt` traceback. Now ignored: exit 0, nothing on stderr."""
+    script = ("import atexit, os, signal\n"
+              "from gkd.cli import run\n"
+              "def main():\n"
+              "    atexit.register(lambda: [os.kill(os.getpid(), s) for s in (signal.SIGINT, signal.SIGTERM)])\n"
+              "    print('done')\n"
+              "run(main)\n")
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=CLI_ENV, capture_output=True, text=True,
+                            timeout=120, preexec_fn=default_signals)
+    assert result.returncode == 0 and result.stdout == "done\n", (result.returncode, result.stderr)
+    assert "Traceback" not in result.stderr and "KeyboardInterrupt" not in result.stderr, result.stderr

@@ -505,11 +505,7 @@ def main(argv: list[str] | None = None) -> int:
 
     (config,) = parse(MergeConfig, argv, description=__doc__.splitlines()[0])
     quiet_libraries()
-    try:
-        merge_lora(config)
-    except KeyboardInterrupt:  # the partial output was already removed on the way out of merge_lora
-        print("error: interrupted; the output folder was left as it was", file=sys.stderr)
-        return 130
+    merge_lora(config)  # an interruption removes the partial output on its way out: the runner says it in one line
     return 0
 
 
