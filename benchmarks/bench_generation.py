@@ -77,7 +77,8 @@ def prompts(batch_size: int, prompt_length: int, vocab_size: int, seed: int, dev
 def sampler(backend: str, model, max_new_tokens: int, max_cache_len: int):
     """A function of (prompt_ids, prompt_mask) that samples with `backend`; returns the completion width."""
     from gkd.decoding import StaticDecoder
-    from gkd.generation import Sampling, default_compile_options, generate
+    from gkd.generation import default_compile_options, generate
+    from gkd.sampling import Sampling
 
     if backend == "hf-compiled":
         from transformers import CompileConfig

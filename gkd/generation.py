@@ -19,7 +19,8 @@ import torch
 
 from .batching import mask_after_stop
 from .decoding import StaticDecoder
-from .sampling import BACKENDS, Sampling
+from .sampling import Sampling
+
 
 @torch.no_grad()
 def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, sampling: Sampling, *,

@@ -26,9 +26,9 @@ from .checkpoints import complete_checkpoint, only_tied_weights_missing
 from .decoding import StaticDecoder
 from .errors import GKDError
 from .generation import MergedLoraCopies, default_compile_options, generate, resolve_backend
-from .sampling import Sampling
 from .guards import NonFiniteGuard, any_rank
 from .run_folder import MetricsFileCallback
+from .sampling import Sampling
 from .signals import StopOnSignal
 from .steps import DATASET, STUDENT, TEACHER, completion_source, lmbda_at, sampling_rng, step_seed
 from .teachers import CompletionPositions, SampleRequest, Teacher, TeacherUnavailable

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import REPO, assert_ok, assert_user_error, run_cli
-from tiny import make_model, make_tokenizer
+from tiny import make_family_model, make_model, make_tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer, MistralConfig, Qwen2Config
 
 from gkd.errors import ConfigError, ModelError
@@ -141,18 +141,6 @@ def test_q8_0_export_keeps_the_greedy_token_on_the_validation_prompts(smollm2, t
 
 
 # ------------------------------------------------------------------------------------------------- tiny models
-
-
-def make_family_model(folder, tokenizer, config_class, **options):
-    torch.manual_seed(0)
-    config = config_class(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                          pad_token_id=tokenizer.pad_token_id, **options)
-    model = AutoModelForCausalLM.from_config(config)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import REPO, assert_user_error, run_cli
-from tiny import make_model, make_tokenizer
+from tiny import make_family_model, make_model, make_tokenizer
 from transformers import AutoModelForCausalLM, MistralConfig, Qwen2Config
 
 from gkd.errors import ConfigError
@@ -162,19 +162,6 @@ DEAD_HIDDEN = [3, 7, 20, 31]
 DEAD_GROUP = 1  # of 2 key-value heads; query heads 2 and 3 read it
 HEAD_DIM = 8  # 32 hidden / 4 heads in every tiny model here
 PROMPT = torch.tensor([[3, 17, 42, 8, 99, 5, 61, 2]])
-
-
-def make_family_model(folder, tokenizer, config_class, **options):
-    """A tiny Qwen2 or Mistral shaped like tiny.make_model's Llama: hidden 32, 4 query heads over 2 key-value heads."""
-    torch.manual_seed(0)
-    config = config_class(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                          pad_token_id=tokenizer.pad_token_id, **options)
-    model = AutoModelForCausalLM.from_config(config)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return model
 
 
 def rig_width(model):

@@ -50,7 +50,8 @@ def _batches(items: list, size: int):
 
 @torch.no_grad()
 def greedy_responses(model, tokenizer, prompts: list[list[int]], stop_ids, max_new_tokens, batch_size) -> Responses:
-    from gkd.generation import Sampling, generate
+    from gkd.generation import generate
+    from gkd.sampling import Sampling
 
     ids, texts = [], []
     for chunk in _batches(prompts, batch_size):
@@ -76,7 +77,8 @@ def _completion_logits(model, prompt_ids, prompt_mask, completion_ids, completio
 @torch.no_grad()
 def divergences(student, teacher, tokenizer, prompts, stop_ids, max_new_tokens, batch_size, seed) -> dict:
     """Per prompt: summed reverse KL and JSD over the student's own sample at temperature 1, and its token count."""
-    from gkd.generation import Sampling, generate
+    from gkd.generation import generate
+    from gkd.sampling import Sampling
 
     torch.manual_seed(seed)
     per_prompt = {"reverse_kl": [], "jsd": [], "sample_tokens": []}

@@ -20,7 +20,6 @@ Choices, and where we differ from calling peft's `merge_and_unload` and `save_pr
 
 import json
 import re
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
