@@ -55,6 +55,10 @@ def prepare_teacher(cache_dir: Path = DEFAULT_CACHE_DIR) -> Path:
     target = cache_dir / TEACHER_FOLDER
     if _is_complete(target):
         logger.info("embedded teacher: reusing %s", target)
+        if not _splits_digits(target):
+            logger.warning("embedded teacher: %s was converted by an older gkd whose tokenizer splits numbers as GPT-2 "
+                           "does, not as SmolLM2 (and its GGUF export names the wrong pre-tokenizer); delete it, and "
+                           "the students pruned from it beside it, to convert again", target)
         return target
     if target.exists():
         raise ModelError(f"{target}: exists but is not a complete converted teacher; delete it to convert again")
@@ -152,6 +156,14 @@ def _im_end_id(tokenizer, gguf_path: Path) -> int:
     if im_end is None or im_end == tokenizer.unk_token_id:
         raise ModelError(f"{gguf_path}: the tokenizer has no <|im_end|> token, so it is not a ChatML model")
     return im_end
+
+
+def _splits_digits(folder: Path) -> bool:
+    """Whether a converted folder's tokenizer has SmolLM2's digit split (`_restore_pre_tokenizer`)."""
+    import json
+
+    pre_tokenizer = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8")).get("pre_tokenizer") or {}
+    return '"Digits"' in json.dumps(pre_tokenizer)
 
 
 def _is_complete(folder: Path) -> bool:

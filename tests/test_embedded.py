@@ -83,3 +83,19 @@ def test_interrupted_conversion_leaves_nothing_that_looks_complete(embedded, mon
     assert [path.name for path in (tmp_path / "cache").iterdir()] == [embedded.TEACHER_FOLDER]
     monkeypatch.setattr(embedded, "convert_gguf", interrupted)  # a complete folder is reused, never reconverted
     assert embedded.prepare_teacher(tmp_path / "cache") == folder
+
+
+def test_a_conversion_by_an_older_gkd_is_said_to_be_stale(embedded, tmp_path, caplog):
+    """A teacher converted before the digit split was restored was reused silently; now reused with a warning."""
+    for name in embedded.COMPLETE_FILES:
+        (tmp_path / embedded.TEACHER_FOLDER).mkdir(exist_ok=True)
+        (tmp_path / embedded.TEACHER_FOLDER / name).write_text("{}")
+    folder = tmp_path / embedded.TEACHER_FOLDER
+    (folder / "tokenizer.json").write_text(json.dumps({"pre_tokenizer": {"type": "ByteLevel"}}))
+    assert embedded.prepare_teacher(tmp_path) == folder
+    assert "converted by an older gkd" in caplog.text
+    caplog.clear()
+    (folder / "tokenizer.json").write_text(json.dumps({"pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+        {"type": "Digits", "individual_digits": True}, {"type": "ByteLevel"}]}}))
+    embedded.prepare_teacher(tmp_path)
+    assert "older gkd" not in caplog.text
