@@ -163,6 +163,19 @@ class ModelArguments:
         default=None,
         metadata={"help": "Module names LoRA adapts (e.g. q_proj v_proj); default: all linear layers but lm_head."},
     )
+    rollout_server_url: str | None = field(
+        default=None,
+        metadata={
+            "help": "With --use_peft: on-policy completions are sampled by this vLLM server (OpenAI API) serving the "
+            "student's base model with LoRA enabled (--enable-lora, VLLM_ALLOW_RUNTIME_LORA_UPDATING=True); the "
+            "adapter is saved and loaded into it before each on-policy step (gkd/rollouts.py)."
+        },
+    )
+    rollout_adapter_dir: str | None = field(
+        default=None,
+        metadata={"help": "Where the adapter is saved for --rollout_server_url to load (the server must read this "
+                          "path); default: <output_dir>/rollout_adapter. Only the latest step's adapter is kept."},
+    )
 
     def __post_init__(self):
         check_finite(self)
@@ -189,6 +202,12 @@ class ModelArguments:
         if self.teacher_server_url and not self.teacher_server_url.startswith(("http://", "https://")):
             raise ConfigError("--teacher_server_url must start with http:// or https://, got "
                               f"{self.teacher_server_url}")
+        if self.rollout_server_url and not self.rollout_server_url.startswith(("http://", "https://")):
+            raise ConfigError("--rollout_server_url must start with http:// or https://, got "
+                              f"{self.rollout_server_url}")
+        if self.rollout_server_url and not self.use_peft:
+            raise ConfigError("--rollout_server_url needs --use_peft: vLLM's HTTP API loads LoRA adapters at run time "
+                              "but has no route to reload a fully fine-tuned model's weights")
         if self.lora_r <= 0 or self.lora_alpha <= 0:
             raise ConfigError("--lora_r and --lora_alpha must be positive")
         if not 0.0 <= self.lora_dropout < 1.0:

@@ -64,6 +64,9 @@ def main(argv: list[str] | None = None) -> None:
         [spec.name for spec in model_args.teacher_specs], model_args.default_teacher)
     teacher = teachers.open_teacher(model_args, training_args, tokenizer, stop_ids, len(train_dataset),
                                     data_fingerprint, teacher_ref)
+    from gkd.rollouts import open_rollouts
+
+    rollouts = open_rollouts(model_args, training_args, tokenizer)  # --rollout_server_url, checked before any weight
 
     if training_args.process_index == 0:
         run_folder.prepare(training_args)  # lock it; move an overwritten run aside; clear a failed start's files
@@ -81,6 +84,7 @@ def main(argv: list[str] | None = None) -> None:
         peft_config=models.lora_config(model_args) if model_args.use_peft else None,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
+        rollouts=rollouts,
     )
     run_folder.write_run_config(trainer, script_args, model_args, training_args)
     signals = trainer.stop_on_signal

@@ -49,7 +49,8 @@ class GKDTrainer(Trainer):
     """`teacher` is a `gkd.teachers.Teacher`: whichever source answers (a model beside the student, a top-K cache, a
     server), the trainer asks it the same questions and never which kind it is."""
 
-    def __init__(self, model, teacher: Teacher, args, stop_token_ids, processing_class, peft_config=None, **kwargs):
+    def __init__(self, model, teacher: Teacher, args, stop_token_ids, processing_class, peft_config=None,
+                 rollouts=None, **kwargs):
         if peft_config is not None:
             from peft import get_peft_model
             from transformers import set_seed
@@ -79,12 +80,16 @@ class GKDTrainer(Trainer):
         self.loss_is_scaled_for_ga = True
         self.pad_token_id = processing_class.pad_token_id
         self.teacher = teacher
+        self.rollouts = rollouts  # gkd.rollouts.RolloutServer: the student samples on a server (--rollout_server_url)
         teacher.start(self.accelerator, self.is_deepspeed_enabled)
         self._metrics = defaultdict(list)
         self._part_sums = defaultdict(float)  # this rank's kd / sft per-token sums since the last log
         self._window = {"tokens": None, "sft": False}  # the current window's token count and whether SFT applies
         self._forward_redirection = _ForwardRedirection()
         zero3 = self.is_deepspeed_enabled and _zero_stage(self.accelerator) == 3
+        if rollouts is not None and zero3:
+            raise GKDError("--rollout_server_url is not supported under DeepSpeed ZeRO-3: each rank saves the adapter "
+                           "it holds, and ZeRO-3 shards it; use ZeRO-2 or DDP")
         if args.generation_backend in ("static", "compiled") and zero3:
             logger.warning("--generation_backend %s is not supported under DeepSpeed ZeRO-3; using plain",
                            args.generation_backend)
@@ -159,6 +164,12 @@ class GKDTrainer(Trainer):
         if source == TEACHER:
             completion_ids, completion_mask = self.teacher.sample(self._sample_request(prompt_ids, prompt_mask,
                                                                                        batches))
+        elif self.rollouts is not None:
+            completion_ids, completion_mask = self.rollouts.sample(
+                self.accelerator.unwrap_model(self.model), self.state.global_step,
+                self._sample_request(prompt_ids, prompt_mask, batches))
+            for name, seconds in self.rollouts.timings.items():
+                self._metrics[name].append(seconds)
         else:
             completion_ids, completion_mask = self._decode(STUDENT, self.model_wrapped, prompt_ids, prompt_mask)
         sampled, start = [], 0

@@ -129,8 +129,10 @@ class TeacherServer:
         with ThreadPoolExecutor(max_workers=min(self.concurrency, len(items))) as pool:
             return list(pool.map(function, items))
 
-    def _request(self, method: str, path: str, body: dict | None = None) -> dict:
-        """One JSON request, each try bounded end to end by the timeout; what may pass is retried with backoff."""
+    def _request(self, method: str, path: str, body: dict | None = None, expect_json: bool = True,
+                 retried_status: tuple[int, ...] = RETRIED_STATUS) -> dict:
+        """One JSON request, each try bounded end to end by the timeout; what may pass is retried with backoff.
+        `expect_json` False: any 2xx body is accepted (vLLM answers adapter loads in plain text) and {} returned."""
         where = self.url + path
         data = None if body is None else json.dumps(body).encode()
         for attempt in range(self.retries + 1):
@@ -139,10 +141,12 @@ class TeacherServer:
             except (OSError, http.client.HTTPException) as error:  # HTTPException: a server that died mid-answer
                 problem = str(getattr(error, "reason", None) or error) or type(error).__name__
             else:
-                if answer.status in RETRIED_STATUS:
+                if answer.status in retried_status:
                     problem = f"HTTP {answer.status}: {_error_message(answer.body)}"
                 elif not 200 <= answer.status < 300:
                     raise TeacherServerError(f"{where} answered HTTP {answer.status}: {_error_message(answer.body)}")
+                elif not expect_json:
+                    return {}
                 else:
                     try:
                         return _json_object(answer, where)

@@ -10,6 +10,11 @@ Endpoints, with vLLM's request and response shapes (gkd/teachers/server.py is th
   `seed`, `stop_token_ids`, `prompt_logprobs`, `return_token_ids`, `n` (1 only). `prompt_logprobs` gives, for every
   prompt token after the first, the actual token's and the top-K tokens' log-probabilities (raw, temperature 1), as
   `{token id as string: {"logprob", "rank", "decoded_token"}}`; entry 0 is null. Errors are vLLM's `{"error": {...}}`.
+- POST /v1/load_lora_adapter `{"lora_name", "lora_path"}` and /v1/unload_lora_adapter `{"lora_name"}`, with
+  `--enable_lora` only (vLLM's routes under VLLM_ALLOW_RUNTIME_LORA_UPDATING): a peft adapter of the served model,
+  sampled with when a completion names it as `model` (gkd/rollouts.py is the client). As vLLM: 200 with a plain-text
+  body; a name already loaded 400, a rank above `--max_lora_rank` 500, an unknown name 404; without `--enable_lora`
+  both routes are FastAPI's 404 `{"detail": "Not Found"}`.
 Requests are served one at a time (a lock around the model); each request's prompts run as one padded batch.
 """
 
@@ -42,6 +47,10 @@ class ServeConfig:
     dtype: str = field(default="float32", metadata={"help": "Precision the model runs in.",
                                                     "choices": ["auto", "float32", "bfloat16", "float16"]})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow models that ship their own code."})
+    enable_lora: bool = field(default=False, metadata={
+        "help": "Serve LoRA adapters loaded at run time (/v1/load_lora_adapter): the student's rollouts "
+                "(gkd-train --rollout_server_url)."})
+    max_lora_rank: int = field(default=16, metadata={"help": "Largest LoRA rank an adapter may have (vLLM's)."})
 
     def __post_init__(self):
         from gkd.errors import ConfigError
@@ -50,6 +59,8 @@ class ServeConfig:
             raise ConfigError(f"--port must be in [0, 65535], got {self.port}")
         if self.max_logprobs < 1:
             raise ConfigError(f"--max_logprobs must be at least 1, got {self.max_logprobs}")
+        if self.max_lora_rank < 1:
+            raise ConfigError(f"--max_lora_rank must be at least 1, got {self.max_lora_rank}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ConfigError(f"--max_model_len must be at least 2, got {self.max_model_len}")
 
@@ -75,16 +86,66 @@ class Teacher:
         self.max_logprobs = config.max_logprobs
         self.max_model_len = config.max_model_len or self.model.config.get_text_config().max_position_embeddings
         self.lock = threading.Lock()
+        self.enable_lora, self.max_lora_rank = config.enable_lora, config.max_lora_rank
+        self.adapters: dict[str, str] = {}  # name -> path, loaded into `self.model` (a PeftModel once one is)
 
     def card(self) -> dict:
-        return {"id": self.name, "object": "model", "created": int(time.time()), "owned_by": "gkd", "root": self.root,
+        card = {"id": self.name, "object": "model", "created": int(time.time()), "owned_by": "gkd", "root": self.root,
                 "parent": None, "max_model_len": self.max_model_len}
+        if self.enable_lora:
+            card["max_lora_rank"] = self.max_lora_rank  # gkd's addition: vLLM does not list it
+        return card
+
+    def load_adapter(self, body: dict) -> str:
+        """vLLM's load_lora_adapter: the adapter in `lora_path` under `lora_name`."""
+        name, path = body.get("lora_name"), body.get("lora_path")
+        if not name or not path or not isinstance(name, str) or not isinstance(path, str):
+            raise RequestError(400, "Both 'lora_name' and 'lora_path' must be provided.", "InvalidUserInput")
+        if name in self.adapters:
+            raise RequestError(400, f"The lora adapter '{name}' has already been loaded.", "InvalidUserInput")
+        try:
+            with open(f"{path}/adapter_config.json") as handle:
+                adapter_config = json.load(handle)
+        except (OSError, ValueError) as error:
+            raise RequestError(500, f"Loading lora {path} failed: {error}", "InternalServerError") from None
+        rank = max([adapter_config.get("r", 0), *(adapter_config.get("rank_pattern") or {}).values()])
+        if rank > self.max_lora_rank:
+            raise RequestError(500, f"LoRA rank {rank} is greater than max_lora_rank {self.max_lora_rank}.",
+                               "InternalServerError")
+        from peft import PeftModel
+
+        with self.lock:
+            if isinstance(self.model, PeftModel):
+                self.model.load_adapter(path, adapter_name=name)
+            else:
+                self.model = PeftModel.from_pretrained(self.model, path, adapter_name=name)
+            self.model.eval()
+            self.adapters[name] = path
+        return f"Success: LoRA adapter '{name}' added successfully."
+
+    def unload_adapter(self, body: dict) -> str:
+        """vLLM's unload_lora_adapter; the last one gone, the plain model serves again."""
+        name = body.get("lora_name")
+        if not name:
+            raise RequestError(400, "'lora_name' needs to be provided to unload a LoRA adapter.", "InvalidUserInput")
+        if name not in self.adapters:
+            raise RequestError(404, f"The lora adapter '{name}' cannot be found.", "NotFoundError")
+        with self.lock:
+            del self.adapters[name]
+            if self.adapters:
+                if name in self.model.active_adapters:
+                    self.model.set_adapter(next(iter(self.adapters)))
+                self.model.delete_adapter(name)
+            else:
+                self.model = self.model.unload()
+        return f"Success: LoRA adapter '{name}' removed successfully."
 
     def complete(self, body: dict) -> dict:
         prompts = self._prompts(body)
         max_tokens = _int(body, "max_tokens", 16)
         prompt_logprobs = body.get("prompt_logprobs")
-        if body.get("model") not in (None, self.name):
+        adapter = body.get("model") if body.get("model") in self.adapters else None
+        if body.get("model") not in (None, self.name) and adapter is None:
             raise RequestError(404, f"The model `{body.get('model')}` does not exist.", "NotFoundError")
         if _int(body, "n", 1) != 1:
             raise RequestError(400, "this server answers n = 1 only")
@@ -101,7 +162,7 @@ class Teacher:
             if len(prompt) + max_tokens > self.max_model_len:
                 raise RequestError(400, f"This model's maximum context length is {self.max_model_len} tokens; the "
                                         f"request has {len(prompt)} prompt tokens and asks for {max_tokens} more.")
-        with self.lock, torch.no_grad():
+        with self.lock, torch.no_grad(), self._with_adapter(adapter):
             if prompt_logprobs is not None:
                 scored, last_logits = zip(*(self._prompt_logprobs(p, prompt_logprobs) for p in prompts))
             else:
@@ -123,6 +184,17 @@ class Teacher:
                 "model": self.name, "choices": choices,
                 "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                           "total_tokens": prompt_tokens + completion_tokens}}
+
+    def _with_adapter(self, adapter: str | None):
+        """The model as a request names it: with one loaded adapter, or the plain model."""
+        import contextlib
+
+        if not self.adapters:
+            return contextlib.nullcontext()
+        if adapter is None:
+            return self.model.disable_adapter()
+        self.model.set_adapter(adapter)
+        return contextlib.nullcontext()
 
     def _prompts(self, body: dict) -> list[list[int]]:
         prompt = body.get("prompt")
@@ -211,7 +283,13 @@ def make_handler(teacher: Teacher):
                 self._send(404, _error(404, f"no route {self.path}", "NotFoundError"))
 
         def do_POST(self):
-            if self.path.rstrip("/") != "/v1/completions":
+            path = self.path.rstrip("/")
+            adapters = {"/v1/load_lora_adapter": teacher.load_adapter,
+                        "/v1/unload_lora_adapter": teacher.unload_adapter}
+            if path in adapters and not teacher.enable_lora:  # vLLM without runtime LoRA updating: no such route
+                self._send(404, {"detail": "Not Found"})
+                return
+            if path != "/v1/completions" and path not in adapters:
                 self._send(404, _error(404, f"no route {self.path}", "NotFoundError"))
                 return
             try:
@@ -219,7 +297,10 @@ def make_handler(teacher: Teacher):
                 body = json.loads(self.rfile.read(length) or b"{}")
                 if not isinstance(body, dict):
                     raise RequestError(400, "the request body must be a JSON object")
-                self._send(200, teacher.complete(body))
+                if path in adapters:
+                    self._send_text(200, adapters[path](body))
+                else:
+                    self._send(200, teacher.complete(body))
             except RequestError as error:
                 self._send(error.status, _error(error.status, str(error), error.kind))
             except ValueError as error:
@@ -229,6 +310,14 @@ def make_handler(teacher: Teacher):
             data = json.dumps(payload).encode()
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def _send_text(self, status: int, text: str):
+            data = text.encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "text/plain; charset=utf-8")
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
             self.wfile.write(data)
