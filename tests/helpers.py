@@ -106,3 +106,26 @@ def refused(capfd, main, argv, *expected) -> str:
     line = assert_user_error(result, *expected)
     assert "Loading weights" not in result.stderr, result.stderr[-3000:]
     return line
+
+
+def train_until_a_server_is_lost(args: list[str], output_dir, stop_server) -> str:
+    """Start a long training (`args` of `train_args`), let it log two steps, call `stop_server`, and return its one
+    `error:` line, after checking it stopped with exit 2 and no traceback."""
+    import re
+    import time
+
+    training = subprocess.Popen([sys.executable, *args], cwd=REPO, env=CLI_ENV, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True, preexec_fn=default_signals)
+    output_dir = Path(output_dir)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and training.poll() is None and not (
+                (output_dir / "metrics.jsonl").exists() and len(metrics(output_dir)) >= 2):
+            time.sleep(0.2)
+    finally:
+        stop_server()
+    _, stderr = training.communicate(timeout=120)
+    lines = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert training.returncode == 2 and len(lines) == 1 and "Traceback" not in stderr, stderr[-3000:]
+    assert re.search(r"checkpoint-(\d+)", lines[0]) and "--resume_from_checkpoint last" in lines[0], lines[0]
+    return lines[0]

@@ -2,15 +2,12 @@
 shipped server (gkd-teacher-serve --enable_lora) on a thread of this process."""
 
 import re
-import subprocess
-import sys
 import threading
-import time
 from http.server import ThreadingHTTPServer
 
 import pytest
 import torch
-from helpers import assert_ok, metrics, refused, run_cli, train_args
+from helpers import assert_ok, metrics, refused, run_cli, train_args, train_until_a_server_is_lost
 
 from gkd import train
 from gkd.batching import pad_batch
@@ -155,25 +152,11 @@ def test_a_run_trains_on_rollouts_from_the_server(lora_server, tiny_models, chat
 
 
 def test_a_rollout_server_that_goes_away_stops_the_run_with_a_checkpoint(tiny_models, chat_data, tmp_path):
-    from helpers import CLI_ENV, REPO, default_signals
-
     url, server, _ = serve(tiny_models[0], enable_lora=True)
     out = tmp_path / "run"
     args = train_args(*tiny_models, chat_data, out, "--lmbda", "1", "--use_peft", "--lora_r", "4",
                       "--rollout_server_url", url, "--max_steps", "100000", "--teacher_server_retries", "1")
-    training = subprocess.Popen([sys.executable, *args], cwd=REPO, env=CLI_ENV, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, text=True, preexec_fn=default_signals)
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and training.poll() is None and not (
-                (out / "metrics.jsonl").exists() and len(metrics(out)) >= 2):
-            time.sleep(0.2)
-    finally:
-        server.shutdown()
-        server.server_close()
-    _, stderr = training.communicate(timeout=120)
-    lines = [line for line in stderr.splitlines() if line.startswith("error:")]
-    assert training.returncode == 2 and len(lines) == 1 and "Traceback" not in stderr, stderr[-3000:]
-    step = int(re.search(r"checkpoint-(\d+)", lines[0]).group(1))
-    assert step >= 2 and "--resume_from_checkpoint last" in lines[0]
+    line = train_until_a_server_is_lost(args, out, lambda: (server.shutdown(), server.server_close()))
+    step = int(re.search(r"checkpoint-(\d+)", line).group(1))
+    assert step >= 2
     assert len(metrics(out)) == step  # no step trained on samples that never came
