@@ -9,6 +9,8 @@ mask would hide the final EOS, so the student would never learn to stop.
 import torch
 
 ROW_KEYS = ("index", "is_text", "teacher_index")  # per-row values a batch carries besides its ids and masks
+# A teacher with its own tokenizer (--cross_tokenizer): each row's prompt in the teacher's tokens, left-padded.
+TEACHER_PROMPT_KEYS = ("teacher_prompt_ids", "teacher_prompt_mask")
 
 
 def pad_batch(samples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
@@ -40,7 +42,21 @@ def pad_batch(samples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]
     for key in ROW_KEYS:
         if key in samples[0]:
             batch[key] = torch.tensor([sample[key] for sample in samples])
+    if "teacher_prompt_ids" in samples[0]:
+        batch.update(zip(TEACHER_PROMPT_KEYS, left_pad([sample["teacher_prompt_ids"] for sample in samples], 0)))
     return batch
+
+
+def left_pad(rows: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lists of ids as one left-padded [B, W] tensor and its mask."""
+    width = max(1, max(len(row) for row in rows))
+    ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for index, row in enumerate(rows):
+        if row:
+            ids[index, width - len(row):] = torch.tensor(row)
+            mask[index, width - len(row):] = 1
+    return ids, mask
 
 
 def mask_after_stop(completion_ids: torch.Tensor, valid: torch.Tensor, stop_token_ids: list[int]) -> torch.Tensor:

@@ -126,6 +126,15 @@ class ModelArguments:
             "student's. Default: the model the server reports (`root` of /v1/models)."
         },
     )
+    cross_tokenizer: bool = field(
+        default=False,
+        metadata={
+            "help": "The teacher has a tokenizer of its own (another model family): it keeps its own chat template "
+            "and tokens, completions are aligned to the student's by bytes, and the loss compares next-token "
+            "distributions where both sides cut a span into one token the same way and sampled chunk likelihoods "
+            "elsewhere (docs/cross_tokenizer.md). Live teachers; chat records."
+        },
+    )
     teacher: list[str] | None = field(
         default=None,
         metadata={
@@ -636,6 +645,8 @@ class GKDConfig(TrainingArguments):
 def check_together(script_args: ScriptArguments, model_args: ModelArguments, training_args: GKDConfig) -> None:
     """What no single group can check: the options that depend on each other across groups. With several teachers,
     each is checked as if it were the run's one."""
+    if model_args.cross_tokenizer:
+        _check_cross_tokenizer(model_args, training_args)
     if model_args.teacher:
         for spec in model_args.teacher_specs:
             with named_teacher(spec.name):
@@ -661,6 +672,22 @@ def check_together(script_args: ScriptArguments, model_args: ModelArguments, tra
         raise ConfigError("--teacher_server_url needs --teacher_top_k K: how many log-probabilities to ask for")
     if training_args.topk_renormalize and training_args.teacher_top_k is None and kind == "live":
         raise ConfigError("--topk_renormalize needs --teacher_top_k with a live teacher")
+
+
+def _check_cross_tokenizer(model_args: ModelArguments, training_args: GKDConfig) -> None:
+    """What the cross-tokenizer path does not do yet, refused before anything loads."""
+    if model_args.teacher:
+        raise ConfigError("--cross_tokenizer takes one teacher (--teacher_model_name_or_path); several teachers with "
+                          "other tokenizers are not supported yet")
+    if model_args.teacher_kind != "live":
+        raise ConfigError("--cross_tokenizer needs a live teacher (--teacher_model_name_or_path): a top-K cache or a "
+                          "server in the teacher's own tokens is not supported yet")
+    if training_args.seq_kd:
+        raise ConfigError("--cross_tokenizer cannot train on the teacher's own completions (--seq_kd) yet: use the "
+                          "dataset's responses or the student's samples (--lmbda)")
+    if training_args.topk_renormalize:
+        raise ConfigError("--topk_renormalize does not apply with --cross_tokenizer: the teacher's top-K is compared "
+                          "with a tail bucket")
 
 
 @contextmanager

@@ -121,7 +121,7 @@ def load_tokenizer(ref: ModelRef) -> PreTrainedTokenizerBase:
 
 
 def check_same_vocabulary(student: PreTrainedTokenizerBase, teacher: PreTrainedTokenizerBase, teacher_name: str,
-                          embedding_sizes: dict[str, int] | None = None) -> None:
+                          embedding_sizes: dict[str, int] | None = None, remedy: str = "") -> None:
     """Refuse a teacher whose token->id map differs from the student's.
 
     Sizes alone are not enough (two tokenizers of equal size can number tokens differently), and sizes can differ
@@ -134,7 +134,7 @@ def check_same_vocabulary(student: PreTrainedTokenizerBase, teacher: PreTrainedT
         raise ModelError(
             f"{teacher_name}: the teacher's vocabulary differs from the student's ({len(differing)} of "
             f"{len(student_vocab)} tokens missing or numbered differently, e.g. {sample}); GKD compares next-token "
-            "distributions and needs one shared vocabulary"
+            f"distributions and needs one shared vocabulary{remedy}"
         )
     needed = max(student_vocab.values()) + 1
     for name, vocab_size in (embedding_sizes or {}).items():

@@ -59,11 +59,14 @@ def main(argv: list[str] | None = None) -> None:
         models.check_lora_targets(student_ref, model_args.lora_target_modules)
     stop_ids = models.stop_token_ids(tokenizer, student_ref)
 
+    pair = teachers.cross_tokenizer_pair(model_args, tokenizer, stop_ids, teacher_ref)  # --cross_tokenizer
+
     train_dataset, eval_dataset, data_fingerprint = data.training_datasets(
         script_args, training_args, tokenizer, stop_ids, model_args.teacher_kind,
-        [spec.name for spec in model_args.teacher_specs], model_args.default_teacher)
+        [spec.name for spec in model_args.teacher_specs], model_args.default_teacher,
+        *((pair.teacher, pair.teacher_stop_ids) if pair else ()))
     teacher = teachers.open_teacher(model_args, training_args, tokenizer, stop_ids, len(train_dataset),
-                                    data_fingerprint, teacher_ref)
+                                    data_fingerprint, teacher_ref, pair)
     from gkd.rollouts import open_rollouts
 
     rollouts = open_rollouts(model_args, training_args, tokenizer)  # --rollout_server_url, checked before any weight

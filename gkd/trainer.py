@@ -21,8 +21,9 @@ from trl.models.utils import _ForwardRedirection, unwrap_model_for_generation
 from trl.trainer.utils import disable_dropout_in_model
 
 from . import losses
-from .batching import ROW_KEYS, left_pad_prompts, pad_batch, text_prompts
+from .batching import ROW_KEYS, TEACHER_PROMPT_KEYS, left_pad_prompts, pad_batch, text_prompts
 from .checkpoints import complete_checkpoint, only_tied_weights_missing
+from .cross_tokenizer_loss import AlignedTeacher, aligned_distillation
 from .decoding import StaticDecoder
 from .errors import GKDError
 from .generation import MergedLoraCopies, default_compile_options, generate, resolve_backend
@@ -177,7 +178,7 @@ class GKDTrainer(Trainer):
             rows = slice(start, start + batch["prompt_ids"].shape[0])
             start = rows.stop
             width = max(1, int(completion_mask[rows].sum(dim=1).max().item()))
-            carried = {key: batch[key] for key in ROW_KEYS if key in batch}
+            carried = {key: batch[key] for key in (*ROW_KEYS, *TEACHER_PROMPT_KEYS) if key in batch}
             sampled.append(
                 {
                     "prompt_ids": batch["prompt_ids"],
@@ -284,8 +285,24 @@ class GKDTrainer(Trainer):
         student_logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits
         teacher = self._teacher_targets(positions, as_logits=True)
         student_logits = student_logits[:, :-1][mask]
+        if isinstance(teacher, AlignedTeacher):  # --cross_tokenizer: the teacher's answer laid out by chunks
+            completions = int(mask.any(dim=1).sum()) if model.training else 0
+            return self._aligned_loss(student_logits, positions.labels, teacher, options, completions)
         return _summed_over_parts(teacher, lambda target, rows: losses.logits_distillation_loss(
             _at(student_logits, rows), target, options, _at(positions.labels, rows), self.shared_vocab_size))
+
+    def _aligned_loss(self, student_logits, labels, teacher: AlignedTeacher, options: losses.LossOptions,
+                      completions: int) -> losses.LossParts:
+        """kd_weight x the cross-tokenizer loss (`cross_tokenizer_loss`) + sft_weight x cross-entropy; logs the
+        sampled reverse KL per completion this rank saw (`chunk_reverse_kl`)."""
+        kd, estimates = aligned_distillation(student_logits[:, :len(self.processing_class)], labels, teacher,
+                                             options.beta, options.temperature)
+        sft = torch.zeros((), device=student_logits.device)
+        if options.sft_weight > 0:
+            sft = torch.nn.functional.cross_entropy(student_logits.float(), labels, reduction="sum")
+        if completions:  # training steps only
+            self._metrics["chunk_reverse_kl"].append(estimates["chunk_reverse_kl"].item() / completions)
+        return losses.LossParts(options.kd_weight * kd + options.sft_weight * sft, kd.detach(), sft.detach())
 
     def _teacher_targets(self, positions: CompletionPositions, as_logits: bool):
         """What the loss compares against; None when the distillation term has no weight."""

@@ -54,3 +54,35 @@ def second_teacher(tiny_models, tmp_path_factory):
     folder = tmp_path_factory.mktemp("second_teacher") / "teacher"
     make_model(folder, AutoTokenizer.from_pretrained(tiny_models[0]), num_layers=2, seed=7)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tokenizer_pair(tmp_path_factory):
+    """{"packs": folder, "digits": folder}: two locally trained tokenizers of different families (tokenizer_pairs.py):
+    "packs" (ChatML, numbers packed, no BOS) and "digits" (Phi-3 style, one token per digit, BOS <s>)."""
+    from tokenizer_pairs import KINDS, train_tokenizer
+
+    root = tmp_path_factory.mktemp("tokenizer_pair")
+    for kind in KINDS:
+        train_tokenizer(root / kind, kind)
+    return {kind: root / kind for kind in KINDS}
+
+
+@pytest.fixture(scope="session")
+def cross_tokenizer_models(tokenizer_pair, tmp_path_factory):
+    """(student, teacher) folders across tokenizers: a 2-layer Llama on "packs" and a 3-layer Llama on "digits",
+    each saved with its own tokenizer and vocabulary exactly that tokenizer's length."""
+    from tokenizer_pairs import tiny_model_for
+
+    root = tmp_path_factory.mktemp("cross_tokenizer_models")
+    student = tiny_model_for(root / "student", tokenizer_pair["packs"], seed=0, num_layers=2)
+    teacher = tiny_model_for(root / "teacher", tokenizer_pair["digits"], seed=1, num_layers=3)
+    return student, teacher
+
+
+@pytest.fixture(scope="session")
+def cross_tokenizer_data(tmp_path_factory):
+    """A 16-record `messages` dataset whose texts carry numbers, emoji, CJK and whitespace runs."""
+    from tokenizer_pairs import write_chat_dataset
+
+    return write_chat_dataset(tmp_path_factory.mktemp("cross_data") / "chat.jsonl", 16)

@@ -160,7 +160,8 @@ def _column_counts(encoded) -> dict:
 
 
 def training_datasets(script_args, training_args, tokenizer, stop_token_ids: list[int], teacher_kind: str = "live",
-                      teacher_names: list[str] | None = None, default_teacher: str | None = None):
+                      teacher_names: list[str] | None = None, default_teacher: str | None = None,
+                      teacher_tokenizer=None, teacher_stop_ids: list[int] | None = None):
     """The run's (train, eval) datasets, encoded once per node (the main process first, the others from its cache),
     with what their statistics mean for the run (and its teacher: live, cache or server) said or refused before any
     model loads; and the training data's fingerprint (what a teacher cache must have been built from). With several
@@ -176,6 +177,12 @@ def training_datasets(script_args, training_args, tokenizer, stop_token_ids: lis
                                           **kwargs)
         eval_source = _eval_source(script_args, training_args)
         evaluation = prepare_dataset(eval_source, tokenizer, options, **kwargs)[0] if eval_source else None
+        if teacher_tokenizer is not None:
+            teacher_options = EncodeOptions(training_args.max_length, training_args.max_new_tokens,
+                                            tuple(teacher_stop_ids))
+            train = with_teacher_prompts(train, train_source, teacher_tokenizer, teacher_options, kwargs)
+            if evaluation is not None:
+                evaluation = with_teacher_prompts(evaluation, eval_source, teacher_tokenizer, teacher_options, kwargs)
     logger.info(stats.describe(script_args.dataset_name, training_args.max_length))
     train = route_teachers(train, teacher_names, default_teacher, script_args.dataset_name)
     if evaluation is not None:
@@ -194,6 +201,23 @@ def training_datasets(script_args, training_args, tokenizer, stop_token_ids: lis
                           "to continue: give --text_prompt_tokens N (the first N tokens of a window are the prompt), "
                           "or train without sampling (--lmbda 0, no --seq_kd)")
     return train, evaluation, data_fingerprint
+
+
+def with_teacher_prompts(dataset, source: DataSource, teacher_tokenizer, options: EncodeOptions, kwargs: dict):
+    """The column `teacher_prompt_ids`: each sample's prompt as the teacher's own chat template renders it, in the
+    teacher's tokens (`--cross_tokenizer`). The same records encoded for the teacher, cached like the student's; a
+    chat record is one sample on both sides, so rows correspond one to one. Plain text is split into windows by token
+    count, which differs between tokenizers: refused."""
+    from ..errors import DataError
+
+    is_text = dataset.with_format("arrow")["is_text"].to_pylist()
+    if True in is_text:
+        raise DataError(dataset[is_text.index(True)]["source"], "is plain text, which --cross_tokenizer cannot align "
+                                                               "yet: give chat records (messages), or train without "
+                                                               "--cross_tokenizer")
+    encoded = prepare_dataset(source, teacher_tokenizer, options, **kwargs)[0]
+    assert len(encoded) == len(dataset), "chat records encode to one sample each, for any tokenizer"
+    return dataset.add_column("teacher_prompt_ids", encoded["prompt_ids"])
 
 
 def route_teachers(dataset, teacher_names: list[str] | None, default_teacher: str | None, name: str):

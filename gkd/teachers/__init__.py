@@ -30,9 +30,14 @@ def check_teacher(model_args, training_args, student_tokenizer, student_ref):
         ref = models.ModelRef(model_args.teacher_model_name_or_path, model_args.teacher_model_revision,
                               model_args.trust_remote_code, "--teacher_model_name_or_path")
         models.check_model(ref)
-        embedding_sizes = {student_ref.name: models.embedding_size(student_ref), ref.name: models.embedding_size(ref)}
-        models.check_same_vocabulary(student_tokenizer, models.load_tokenizer(ref), ref.name, embedding_sizes)
-        vocab_size = min(len(student_tokenizer), *embedding_sizes.values())  # the trainer's shared vocabulary
+        if model_args.cross_tokenizer:  # its own vocabulary: K counts the teacher's tokens
+            vocab_size = min(len(models.load_tokenizer(ref)), models.embedding_size(ref))
+        else:
+            embedding_sizes = {student_ref.name: models.embedding_size(student_ref),
+                               ref.name: models.embedding_size(ref)}
+            models.check_same_vocabulary(student_tokenizer, models.load_tokenizer(ref), ref.name, embedding_sizes,
+                                         remedy=" (a teacher of another model family: add --cross_tokenizer)")
+            vocab_size = min(len(student_tokenizer), *embedding_sizes.values())  # the trainer's shared vocabulary
         top_k = training_args.teacher_top_k
         if top_k is not None and top_k > vocab_size:
             raise ConfigError(f"--teacher_top_k {top_k} is more than the {vocab_size} tokens of the vocabulary "
@@ -42,8 +47,25 @@ def check_teacher(model_args, training_args, student_tokenizer, student_ref):
     return None
 
 
+def cross_tokenizer_pair(model_args, student_tokenizer, student_stop_ids: list[int], teacher_ref):
+    """With --cross_tokenizer, the two tokenizers read as bytes once (`alignment.VocabularyPair`), how much of the
+    student's vocabulary the teacher writes byte for byte said at start; None without it."""
+    if not model_args.cross_tokenizer:
+        return None
+    import logging
+
+    from .. import models
+    from .alignment import VocabularyPair
+
+    teacher_tokenizer = models.load_tokenizer(teacher_ref)
+    pair = VocabularyPair(student_tokenizer, teacher_tokenizer, student_stop_ids,
+                          models.stop_token_ids(teacher_tokenizer, teacher_ref), teacher_ref.name)
+    logging.getLogger("gkd").info("--cross_tokenizer: %s (%s)", pair.describe(), teacher_ref.name)
+    return pair
+
+
 def open_teacher(model_args, training_args, student_tokenizer, stop_token_ids, num_samples: int,
-                 data_fingerprint: str, teacher_ref=None) -> Teacher:
+                 data_fingerprint: str, teacher_ref=None, pair=None) -> Teacher:
     """The run's one teacher, opened from the options with its K decided: a cache checked against the encoded data,
     a server checked for what the run asks of it, or a live model (`teacher_ref` from `check_teacher`) that loads
     when the trainer starts. Before the output folder is touched, so every refusal comes first. Several teachers
@@ -83,4 +105,11 @@ def open_teacher(model_args, training_args, student_tokenizer, stop_token_ids, n
         return ServedTeacher(server, training_args.teacher_top_k, training_args.beta)
     from .live import LiveTeacher
 
-    return LiveTeacher.from_options(None, training_args, ref=teacher_ref, model_args=model_args)
+    live = LiveTeacher.from_options(None, training_args, ref=teacher_ref, model_args=model_args)
+    if pair is None:
+        return live
+    from .. import models
+    from .cross import CrossTokenizerTeacher
+
+    vocab_size = min(len(pair.teacher), models.embedding_size(teacher_ref))
+    return CrossTokenizerTeacher(live, pair, training_args.teacher_top_k, training_args.beta, vocab_size)

@@ -88,6 +88,20 @@ class LiveTeacher(Teacher):
                                     self.chunk_size or 512)
         return targets.for_loss(self.top_k, self.beta, p.labels)
 
+    @torch.no_grad()
+    def lookup(self, batch: dict, vocab_size: int):
+        """The top-K (all of `vocab_size` when K is unset) at every completion position of one padded micro-batch in
+        the teacher's own tokens: what a cross-tokenizer teacher asks, as it asks a cache or a server."""
+        device = self._accelerator.device if self._accelerator is not None else self.model.device
+        mask = batch["completion_mask"].bool().to(device)
+        input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1).to(device)
+        attention_mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1).to(device)
+        logits = self.model(input_ids=input_ids, attention_mask=attention_mask,
+                            logits_to_keep=mask.shape[1] + 1).logits[:, :-1][mask]
+        labels = batch["completion_ids"].to(device)[mask]
+        k = min(self.top_k or vocab_size, vocab_size)
+        return top_k_of_logits(logits.float(), k, self.loss_temperature, vocab_size, labels)
+
     def sample(self, request: SampleRequest) -> tuple[torch.Tensor, torch.Tensor]:
         return request.decode(self.model, request.prompt_ids, request.prompt_mask)
 

@@ -1,0 +1,203 @@
+"""A teacher with a tokenizer of its own (`--cross_tokenizer`): any source asked in the teacher's tokens, its answers
+brought to the student's completion positions through byte-span chunks (`alignment`).
+
+Before a window's first forward, each completion (the dataset's or the student's) is read back as text from the
+student's tokens, tokenized by the teacher after the teacher's own rendering of the prompt (`teacher_prompt_ids`,
+encoded with the data), and the source answers that sequence as it would for a student of its own family: its top-K
+and the log-probability of each of its tokens. The end-of-turn token of one side is paired with the other's. The loss
+(`gkd.cross_tokenizer_loss`) compares distributions where a chunk is 1:1 and sampled chunk likelihoods elsewhere.
+
+Text the teacher cannot be given (bytes that are not UTF-8 at a truncated or garbled end, or a teacher tokenization
+that does not spell the same bytes) is left out of the loss; `aligned_completions` logs how often that happens.
+"""
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..batching import pad_batch
+from ..cross_tokenizer_loss import AlignedTeacher
+from ..losses import SparseTeacher
+from .alignment import Chunk, VocabularyPair, align, utf8_runs
+from .base import CompletionPositions, Teacher
+from .targets import completion_rows
+
+BATCH_KEYS = ("aligned_ids", "aligned_log_probs", "aligned_valid", "aligned_one_to_one", "aligned_chunk_of",
+              "aligned_chunk_log_probs", "aligned_teacher_log_probs")
+
+
+@dataclass
+class RowAlignment:
+    """One completion on the teacher's side: its tokens there, the chunks, and its bytes (all, and in 1:1 chunks)."""
+
+    teacher_ids: list[int] = field(default_factory=list)
+    chunks: list[Chunk] = field(default_factory=list)
+    text_bytes: int = 0
+    one_to_one_bytes: int = 0
+    aligned: bool = True
+
+
+class CrossTokenizerTeacher(Teacher):
+    """`source` answers `lookup(batch, vocab_size) -> SparseTargets` for batches in the teacher's tokens (a live
+    model, a server) and is started as the run's teacher. `top_k` None: the teacher's whole vocabulary."""
+
+    vocab_size = None  # the student samples from its own vocabulary: nothing is shared to stay below
+    can_sample = False
+
+    def __init__(self, source, pair: VocabularyPair, top_k: int | None, beta: float, teacher_vocab_size: int):
+        self.source, self.pair = source, pair
+        self.top_k, self.beta, self.teacher_vocab_size = top_k, beta, teacher_vocab_size
+        teacher = pair.teacher
+        self.teacher_pad_id = next((i for i in (teacher.pad_token_id, teacher.eos_token_id) if i is not None), 0)
+        self._stats = {"text_bytes": 0, "one_to_one_bytes": 0, "chunks": 0, "completions": 0, "aligned": 0}
+        self._groups = {}
+
+    def start(self, accelerator, deepspeed: bool) -> None:
+        self.source.start(accelerator, deepspeed)
+
+    def chunked_loss_ok(self) -> bool:
+        return False  # the loss needs the student's logits over its vocabulary to sum them per teacher token
+
+    def fetch(self, batches: list[dict], vocab_size: int) -> list[dict]:
+        with self.timed("teacher_seconds"):
+            return [batch if "aligned_ids" in batch else self._fetch_one(batch) for batch in batches]
+
+    def pop_timings(self) -> dict[str, float]:
+        """The waits, and how well the window's completions aligned: `aligned_byte_share` (completion bytes in 1:1
+        chunks), `chunks_per_completion`, `aligned_completions` (the share the teacher could be given at all)."""
+        timings, stats = super().pop_timings(), self._stats
+        if stats["completions"]:
+            timings["aligned_byte_share"] = stats["one_to_one_bytes"] / max(stats["text_bytes"], 1)
+            timings["chunks_per_completion"] = stats["chunks"] / stats["completions"]
+            timings["aligned_completions"] = stats["aligned"] / stats["completions"]
+        self._stats = dict.fromkeys(stats, 0)
+        return timings
+
+    def targets(self, positions: CompletionPositions, as_logits: bool, vocab_size: int) -> AlignedTeacher:
+        batch = positions.batch
+        device = batch["aligned_ids"].device
+        if device not in self._groups:
+            self._groups[device] = self.pair.student_group.to(device)
+        sparse = SparseTeacher(batch["aligned_ids"], batch["aligned_log_probs"], batch["aligned_valid"])
+        return AlignedTeacher(sparse, self._groups[device], self.teacher_vocab_size, batch["aligned_one_to_one"],
+                              batch["aligned_chunk_of"], batch["aligned_chunk_log_probs"],
+                              batch["aligned_teacher_log_probs"])
+
+    # ---- one micro-batch ----
+
+    def _fetch_one(self, batch: dict) -> dict:
+        rows = [completion for _, completion in completion_rows(batch)]
+        teacher_prompts = [ids[mask.bool()].tolist()
+                           for ids, mask in zip(batch["teacher_prompt_ids"], batch["teacher_prompt_mask"])]
+        plans = self._align_rows(rows)
+        teacher_batch = pad_batch([{"prompt_ids": prompt, "completion_ids": plan.teacher_ids}
+                                   for prompt, plan in zip(teacher_prompts, plans)], self.teacher_pad_id)
+        answer = self.source.lookup(teacher_batch, self.teacher_vocab_size)
+        teacher_tokens = teacher_batch["completion_ids"][teacher_batch["completion_mask"].bool()]
+        return {**batch, **dict(zip(BATCH_KEYS, self._at_student_positions(rows, plans, answer, teacher_tokens)))}
+
+    def _align_rows(self, rows: list[list[int]]) -> list[RowAlignment]:
+        """Each completion's text as the teacher tokenizes it, and the chunks of the two tokenizations. Text is
+        tokenized run by run (one batched call); bytes outside any character are given as the teacher's byte tokens."""
+        pair = self.pair
+        stops = set(pair.student_stop_ids)
+        prepared, texts = [], []
+        for completion in rows:
+            stopped = bool(completion) and completion[-1] in stops
+            text_ids = completion[:-1] if stopped else completion
+            pieces = pair.student_pieces(text_ids)
+            kept = _writable_tokens(pieces, pair.teacher_writable)
+            runs = utf8_runs(b"".join(pieces[:kept]))
+            prepared.append((stopped, text_ids, pieces, kept, runs))
+            texts.extend(run.decode() for run, is_text in runs if is_text)
+        tokenized = iter(pair.teacher(texts, add_special_tokens=False)["input_ids"] if texts else [])
+        plans = []
+        for completion, (stopped, text_ids, pieces, kept, runs) in zip(rows, prepared):
+            plan = RowAlignment(text_bytes=sum(map(len, pieces)))
+            teacher_ids = []
+            for run, is_text in runs:
+                teacher_ids.extend(next(tokenized) if is_text else (pair.teacher_byte_ids[byte] for byte in run))
+            if b"".join(pair.teacher_pieces(teacher_ids)) != b"".join(pieces[:kept]):
+                plan.aligned = False  # e.g. a SentencePiece teacher that writes a space first
+                plans.append(plan)
+                continue
+            plan.teacher_ids = teacher_ids
+            plan.chunks = align(pieces[:kept], pair.teacher_pieces(teacher_ids)) if kept else []
+            if stopped and kept == len(text_ids) and pair.teacher_stop_for(completion[-1]) >= 0:
+                plan.chunks.append(Chunk(kept, kept + 1, len(teacher_ids), len(teacher_ids) + 1))
+                plan.teacher_ids.append(pair.teacher_stop_for(completion[-1]))
+            plan.one_to_one_bytes = sum(len(pieces[chunk.student_start]) for chunk in plan.chunks
+                                        if chunk.one_to_one and chunk.student_start < len(pieces))
+            plans.append(plan)
+        for completion, plan in zip(rows, plans):
+            if completion:
+                self._stats["completions"] += 1
+                self._stats["aligned"] += plan.aligned
+                self._stats["chunks"] += len(plan.chunks)
+                self._stats["text_bytes"] += plan.text_bytes
+                self._stats["one_to_one_bytes"] += plan.one_to_one_bytes
+        return plans
+
+    def _at_student_positions(self, rows, plans, answer, teacher_tokens) -> tuple[torch.Tensor, ...]:
+        """The teacher's answer, given at teacher positions, laid out at the student's (row-major, as the loss reads
+        them): its top-K where a 1:1 chunk starts, chunk indices and chunk log-probabilities for m:n chunks."""
+        total = sum(len(completion) for completion in rows)
+        k = answer.ids.shape[1] if answer.ids.dim() == 2 else 1
+        one_student, one_teacher, member_student, member_chunk, chunk_teacher, chunk_of_teacher = [], [], [], [], [], []
+        student_offset = teacher_offset = 0
+        chunks = 0
+        for completion, plan in zip(rows, plans):
+            for chunk in plan.chunks:
+                if chunk.one_to_one:
+                    one_student.append(student_offset + chunk.student_start)
+                    one_teacher.append(teacher_offset + chunk.teacher_start)
+                    continue
+                member_student.extend(range(student_offset + chunk.student_start, student_offset + chunk.student_end))
+                member_chunk.extend([chunks] * (chunk.student_end - chunk.student_start))
+                chunk_teacher.extend(range(teacher_offset + chunk.teacher_start, teacher_offset + chunk.teacher_end))
+                chunk_of_teacher.extend([chunks] * (chunk.teacher_end - chunk.teacher_start))
+                chunks += 1
+            student_offset += len(completion)
+            teacher_offset += len(plan.teacher_ids)
+        ids = torch.zeros(total, k, dtype=torch.long)
+        log_probs = torch.full((total, k), float("-inf"))
+        valid = torch.zeros(total, k, dtype=torch.bool)
+        one_to_one = torch.zeros(total, dtype=torch.bool)
+        teacher_log_probs = torch.zeros(total)
+        chunk_of = torch.full((total,), -1, dtype=torch.long)
+        actual = answer.actual_log_probs.float().cpu()
+        one_student, one_teacher = torch.tensor(one_student, dtype=torch.long), torch.tensor(one_teacher,
+                                                                                              dtype=torch.long)
+        if len(one_student):
+            if self.top_k == 1 and self.beta == 1.0:  # K = 1, reverse KL: the sampled token, as the normal path
+                ids[one_student, 0] = teacher_tokens[one_teacher]
+                log_probs[one_student, 0] = actual[one_teacher]
+                valid[one_student, 0] = torch.isfinite(actual[one_teacher])
+            else:
+                ids[one_student] = answer.ids.cpu()[one_teacher]
+                log_probs[one_student] = answer.log_probs.float().cpu()[one_teacher]
+                valid[one_student] = answer.valid.cpu()[one_teacher]
+            one_to_one[one_student] = True
+            teacher_log_probs[one_student] = actual[one_teacher]
+        chunk_log_probs = torch.zeros(chunks)
+        if chunks:
+            chunk_of[torch.tensor(member_student)] = torch.tensor(member_chunk)
+            chunk_log_probs.index_add_(0, torch.tensor(chunk_of_teacher), actual[torch.tensor(chunk_teacher)])
+        return ids, log_probs, valid, one_to_one, chunk_of, chunk_log_probs, teacher_log_probs
+
+
+def _writable_tokens(pieces: list[bytes], writable) -> int:
+    """How many leading tokens spell bytes the teacher can be given (`writable(data)`: how many leading bytes): a
+    completion is compared up to the first byte the teacher has no token for."""
+    ends, offset = [], 0
+    for piece in pieces:
+        offset += len(piece)
+        ends.append(offset)
+    data = b"".join(pieces)
+    limit = writable(data)
+    while True:  # a prefix ending inside a character has bytes outside one: check them again
+        kept = sum(end <= limit for end in ends)
+        boundary = ends[kept - 1] if kept else 0
+        if writable(data[:boundary]) == boundary:
+            return kept
+        limit = writable(data[:boundary])
