@@ -67,14 +67,17 @@ def mask_after_stop(completion_ids: torch.Tensor, valid: torch.Tensor, stop_toke
     return (valid.bool() & (stops_before == 0)).long()
 
 
-def left_pad_prompts(batches: list[dict], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack the prompts of several micro-batches (different widths) into one left-padded batch."""
-    width = max(batch["prompt_ids"].shape[1] for batch in batches)
+def left_pad_prompts(batches: list[dict], pad_token_id: int,
+                     keys: tuple[str, str] = ("prompt_ids", "prompt_mask")) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack the prompts of several micro-batches (different widths) into one left-padded batch (`keys`: the
+    student's prompts, or a cross-tokenizer teacher's, TEACHER_PROMPT_KEYS)."""
+    ids_key, mask_key = keys
+    width = max(batch[ids_key].shape[1] for batch in batches)
     ids, masks = [], []
     for batch in batches:
-        missing = width - batch["prompt_ids"].shape[1]
-        ids.append(torch.nn.functional.pad(batch["prompt_ids"], (missing, 0), value=pad_token_id))
-        masks.append(torch.nn.functional.pad(batch["prompt_mask"], (missing, 0), value=0))
+        missing = width - batch[ids_key].shape[1]
+        ids.append(torch.nn.functional.pad(batch[ids_key], (missing, 0), value=pad_token_id))
+        masks.append(torch.nn.functional.pad(batch[mask_key], (missing, 0), value=0))
     return torch.cat(ids), torch.cat(masks)
 
 

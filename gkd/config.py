@@ -132,7 +132,7 @@ class ModelArguments:
             "help": "The teacher has a tokenizer of its own (another model family): it keeps its own chat template "
             "and tokens, completions are aligned to the student's by bytes, and the loss compares next-token "
             "distributions where both sides cut a span into one token the same way and sampled chunk likelihoods "
-            "elsewhere (docs/cross_tokenizer.md). Live teachers; chat records."
+            "elsewhere (docs/cross_tokenizer.md). A live or served teacher; chat records."
         },
     )
     teacher: list[str] | None = field(
@@ -679,12 +679,12 @@ def _check_cross_tokenizer(model_args: ModelArguments, training_args: GKDConfig)
     if model_args.teacher:
         raise ConfigError("--cross_tokenizer takes one teacher (--teacher_model_name_or_path); several teachers with "
                           "other tokenizers are not supported yet")
-    if model_args.teacher_kind != "live":
-        raise ConfigError("--cross_tokenizer needs a live teacher (--teacher_model_name_or_path): a top-K cache or a "
-                          "server in the teacher's own tokens is not supported yet")
-    if training_args.seq_kd:
-        raise ConfigError("--cross_tokenizer cannot train on the teacher's own completions (--seq_kd) yet: use the "
-                          "dataset's responses or the student's samples (--lmbda)")
+    if model_args.teacher_kind == "cache":
+        raise ConfigError("--cross_tokenizer needs a live teacher (--teacher_model_name_or_path) or a server "
+                          "(--teacher_server_url): a top-K cache in the teacher's own tokens is not supported yet")
+    if model_args.teacher_kind == "server" and not model_args.teacher_tokenizer_name_or_path:
+        raise ConfigError("--cross_tokenizer with --teacher_server_url needs --teacher_tokenizer_name_or_path: the "
+                          "served model's tokenizer, which renders the teacher's prompts and reads its tokens")
     if training_args.topk_renormalize:
         raise ConfigError("--topk_renormalize does not apply with --cross_tokenizer: the teacher's top-K is compared "
                           "with a tail bucket")

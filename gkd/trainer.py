@@ -198,10 +198,15 @@ class GKDTrainer(Trainer):
         seeds = [step_seed(self.args.seed, step, "served", rank * 100_000 + row) for row in range(len(prompt_ids))]
         routed = all("teacher_index" in batch for batch in batches)
         teacher_index = torch.cat([batch["teacher_index"] for batch in batches]) if routed else None
+        teacher_prompts = (None, None)
+        if all("teacher_prompt_ids" in batch for batch in batches):  # --cross_tokenizer
+            teacher_prompts = left_pad_prompts(batches, 0, TEACHER_PROMPT_KEYS)
         return SampleRequest(prompt_ids, prompt_mask, self.sampling, seeds, self.shared_vocab_size,
-                             lambda model, ids, mask: self._decode(TEACHER, model, ids, mask), teacher_index)
+                             lambda model, ids, mask, sampling=None: self._decode(TEACHER, model, ids, mask, sampling),
+                             teacher_index, *teacher_prompts)
 
-    def _decode(self, source: str, model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor):
+    def _decode(self, source: str, model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                sampling: Sampling | None = None):
         device = self.args.device
         # Seeded from the step, not drawn from the global RNG: a resumed run samples what the first run did.
         seeded = sampling_rng(self.args.seed, self.state.global_step, self.args.process_index, device)
@@ -214,7 +219,7 @@ class GKDTrainer(Trainer):
             gradient_checkpointing_kwargs=self.args.activation_checkpointing_kwargs,
         ) as generator, seeded:
             completion_ids, completion_mask = generate(
-                generator, prompt_ids.to(device), prompt_mask.to(device), self.sampling,
+                generator, prompt_ids.to(device), prompt_mask.to(device), sampling or self.sampling,
                 decoder=self._decoder_for(source, model), lora_copies=self._lora_copies if source == STUDENT else None,
             )
         return completion_ids, completion_mask

@@ -9,6 +9,7 @@ import statistics
 import pytest
 from helpers import assert_ok, metrics, refused, run_cli, train_args
 from test_deepspeed import launch
+from test_teacher_cli import start_server
 
 from gkd import train
 
@@ -27,26 +28,26 @@ def test_a_teacher_of_another_family_is_refused_naming_the_option(capfd, cross_t
             "vocabulary differs from the student's", "add --cross_tokenizer")
 
 
-@pytest.mark.parametrize("extra,expected", [
-    (["--seq_kd"], "cannot train on the teacher's own completions (--seq_kd) yet"),
-    (["--topk_renormalize", "--teacher_top_k", "4"], "--topk_renormalize does not apply"),
-])
-def test_what_the_cross_tokenizer_path_cannot_do_yet_is_refused(capfd, cross_tokenizer_models, cross_tokenizer_data,
-                                                               tmp_path, extra, expected):
-    refused(capfd, train.main, cross_args(cross_tokenizer_models, cross_tokenizer_data, tmp_path / "run", *extra)[1:],
-            expected)
+def test_topk_renormalize_is_refused(capfd, cross_tokenizer_models, cross_tokenizer_data, tmp_path):
+    refused(capfd, train.main, cross_args(cross_tokenizer_models, cross_tokenizer_data, tmp_path / "run",
+                                          "--topk_renormalize", "--teacher_top_k", "4")[1:],
+            "--topk_renormalize does not apply")
 
 
-def test_several_teachers_or_a_cache_are_refused(capfd, cross_tokenizer_models, cross_tokenizer_data, tmp_path):
+def test_several_teachers_a_cache_or_a_server_without_its_tokenizer_are_refused(capfd, cross_tokenizer_models,
+                                                                             cross_tokenizer_data, tmp_path):
     student, teacher = cross_tokenizer_models
     args = train_args(student, teacher, cross_tokenizer_data, tmp_path / "run", "--cross_tokenizer")[1:]
     position = args.index("--teacher_model_name_or_path")
-    several = args[:position] + args[position + 2:] + ["--teacher", f"a={teacher}", "--teacher", f"b={teacher}"]
-    refused(capfd, train.main, several, "--cross_tokenizer takes one teacher")
+    without_teacher = args[:position] + args[position + 2:]
+    refused(capfd, train.main, without_teacher + ["--teacher", f"a={teacher}", "--teacher", f"b={teacher}"],
+            "--cross_tokenizer takes one teacher")
     (tmp_path / "cache").mkdir()
     (tmp_path / "cache" / "cache.json").write_text("{}")
-    cache = args[:position] + args[position + 2:] + ["--teacher_logits_path", str(tmp_path / "cache"), "--lmbda", "0"]
-    refused(capfd, train.main, cache, "--cross_tokenizer needs a live teacher")
+    refused(capfd, train.main, without_teacher + ["--teacher_logits_path", str(tmp_path / "cache"), "--lmbda", "0"],
+            "a top-K cache in the teacher's own tokens is not supported yet")
+    refused(capfd, train.main, without_teacher + ["--teacher_server_url", "http://127.0.0.1:9", "--teacher_top_k", "4"],
+            "needs --teacher_tokenizer_name_or_path")
 
 
 def test_plain_text_is_refused_naming_the_record(capfd, cross_tokenizer_models, tmp_path):
@@ -57,12 +58,18 @@ def test_plain_text_is_refused_naming_the_record(capfd, cross_tokenizer_models, 
             "text.jsonl:1", "plain text, which --cross_tokenizer cannot align")
 
 
-def test_a_run_across_tokenizers_trains_logs_the_alignment_and_saves_a_loadable_model(cross_tokenizer_models,
-                                                                                      cross_tokenizer_data, tmp_path):
-    out = tmp_path / "run"
-    # seed 2 with lmbda 0.5: step 1 on the dataset's responses, step 2 on the student's samples (test_steps.py)
-    result = run_cli(cross_args(cross_tokenizer_models, cross_tokenizer_data, out, "--lmbda", "0.5", "--seed", "2",
-                                "--teacher_top_k", "5", "--per_device_train_batch_size", "4"))
+# seed 2 with lmbda 0.5: step 1 on the dataset's responses, step 2 on the student's samples (test_steps.py)
+MIXED = ("--lmbda", "0.5", "--seed", "2", "--teacher_top_k", "5", "--per_device_train_batch_size", "4")
+
+
+@pytest.fixture(scope="module")
+def live_run(cross_tokenizer_models, cross_tokenizer_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cross_live") / "run"
+    return run_cli(cross_args(cross_tokenizer_models, cross_tokenizer_data, out, *MIXED)), out
+
+
+def test_a_run_across_tokenizers_trains_logs_the_alignment_and_saves_a_loadable_model(live_run):
+    result, out = live_run
     assert_ok(result)
     assert "have a byte-identical teacher token" in result.stderr
     steps = metrics(out)
@@ -74,6 +81,39 @@ def test_a_run_across_tokenizers_trains_logs_the_alignment_and_saves_a_loadable_
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(out)
+
+
+def test_a_served_teacher_with_its_own_tokenizer_gives_the_live_teachers_losses(cross_tokenizer_models,
+                                                                                 cross_tokenizer_data, live_run,
+                                                                                 tmp_path):
+    student, teacher = cross_tokenizer_models
+    process, url = start_server(teacher, "--max_logprobs", "5")
+    try:
+        out = tmp_path / "run"
+        args = train_args(student, teacher, cross_tokenizer_data, out, "--cross_tokenizer", *MIXED)
+        position = args.index("--teacher_model_name_or_path")
+        args[position:position + 2] = ["--teacher_server_url", url, "--teacher_tokenizer_name_or_path", str(teacher)]
+        assert_ok(run_cli(args))
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    served, live = metrics(out), metrics(live_run[1])
+    assert [step["on_policy"] for step in served] == [0, 1]
+    for ours, theirs in zip(served, live):
+        assert ours["kd_loss"] == pytest.approx(theirs["kd_loss"], rel=1e-3)
+        assert ours["aligned_byte_share"] == theirs["aligned_byte_share"]
+
+
+def test_the_teacher_writes_completions_in_its_tokens_for_the_student(cross_tokenizer_models, cross_tokenizer_data,
+                                                                      tmp_path):
+    """--seq_kd: the teacher continues its own prompt with its own stop tokens; the student trains on the text."""
+    out = tmp_path / "run"
+    result = run_cli(cross_args(cross_tokenizer_models, cross_tokenizer_data, out, "--lmbda", "0", "--seq_kd",
+                                "--teacher_top_k", "5"))
+    assert_ok(result)
+    steps = metrics(out)
+    assert [step["teacher_generated"] for step in steps] == [1, 1]
+    assert all(step["completion_tokens"] > 0 and step["aligned_completions"] == 1 for step in steps)
 
 
 @pytest.mark.slow

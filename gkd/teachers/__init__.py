@@ -57,6 +57,10 @@ def cross_tokenizer_pair(model_args, student_tokenizer, student_stop_ids: list[i
     from .. import models
     from .alignment import VocabularyPair
 
+    if teacher_ref is None:  # a server: the tokenizer named for it (config.check_together requires one)
+        teacher_ref = models.ModelRef(model_args.teacher_tokenizer_name_or_path,
+                                      trust_remote_code=model_args.trust_remote_code,
+                                      flag="--teacher_tokenizer_name_or_path")
     teacher_tokenizer = models.load_tokenizer(teacher_ref)
     pair = VocabularyPair(student_tokenizer, teacher_tokenizer, student_stop_ids,
                           models.stop_token_ids(teacher_tokenizer, teacher_ref), teacher_ref.name)
@@ -99,10 +103,15 @@ def open_teacher(model_args, training_args, student_tokenizer, stop_token_ids, n
         server = TeacherServer(model_args.teacher_server_url, training_args.teacher_server_timeout,
                                training_args.teacher_server_retries, training_args.teacher_server_concurrency)
         server.describe()
-        check_tokenizer(server, student_tokenizer, model_args.teacher_tokenizer_name_or_path,
-                        model_args.trust_remote_code)
+        check_tokenizer(server, pair.teacher if pair else student_tokenizer,
+                        model_args.teacher_tokenizer_name_or_path, model_args.trust_remote_code)
         server.check(training_args.teacher_top_k or 1, training_args.max_length)
-        return ServedTeacher(server, training_args.teacher_top_k, training_args.beta)
+        served = ServedTeacher(server, training_args.teacher_top_k, training_args.beta)
+        if pair is None:
+            return served
+        from .cross import CrossTokenizerTeacher
+
+        return CrossTokenizerTeacher(served, pair, training_args.teacher_top_k, training_args.beta, len(pair.teacher))
     from .live import LiveTeacher
 
     live = LiveTeacher.from_options(None, training_args, ref=teacher_ref, model_args=model_args)

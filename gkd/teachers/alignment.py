@@ -190,6 +190,10 @@ class VocabularyPair:
                 group[student_stop] = self.teacher_stop_ids[0]
         self.student_group = torch.tensor(group, dtype=torch.long)
         self.teacher_byte_ids = {piece[0]: index for piece, index in teacher_by_bytes.items() if len(piece) == 1}
+        self.student_byte_ids = {}
+        for index, piece in enumerate(self.student_bytes):
+            if piece is not None and len(piece) == 1:
+                self.student_byte_ids.setdefault(piece[0], index)
         self.text_tokens = sum(piece is not None and len(piece) > 0 for piece in self.student_bytes)
         self.exact_share = exact / max(self.text_tokens, 1)
 

@@ -40,7 +40,8 @@ class SampleRequest:
     """Completions wanted for left-padded prompts: sampled as `sampling` says, each row from its own `seeds` entry (a
     server's), or by the trainer's own decode loop (`decode(model, prompt_ids, prompt_mask)`, which seeds, gathers
     and unwraps as the student's sampling does) for a model beside the student. A completion ends before any id at or
-    beyond `vocab_size`, which the student cannot embed."""
+    beyond `vocab_size`, which the student cannot embed. `decode` takes another `Sampling` as a fourth argument (a
+    teacher with its own stop tokens)."""
 
     prompt_ids: torch.Tensor
     prompt_mask: torch.Tensor
@@ -49,12 +50,19 @@ class SampleRequest:
     vocab_size: int
     decode: Callable
     teacher_index: torch.Tensor | None = None  # each row's teacher, where several teach (the batches' column)
+    # each row's prompt in a teacher's own tokens (--cross_tokenizer), left-padded, and its mask
+    teacher_prompt_ids: torch.Tensor | None = None
+    teacher_prompt_mask: torch.Tensor | None = None
 
     def select(self, rows: list[int]) -> "SampleRequest":
         """The same request for some of its rows (their seeds kept)."""
-        index = None if self.teacher_index is None else self.teacher_index[rows]
+        def picked(values):
+            return None if values is None else values[rows]
+
         return SampleRequest(self.prompt_ids[rows], self.prompt_mask[rows], self.sampling,
-                             [self.seeds[row] for row in rows], self.vocab_size, self.decode, index)
+                             [self.seeds[row] for row in rows], self.vocab_size, self.decode,
+                             picked(self.teacher_index), picked(self.teacher_prompt_ids),
+                             picked(self.teacher_prompt_mask))
 
 
 @dataclass

@@ -19,7 +19,8 @@ from ..batching import pad_batch
 from ..cross_tokenizer_loss import AlignedTeacher
 from ..losses import SparseTeacher
 from .alignment import Chunk, VocabularyPair, align, utf8_runs
-from .base import CompletionPositions, Teacher
+from .base import CompletionPositions, SampleRequest, Teacher
+from .server import completion_tensors
 from .targets import completion_rows
 
 BATCH_KEYS = ("aligned_ids", "aligned_log_probs", "aligned_valid", "aligned_one_to_one", "aligned_chunk_of",
@@ -42,10 +43,10 @@ class CrossTokenizerTeacher(Teacher):
     model, a server) and is started as the run's teacher. `top_k` None: the teacher's whole vocabulary."""
 
     vocab_size = None  # the student samples from its own vocabulary: nothing is shared to stay below
-    can_sample = False
 
     def __init__(self, source, pair: VocabularyPair, top_k: int | None, beta: float, teacher_vocab_size: int):
         self.source, self.pair = source, pair
+        self.can_sample = source.can_sample
         self.top_k, self.beta, self.teacher_vocab_size = top_k, beta, teacher_vocab_size
         teacher = pair.teacher
         self.teacher_pad_id = next((i for i in (teacher.pad_token_id, teacher.eos_token_id) if i is not None), 0)
@@ -61,6 +62,43 @@ class CrossTokenizerTeacher(Teacher):
     def fetch(self, batches: list[dict], vocab_size: int) -> list[dict]:
         with self.timed("teacher_seconds"):
             return [batch if "aligned_ids" in batch else self._fetch_one(batch) for batch in batches]
+
+    def sample(self, request: SampleRequest) -> tuple[torch.Tensor, torch.Tensor]:
+        """`--seq_kd`: the teacher continues its own rendering of each prompt with its own stop tokens; each
+        completion is read back as text and tokenized for the student (at most --max_new_tokens student tokens, its
+        end of turn kept as the student's)."""
+        pair = self.pair
+        sampling = request.sampling.but(stop_token_ids=tuple(pair.teacher_stop_ids), pad_token_id=self.teacher_pad_id,
+                                        suppress_ids=())
+        asked = SampleRequest(request.teacher_prompt_ids, request.teacher_prompt_mask, sampling, request.seeds,
+                              self.teacher_vocab_size, lambda model, ids, mask: request.decode(model, ids, mask,
+                                                                                                 sampling))
+        teacher_ids, teacher_mask = self.source.sample(asked)
+        stops = set(pair.teacher_stop_ids)
+        rows = []
+        for ids, mask in zip(teacher_ids.tolist(), teacher_mask.tolist()):
+            ids = [token for token, kept in zip(ids, mask) if kept]
+            stopped = bool(ids) and ids[-1] in stops
+            rows.append((stopped, b"".join(pair.teacher_pieces(ids[:-1] if stopped else ids))))
+        runs = [utf8_runs(data) for _, data in rows]
+        texts = [run.decode() for row in runs for run, is_text in row if is_text]
+        tokenized = iter(pair.student(texts, add_special_tokens=False)["input_ids"] if texts else [])
+        limit = request.sampling.max_new_tokens
+        completions = []
+        for (stopped, _), row in zip(rows, runs):
+            pieces = [next(tokenized) if is_text else [pair.student_byte_ids.get(byte) for byte in run]
+                      for run, is_text in row]
+            ids = []
+            for piece in pieces:
+                if None in piece:  # a byte the student has no token for: the completion ends before it
+                    ids.extend(piece[:piece.index(None)])
+                    stopped = False
+                    break
+                ids.extend(piece)
+            if stopped and len(ids) < limit:
+                ids.append(pair.student_stop_ids[0])
+            completions.append(ids[:limit])
+        return completion_tensors(completions, request)
 
     def pop_timings(self) -> dict[str, float]:
         """The waits, and how well the window's completions aligned: `aligned_byte_share` (completion bytes in 1:1
