@@ -46,6 +46,9 @@ class BudgetArguments:
         default=GKDConfig.loss_chunk_size, metadata={"help": "As gkd/train.py's --loss_chunk_size."}
     )
     on_policy: bool = field(default=True, metadata={"help": "Count the student's generation cache (lmbda > 0)."})
+    live_teachers: int = field(default=1, metadata={
+        "help": "Teachers loaded beside the student, each of the preset's teacher shape (several: --teacher "
+                "NAME=MODEL, repeated); 0 when every teacher is served or cached."})
     output_json: str | None = field(default=None, metadata={"help": "Also write the budget here."})
 
 
@@ -108,7 +111,8 @@ def estimate(args: BudgetArguments) -> dict:
     held = {
         "student weights": _bytes(student.parameters()),
         "AdamW state (2 per trainable weight)": 2 * trainable,
-        "teacher weights": _bytes(teacher.parameters()),
+        "teacher weights" if args.live_teachers == 1 else f"teacher weights ({args.live_teachers} live)":
+            args.live_teachers * _bytes(teacher.parameters()),
     }
     if args.on_policy:  # the decoder's static cache lives for the run: keys and values of every layer
         shape = preset.student
@@ -139,7 +143,8 @@ def estimate(args: BudgetArguments) -> dict:
     # ([V, H]) is added to the float32 one while the chunk's gradient is alive (`losses._fused_linear_jsd`).
     loss_buffers = 4 * chunk * vocab * FP32 + (head_gradient if size < FP32 else 0)
     # gate, up and their product of one teacher layer, for the whole batch (no autograd keeps anything).
-    teacher_layer = 3 * batch * width * preset.teacher.intermediate_size * size
+    # Several live teachers answer one after another: one layer of one teacher at a time.
+    teacher_layer = 3 * batch * width * preset.teacher.intermediate_size * size if args.live_teachers else 0
     phases = {
         "teacher forward": {"student activations": activations, "one teacher layer's intermediates": teacher_layer},
         "loss": {"student activations": activations, "loss: saved gradients": loss_saved,
