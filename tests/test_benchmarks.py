@@ -98,6 +98,29 @@ def test_loss_bench_runs_both_variants_and_they_agree(tmp_path):
     assert math.isclose(rows["chunked"]["loss"], rows["reference"]["loss"], rel_tol=1e-5)
 
 
+def test_rollout_bench_reports_both_modes_and_the_served_costs(tiny_models, chat_data, tmp_path):
+    """benchmarks/bench_rollouts.py at a toy size: one local and one served run (the shipped server started by the
+    bench), each step timed, the served run's save, load and sampling costs read back from metrics.jsonl."""
+    student, teacher = tiny_models
+    output = tmp_path / "rollouts.json"
+    result = run_cli(
+        ["-m", "benchmarks.bench_rollouts", "--student", student, "--teacher", teacher, "--train_data", chat_data,
+         "--steps", "2", "--rounds", "1", "--batch_size", "2", "--max_new_tokens", "8", "--max_length", "96",
+         "--lora_r", "4", "--work_dir", tmp_path / "work", "--output_json", output],
+        timeout=300,
+    )
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    report = json.loads(output.read_text())
+    assert [run["mode"] for run in report["runs"]] == ["local", "served"]
+    local, served = report["summary"]["local"], report["summary"]["served"]
+    assert local["timed_steps"] == served["timed_steps"] == 1
+    for key in ("step_seconds", "rollout_save_seconds", "rollout_load_seconds", "rollout_sampling_seconds"):
+        assert positive(served[key]), key
+    assert positive(local["step_seconds"]) and "rollout_sampling_seconds" not in local
+    assert math.isfinite(served["rest_seconds"]) and positive(served["step_time_vs_local"])
+    assert "| served |" in result.stdout
+
+
 def test_child_runner_returns_values_errors_and_deaths():
     """Both benches run each measurement through `run_in_child`; a failure must come back, not hang or vanish."""
     import os
@@ -166,3 +189,13 @@ def test_smaller_loss_chunks_shrink_the_loss_buffers():
     half = estimate(BudgetArguments(preset="smoke", loss_chunk_size=rows // 2))
     buffers = "loss: chunk buffers"
     assert half["phases"]["loss"][buffers] == whole["phases"]["loss"][buffers] / 2
+
+
+def test_each_live_teacher_adds_its_weights_and_a_served_one_nothing():
+    one = estimate(BudgetArguments(preset="smoke"))
+    two = estimate(BudgetArguments(preset="smoke", live_teachers=2))
+    served = estimate(BudgetArguments(preset="smoke", live_teachers=0))
+    weights = one["held"]["teacher weights"]
+    assert weights > 0 and two["held"]["teacher weights (2 live)"] == 2 * weights
+    assert served["held"]["teacher weights (0 live)"] == 0
+    assert two["peak_bytes"] - one["peak_bytes"] == weights == one["peak_bytes"] - served["peak_bytes"]

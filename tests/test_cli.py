@@ -32,7 +32,7 @@ def test_the_command_lines_are_found():
     assert {"gkd.tools.merge", "gkd.tools.prune", "gkd.tools.evaluate", "gkd.tools.compare",
             "gkd.tools.cache_teacher", "gkd.tools.teacher_server"} <= set(TOOLS)
     assert {"benchmarks.bench", "benchmarks.bench_generation", "benchmarks.bench_loss", "benchmarks.bench_teachers",
-            "benchmarks.data_start", "benchmarks.memory_budget"} <= set(BENCHMARKS)
+            "benchmarks.bench_rollouts", "benchmarks.data_start", "benchmarks.memory_budget"} <= set(BENCHMARKS)
 
 
 def test_every_tool_has_a_console_script_through_the_one_runner():

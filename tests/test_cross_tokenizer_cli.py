@@ -50,6 +50,20 @@ def test_several_teachers_a_cache_or_a_server_without_its_tokenizer_are_refused(
             "needs --teacher_tokenizer_name_or_path")
 
 
+def test_a_teacher_without_a_chat_template_is_refused(capfd, cross_tokenizer_models, cross_tokenizer_data, tmp_path):
+    import shutil
+
+    student, teacher = cross_tokenizer_models
+    plain = tmp_path / "teacher"
+    shutil.copytree(teacher, plain)
+    (plain / "chat_template.jinja").unlink()
+    config = json.loads((plain / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (plain / "tokenizer_config.json").write_text(json.dumps(config))
+    refused(capfd, train.main, cross_args((student, plain), cross_tokenizer_data, tmp_path / "run")[1:],
+            "has no chat template", "--cross_tokenizer renders the teacher's prompts")
+
+
 def test_plain_text_is_refused_naming_the_record(capfd, cross_tokenizer_models, tmp_path):
     data = tmp_path / "text.jsonl"
     data.write_text("".join(json.dumps({"text": f"plain text document number {i} of a few words"}) + "\n"

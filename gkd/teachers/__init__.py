@@ -62,6 +62,11 @@ def cross_tokenizer_pair(model_args, student_tokenizer, student_stop_ids: list[i
                                       trust_remote_code=model_args.trust_remote_code,
                                       flag="--teacher_tokenizer_name_or_path")
     teacher_tokenizer = models.load_tokenizer(teacher_ref)
+    if not getattr(teacher_tokenizer, "chat_template", None):
+        from ..errors import ModelError
+
+        raise ModelError(f"{teacher_ref.flag} {teacher_ref.name}: the tokenizer has no chat template, and "
+                         "--cross_tokenizer renders the teacher's prompts with its own; use an instruct/chat teacher")
     pair = VocabularyPair(student_tokenizer, teacher_tokenizer, student_stop_ids,
                           models.stop_token_ids(teacher_tokenizer, teacher_ref), teacher_ref.name)
     logging.getLogger("gkd").info("--cross_tokenizer: %s (%s)", pair.describe(), teacher_ref.name)
