@@ -71,7 +71,8 @@ def aligned_distillation(student_logits: torch.Tensor, labels: torch.Tensor, tea
     m:n, at the loss temperature: a sampled estimate of the sequence-level reverse KL), and `one_to_one` (1:1 positions)."""
     beta, temperature = float(beta), float(temperature)
     _check_beta_temperature(beta, temperature)
-    total = student_logits.new_zeros((), dtype=torch.float32)
+    # Zero, but part of the graph: a micro-batch with nothing to compare still backpropagates (a zero gradient).
+    total = torch.nan_to_num(student_logits, posinf=0.0, neginf=0.0).sum().float() * 0.0
     token_log_probs = _log_probs(student_logits, temperature).gather(1, labels[:, None]).squeeze(1)
     estimate = torch.zeros((), dtype=torch.float32, device=student_logits.device)
     rows = teacher.one_to_one.nonzero().squeeze(1)

@@ -343,6 +343,7 @@ class GKDTrainer(Trainer):
         """Eval loss: the per-token loss on the dataset's responses (teacher-forced), both terms weighted."""
         if self.args.kd_loss_weight > 0:
             (inputs,) = self.teacher.fetch([inputs], self.shared_vocab_size)
+            self.teacher.pop_timings()  # an evaluation's waits and alignment are not the next training step's
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad(), self.compute_loss_context_manager():
             total = self._loss_parts(model, inputs, with_sft=self.args.sft_loss_weight > 0).total

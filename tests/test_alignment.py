@@ -4,6 +4,7 @@ tokenizers give only 1:1 chunks, mapped ids have identical bytes, and bytes outs
 import json
 
 import pytest
+import torch
 from tokenizer_pairs import random_texts
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
@@ -108,27 +109,32 @@ def test_an_empty_piece_joins_its_chunk():
         align([b"ab"], [b"ac"])
 
 
-def _sentencepiece_tokenizer(folder):
-    """A tiny SentencePiece-style tokenizer (Llama 2, Gemma): '▁' for a space, <0xNN> byte fallback."""
+def _sentencepiece_tokenizer(folder, prepend: bool = False, byte_fallback: bool = True):
+    """A tiny SentencePiece-style tokenizer (Llama 2, Gemma): '▁' for a space, <0xNN> byte fallback; with `prepend`,
+    Llama 2's and Mistral's '▁' written before every text."""
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{byte:02X}>": 3 + byte for byte in range(256)}}
-    for piece in ("▁", "▁the", "t", "h", "e", "▁cat"):
-        vocab[piece] = len(vocab)
+    if not byte_fallback:
+        vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    letters = sorted(set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,!?'<>|"))
+    for piece in ("▁", "▁the", "t", "h", "e", "▁cat", *letters):
+        vocab.setdefault(piece, len(vocab))
     spec = {
         "version": "1.0", "truncation": None, "padding": None,
         "added_tokens": [{"id": i, "content": c, "single_word": False, "lstrip": False, "rstrip": False,
                           "normalized": False, "special": True} for c, i in (("<unk>", 0), ("<s>", 1), ("</s>", 2))],
-        "normalizer": {"type": "Sequence", "normalizers": [{"type": "Replace", "pattern": {"String": " "},
-                                                            "content": "▁"}]},
+        "normalizer": {"type": "Sequence", "normalizers": [
+            *([{"type": "Prepend", "prepend": "▁"}] if prepend else []),
+            {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]},
         "pre_tokenizer": None, "post_processor": None,
         "decoder": {"type": "Sequence", "decoders": [
             {"type": "Replace", "pattern": {"String": "▁"}, "content": " "}, {"type": "ByteFallback"},
             {"type": "Fuse"}]},
         "model": {"type": "BPE", "dropout": None, "unk_token": "<unk>", "continuing_subword_prefix": None,
-                  "end_of_word_suffix": None, "fuse_unk": True, "byte_fallback": True, "ignore_merges": False,
-                  "vocab": vocab, "merges": [["▁", "t"], ["h", "e"], ["▁t", "he"]]},
+                  "end_of_word_suffix": None, "fuse_unk": True, "byte_fallback": byte_fallback,
+                  "ignore_merges": False, "vocab": vocab, "merges": [["▁", "t"], ["h", "e"], ["▁t", "he"]]},
     }
-    vocab["▁t"] = len(vocab)
-    vocab["he"] = len(vocab)
+    vocab.setdefault("▁t", len(vocab))
+    vocab.setdefault("he", len(vocab))
     (folder / "tokenizer.json").write_text(json.dumps(spec))
     return PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"), unk_token="<unk>",
                                    bos_token="<s>", eos_token="</s>")
@@ -153,3 +159,48 @@ def test_a_tokenizer_that_cannot_be_read_as_bytes_is_refused(tmp_path):
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]")
     with pytest.raises(ModelError, match="cannot read its tokens as bytes"):
         token_bytes(tokenizer, "word-level")
+
+
+# ---- a cross-tokenizer teacher given whole completions by `fetch` (gkd/teachers/cross.py) ----
+
+def _fetched_alignment(student_tokenizer, teacher_folder, teacher_tokenizer, texts: list[str]) -> dict:
+    """The alignment statistics `fetch` reports for one micro-batch of `texts` (each a completion ending in the
+    student's end of turn), against a tiny random teacher on `teacher_tokenizer`."""
+    from tiny import make_model
+
+    from gkd.batching import pad_batch
+    from gkd.teachers.cross import CrossTokenizerTeacher
+    from gkd.teachers.live import LiveTeacher
+
+    model = make_model(teacher_folder, teacher_tokenizer, num_layers=1, seed=0).eval()
+    end = student_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    pair = VocabularyPair(student_tokenizer, teacher_tokenizer, [end], [teacher_tokenizer.eos_token_id], "teacher")
+    samples = [{"prompt_ids": [1], "completion_ids": student_tokenizer(text, add_special_tokens=False)["input_ids"]
+                + [end], "teacher_prompt_ids": [teacher_tokenizer.bos_token_id]} for text in texts]
+    teacher = CrossTokenizerTeacher(LiveTeacher(model, 3, 0.5, 1.0, 0), pair, 3, 0.5, len(teacher_tokenizer))
+    (batch,) = teacher.fetch([pad_batch(samples, 0)], len(teacher_tokenizer))
+    assert bool(torch.isfinite(batch["aligned_chunk_log_probs"]).all())
+    return teacher.pop_timings()
+
+
+def test_a_teacher_that_writes_a_space_before_every_text_still_aligns(tokenizers, tmp_path):
+    """Llama 2's and Mistral's SentencePiece prepends '▁': its first token spells one space too many."""
+    teacher_tokenizer = _sentencepiece_tokenizer(tmp_path, prepend=True)
+    assert teacher_tokenizer.convert_ids_to_tokens(teacher_tokenizer("the cat", add_special_tokens=False)
+                                                   ["input_ids"])[0].startswith("▁")
+    stats = _fetched_alignment(tokenizers["packs"], tmp_path / "model", teacher_tokenizer, ["the cat sat", " a cat"])
+    assert stats["aligned_completions"] == 1.0 and stats["aligned_byte_share"] > 0
+
+
+def test_the_text_of_a_special_token_in_a_completion_is_text_to_the_teacher(tokenizers, tmp_path):
+    stats = _fetched_alignment(tokenizers["packs"], tmp_path / "model", tokenizers["digits"],
+                               ["write <|end|> then <s> ok 42", "plain"])
+    assert stats["aligned_completions"] == 1.0
+
+
+def test_a_character_the_teacher_cannot_write_ends_the_comparison_there(tokenizers, tmp_path):
+    teacher_tokenizer = _sentencepiece_tokenizer(tmp_path, byte_fallback=False)  # an emoji is <unk>
+    stats = _fetched_alignment(tokenizers["packs"], tmp_path / "model", teacher_tokenizer,
+                               ["the cat 🙂 the cat", "🙂 first"])
+    assert stats["aligned_completions"] == 0.5  # the first is compared up to the emoji; the second not at all
+    assert 0 < stats["aligned_byte_share"] < 0.5

@@ -64,6 +64,24 @@ def test_a_teacher_without_a_chat_template_is_refused(capfd, cross_tokenizer_mod
             "has no chat template", "--cross_tokenizer renders the teacher's prompts")
 
 
+def test_a_conversation_the_teachers_template_rejects_is_refused_naming_the_teacher(capfd, cross_tokenizer_models,
+                                                                                    tmp_path):
+    import shutil
+
+    student, teacher = cross_tokenizer_models
+    strict = tmp_path / "teacher"
+    shutil.copytree(teacher, strict)
+    template = strict / "chat_template.jinja"
+    template.write_text("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+                        "{% endif %}" + template.read_text())
+    data = tmp_path / "system.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "system", "content": "be brief"},
+                                             {"role": "user", "content": "hi"},
+                                             {"role": "assistant", "content": "hello"}]}) + "\n")
+    refused(capfd, train.main, cross_args((student, strict), data, tmp_path / "run", "--lmbda", "0")[1:],
+            "system.jsonl:1", "the teacher's chat template rejected this conversation")
+
+
 def test_plain_text_is_refused_naming_the_record(capfd, cross_tokenizer_models, tmp_path):
     data = tmp_path / "text.jsonl"
     data.write_text("".join(json.dumps({"text": f"plain text document number {i} of a few words"}) + "\n"
@@ -78,8 +96,11 @@ MIXED = ("--lmbda", "0.5", "--seed", "2", "--teacher_top_k", "5", "--per_device_
 
 @pytest.fixture(scope="module")
 def live_run(cross_tokenizer_models, cross_tokenizer_data, tmp_path_factory):
+    """With an evaluation every step, which must leave the training steps' metrics as they are (the served run
+    below, without one, is compared with this one)."""
     out = tmp_path_factory.mktemp("cross_live") / "run"
-    return run_cli(cross_args(cross_tokenizer_models, cross_tokenizer_data, out, *MIXED)), out
+    evaluation = ("--eval_dataset_name", cross_tokenizer_data, "--eval_strategy", "steps", "--eval_steps", "1")
+    return run_cli(cross_args(cross_tokenizer_models, cross_tokenizer_data, out, *MIXED, *evaluation)), out
 
 
 def test_a_run_across_tokenizers_trains_logs_the_alignment_and_saves_a_loadable_model(live_run):

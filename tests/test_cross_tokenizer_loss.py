@@ -109,6 +109,19 @@ def test_the_estimate_is_log_p_student_minus_log_p_teacher_over_every_chunk():
     assert float(estimates["one_to_one"]) == 5
 
 
+def test_a_micro_batch_with_nothing_to_compare_still_backpropagates():
+    """Every completion left out (none the teacher could be given): a zero loss with a zero gradient, not an error."""
+    logits, labels, target = random_target(3)
+    nothing = AlignedTeacher(target.sparse, target.student_group, target.teacher_vocab_size,
+                             torch.zeros_like(target.one_to_one), torch.full_like(target.chunk_of, -1),
+                             target.chunk_teacher_log_probs, target.teacher_log_probs)
+    logits = logits.clone().requires_grad_(True)
+    loss, estimates = aligned_distillation(logits, labels, nothing, 0.5)
+    loss.backward()
+    assert float(loss) == 0.0 and float(estimates["chunk_reverse_kl"]) == 0.0
+    assert bool((logits.grad == 0).all())
+
+
 # ---- the number test: X-Token's failure of GOLD's exact map, in miniature ----
 
 STUDENT_TOKENS = ["1", "123", "x", "y"]  # the student packs "123"

@@ -57,17 +57,17 @@ class EncodeStats:
                 f"prompt-only{text}), {self.num_truncated} cut to fit max_length={max_length}")
 
 
-def encode_rows(rows: dict[str, list], tokenizer, options: EncodeOptions) -> dict[str, list]:
+def encode_rows(rows: dict[str, list], tokenizer, options: EncodeOptions, role: str = "student") -> dict[str, list]:
     """Encode a batch of normalised rows (columns of `Conversation` fields) into `ENCODED_COLUMNS` and
-    `RECORD_COLUMNS`."""
+    `RECORD_COLUMNS`. `role` names whose tokenizer it is in errors (a --cross_tokenizer teacher's has its own)."""
     size = len(rows["source"])
     chats = [i for i in range(size) if rows["text"][i] is None]
     if chats and not getattr(tokenizer, "chat_template", None):
         raise ModelError(
-            f"the student tokenizer ({getattr(tokenizer, 'name_or_path', type(tokenizer).__name__)}) has no chat "
+            f"the {role} tokenizer ({getattr(tokenizer, 'name_or_path', type(tokenizer).__name__)}) has no chat "
             "template, and the data has chat records; use an instruct/chat model, or plain-text records"
         )
-    chat = ChatEncoder(tokenizer)
+    chat = ChatEncoder(tokenizer, role)
     prompts = {i: chat.render(rows["prompt"][i], True, rows["source"][i]) for i in chats}
     fulls = {i: chat.render(rows["prompt"][i] + [{"role": "assistant", "content": rows["completion"][i]}], False,
                             rows["source"][i])
@@ -133,14 +133,14 @@ class ChatEncoder:
     Rendering to text first (instead of `apply_chat_template(tokenize=True)`, which returns a BatchEncoding in
     transformers 5) lets templates that write their own BOS keep exactly one."""
 
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
+    def __init__(self, tokenizer, role: str = "student"):
+        self.tokenizer, self.role = tokenizer, role
 
     def render(self, messages: list[dict], generation_prompt: bool, source: str) -> str:
         try:
             return self.tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=False)
         except TemplateError as error:
-            raise DataError(source, f"the student's chat template rejected this conversation: {error}") from None
+            raise DataError(source, f"the {self.role}'s chat template rejected this conversation: {error}") from None
 
     def tokenize_many(self, texts: list[str]) -> list[list[int]]:
         return self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []

@@ -27,7 +27,7 @@ NORMALISED_BATCH = 1000
 
 def prepare_dataset(source: DataSource, tokenizer, options: EncodeOptions, num_proc: int | None = None,
                     batch_size: int | None = None, cache_root: str | Path | None = None,
-                    data_fingerprint: str | None = None):
+                    data_fingerprint: str | None = None, role: str = "student"):
     """(encoded `datasets.Dataset`, `EncodeStats`, cache key): from the cache when the same data, tokenizer and
     options were encoded before, else read, validated, encoded and cached now. A caller that needs the data's
     fingerprint too (a teacher cache's identity) passes the one it computed: the data is hashed once."""
@@ -39,7 +39,7 @@ def prepare_dataset(source: DataSource, tokenizer, options: EncodeOptions, num_p
         logger.info("%s: encoded before, reusing %s", source.name, folder)
         stats = EncodeStats(**json.loads((folder / STATS_FILE).read_text())["stats"])
         return datasets.load_from_disk(str(folder / "dataset")), stats, key
-    dataset, stats = _encode_now(source, tokenizer, options, num_proc, batch_size, folder)
+    dataset, stats = _encode_now(source, tokenizer, options, num_proc, batch_size, folder, role)
     return dataset, stats, key
 
 
@@ -66,7 +66,7 @@ def _default_cache_root() -> Path:
     return Path(datasets.config.HF_DATASETS_CACHE) / "gkd"
 
 
-def _encode_now(source, tokenizer, options, num_proc, batch_size, folder: Path):
+def _encode_now(source, tokenizer, options, num_proc, batch_size, folder: Path, role: str = "student"):
     """Validate while writing the normalised records to Arrow, encode with `map`, save, then publish the folder."""
     import datasets
 
@@ -77,7 +77,7 @@ def _encode_now(source, tokenizer, options, num_proc, batch_size, folder: Path):
         normalised, num_records = _write_normalised(source, staging / "normalised.arrow")
         encoded = normalised.map(
             encode_rows, batched=True, batch_size=batch_size or 1000, num_proc=num_proc,
-            fn_kwargs={"tokenizer": tokenizer, "options": options}, remove_columns=normalised.column_names,
+            fn_kwargs={"tokenizer": tokenizer, "options": options, "role": role}, remove_columns=normalised.column_names,
             features=_encoded_features(), new_fingerprint=folder.name, cache_file_name=str(staging / "encoded.arrow"),
             desc="tokenizing",
         )
@@ -215,7 +215,7 @@ def with_teacher_prompts(dataset, source: DataSource, teacher_tokenizer, options
         raise DataError(dataset[is_text.index(True)]["source"], "is plain text, which --cross_tokenizer cannot align "
                                                                "yet: give chat records (messages), or train without "
                                                                "--cross_tokenizer")
-    encoded = prepare_dataset(source, teacher_tokenizer, options, **kwargs)[0]
+    encoded = prepare_dataset(source, teacher_tokenizer, options, role="teacher", **kwargs)[0]
     assert len(encoded) == len(dataset), "chat records encode to one sample each, for any tokenizer"
     return dataset.add_column("teacher_prompt_ids", encoded["prompt_ids"])
 

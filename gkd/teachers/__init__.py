@@ -40,9 +40,10 @@ def check_teacher(model_args, training_args, student_tokenizer, student_ref):
             vocab_size = min(len(student_tokenizer), *embedding_sizes.values())  # the trainer's shared vocabulary
         top_k = training_args.teacher_top_k
         if top_k is not None and top_k > vocab_size:
-            raise ConfigError(f"--teacher_top_k {top_k} is more than the {vocab_size} tokens of the vocabulary "
-                              f"{ref.name} shares with the student: give K <= {vocab_size}, or leave it out for the "
-                              "full distribution")
+            vocabulary = (f"{ref.name}'s vocabulary" if model_args.cross_tokenizer else
+                          f"the vocabulary {ref.name} shares with the student")
+            raise ConfigError(f"--teacher_top_k {top_k} is more than the {vocab_size} tokens of {vocabulary}: give "
+                              f"K <= {vocab_size}, or leave it out for the full distribution")
         return ref
     return None
 

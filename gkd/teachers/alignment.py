@@ -94,10 +94,13 @@ class Chunk:
     student_end: int
     teacher_start: int
     teacher_end: int
+    shifted: bool = False  # the teacher's token spells a space before these bytes (SentencePiece's first token)
 
     @property
     def one_to_one(self) -> bool:
-        return self.student_end - self.student_start == 1 and self.teacher_end - self.teacher_start == 1
+        """One token on each side, predicted from the same text: their distributions can be compared."""
+        return (self.student_end - self.student_start == 1 and self.teacher_end - self.teacher_start == 1
+                and not self.shifted)
 
 
 def align(student_pieces: list[bytes], teacher_pieces: list[bytes]) -> list[Chunk]:

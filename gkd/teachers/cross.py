@@ -82,7 +82,8 @@ class CrossTokenizerTeacher(Teacher):
             rows.append((stopped, b"".join(pair.teacher_pieces(ids[:-1] if stopped else ids))))
         runs = [utf8_runs(data) for _, data in rows]
         texts = [run.decode() for row in runs for run, is_text in row if is_text]
-        tokenized = iter(pair.student(texts, add_special_tokens=False)["input_ids"] if texts else [])
+        tokenized = iter(pair.student(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+                         if texts else [])
         limit = request.sampling.max_new_tokens
         completions = []
         for (stopped, _), row in zip(rows, runs):
@@ -136,7 +137,9 @@ class CrossTokenizerTeacher(Teacher):
 
     def _align_rows(self, rows: list[list[int]]) -> list[RowAlignment]:
         """Each completion's text as the teacher tokenizes it, and the chunks of the two tokenizations. Text is
-        tokenized run by run (one batched call); bytes outside any character are given as the teacher's byte tokens."""
+        tokenized run by run (one batched call, special-token text taken as text); bytes outside any character are
+        given as the teacher's byte tokens. Where the teacher's tokens stop spelling the text (a character it has no
+        token for), the comparison ends at the last offset both sides cut."""
         pair = self.pair
         stops = set(pair.student_stop_ids)
         prepared, texts = [], []
@@ -148,20 +151,34 @@ class CrossTokenizerTeacher(Teacher):
             runs = utf8_runs(b"".join(pieces[:kept]))
             prepared.append((stopped, text_ids, pieces, kept, runs))
             texts.extend(run.decode() for run, is_text in runs if is_text)
-        tokenized = iter(pair.teacher(texts, add_special_tokens=False)["input_ids"] if texts else [])
+        tokenized = iter(pair.teacher(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+                         if texts else [])
         plans = []
         for completion, (stopped, text_ids, pieces, kept, runs) in zip(rows, prepared):
             plan = RowAlignment(text_bytes=sum(map(len, pieces)))
-            teacher_ids = []
+            teacher_ids, teacher_pieces, shifted = [], [], set()
             for run, is_text in runs:
-                teacher_ids.extend(next(tokenized) if is_text else (pair.teacher_byte_ids[byte] for byte in run))
-            if b"".join(pair.teacher_pieces(teacher_ids)) != b"".join(pieces[:kept]):
-                plan.aligned = False  # e.g. a SentencePiece teacher that writes a space first
+                ids = next(tokenized) if is_text else [pair.teacher_byte_ids[byte] for byte in run]
+                run_pieces = pair.teacher_pieces(ids)
+                if is_text and _writes_a_space_first(run_pieces, run):
+                    # SentencePiece's Prepend("▁"): its first token spells a space the text does not have; it is
+                    # the teacher's way to start, so it is kept, and compared by its sampled likelihood only
+                    shifted.add(len(teacher_ids))
+                    run_pieces = [run_pieces[0][1:], *run_pieces[1:]]
+                teacher_ids.extend(ids)
+                teacher_pieces.extend(run_pieces)
+            text = b"".join(pieces[:kept])
+            student_end, teacher_end = _common_prefix_cut(pieces[:kept], teacher_pieces, text)
+            if student_end == 0 and kept:
+                plan.aligned = False
                 plans.append(plan)
                 continue
-            plan.teacher_ids = teacher_ids
-            plan.chunks = align(pieces[:kept], pair.teacher_pieces(teacher_ids)) if kept else []
-            if stopped and kept == len(text_ids) and pair.teacher_stop_for(completion[-1]) >= 0:
+            whole = student_end == kept and teacher_end == len(teacher_ids)
+            plan.teacher_ids = teacher_ids[:teacher_end]
+            plan.chunks = align(pieces[:student_end], teacher_pieces[:teacher_end]) if student_end else []
+            for chunk in plan.chunks:
+                chunk.shifted = any(index in shifted for index in range(chunk.teacher_start, chunk.teacher_end))
+            if whole and stopped and kept == len(text_ids) and pair.teacher_stop_for(completion[-1]) >= 0:
                 plan.chunks.append(Chunk(kept, kept + 1, len(teacher_ids), len(teacher_ids) + 1))
                 plan.teacher_ids.append(pair.teacher_stop_for(completion[-1]))
             plan.one_to_one_bytes = sum(len(pieces[chunk.student_start]) for chunk in plan.chunks
@@ -222,6 +239,33 @@ class CrossTokenizerTeacher(Teacher):
             chunk_of[torch.tensor(member_student)] = torch.tensor(member_chunk)
             chunk_log_probs.index_add_(0, torch.tensor(chunk_of_teacher), actual[torch.tensor(chunk_teacher)])
         return ids, log_probs, valid, one_to_one, chunk_of, chunk_log_probs, teacher_log_probs
+
+
+def _writes_a_space_first(pieces: list[bytes], text: bytes) -> bool:
+    return bool(pieces) and pieces[0].startswith(b" ") and b"".join(pieces) == b" " + text
+
+
+def _common_prefix_cut(student: list[bytes], teacher: list[bytes], text: bytes) -> tuple[int, int]:
+    """How many leading tokens of each side to keep: all where the teacher spells `text`, else up to the last byte
+    offset before the first byte it spells differently where both sides end a token."""
+    spelled = b"".join(teacher)
+    if spelled == text:
+        return len(student), len(teacher)
+    differs = next((i for i, (a, b) in enumerate(zip(spelled, text)) if a != b), min(len(spelled), len(text)))
+    ends, offset = {}, 0
+    for index, piece in enumerate(teacher):
+        offset += len(piece)
+        if offset > differs:
+            break
+        ends[offset] = index + 1
+    offset, best = 0, (0, 0)
+    for index, piece in enumerate(student):
+        offset += len(piece)
+        if offset > differs:
+            break
+        if offset in ends:
+            best = (index + 1, ends[offset])
+    return best
 
 
 def _writable_tokens(pieces: list[bytes], writable) -> int:
