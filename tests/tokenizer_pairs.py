@@ -17,16 +17,11 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
+from tiny import CHATML_TEMPLATE
+
 KINDS = ("packs", "digits")
 
-PACKS_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if loop.first and messages[0]['role'] != 'system' %}"
-    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
+PACKS_TEMPLATE = CHATML_TEMPLATE  # SmolLM2's ChatML, as the other tiny models have it
 DIGITS_TEMPLATE = (
     "{{ bos_token }}"
     "{% for message in messages %}"
