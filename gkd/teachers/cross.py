@@ -7,8 +7,8 @@ encoded with the data), and the source answers that sequence as it would for a s
 and the log-probability of each of its tokens. The end-of-turn token of one side is paired with the other's. The loss
 (`gkd.cross_tokenizer_loss`) compares distributions where a chunk is 1:1 and sampled chunk likelihoods elsewhere.
 
-Text the teacher cannot be given (bytes that are not UTF-8 at a truncated or garbled end, or a teacher tokenization
-that does not spell the same bytes) is left out of the loss; `aligned_completions` logs how often that happens.
+Bytes outside any character go to the teacher as its byte tokens; from the first byte or character the teacher cannot
+write, a completion is left out of the loss (`aligned_completions` logs the share compared at all).
 """
 
 from dataclasses import dataclass, field
