@@ -150,6 +150,34 @@ def test_evaluate_scores_each_record_against_its_own_teacher(capfd, tiny_models,
             "names no teacher", "--default_teacher")
 
 
+def test_match_case_counts_an_answer_only_as_written(tiny_models, chat_data, tmp_path):
+    """--match_case: an accepted answer in capitals is a hit only where the reply has it in capitals (a skill such as
+    shouting), while without it any case counts."""
+    from gkd.tools import evaluate
+
+    _, teacher = tiny_models
+    records = [json.loads(line) for line in chat_data.read_text().splitlines()][:5]
+    common = ["--student", f"again={teacher}", "--teacher", str(teacher), "--max_new_tokens", "4",
+              "--bootstrap_samples", "50"]
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text("".join(json.dumps({"messages": record["messages"]}) + "\n" for record in records))
+    assert evaluate.main(common + ["--dataset_name", str(plain), "--output_dir", str(tmp_path / "replies")]) == 0
+    replies = [sample["teacher"] for sample in json.loads((tmp_path / "replies" / "eval.json").read_text())["samples"]]
+    shouted = [reply.strip().upper() if reply.strip() != reply.strip().upper() else None for reply in replies]
+    assert any(shouted), replies  # the tiny teacher's replies have lower-case letters to shout
+    data = tmp_path / "shout.jsonl"
+    data.write_text("".join(json.dumps({"messages": record["messages"], **({"answers": [answer]} if answer else {})})
+                            + "\n" for record, answer in zip(records, shouted)))
+    hits = {}
+    for flags in ([], ["--match_case", "true"]):
+        out = tmp_path / f"eval{len(flags)}"
+        assert evaluate.main(common + ["--dataset_name", str(data), "--output_dir", str(out), *flags]) == 0
+        hits[bool(flags)] = json.loads((out / "eval.json").read_text())["per_prompt"]["teacher"]["answer_hits"]
+    checked = [None if answer is None else 1 for answer in shouted]
+    assert hits[False] == checked  # its own reply, in any case
+    assert hits[True] == [None if hit is None else 0 for hit in checked]  # not in capitals
+
+
 def evaluate_conversations(path):
     from gkd.data import load_conversations
 

@@ -10,7 +10,8 @@ Metrics, per student:
 - reverse_kl, jsd: per-token divergence from the teacher on completions the student samples itself (temperature 1):
   what on-policy distillation minimises.
 - teacher_nll: per-token negative log-likelihood of the teacher's greedy responses under the student.
-- answer_accuracy: share of records with `answers` whose greedy response contains one (case-insensitive).
+- answer_accuracy: share of records with `answers` whose greedy response contains one (case-insensitive; as written
+  with --match_case, for answers whose case is the skill, e.g. a reply in capitals).
 - mean_response_tokens: length of the student's greedy responses.
 Each of the first four gets a 95% bootstrap interval over prompts (`*_ci`); per-prompt values are in eval.json, so
 two students can be compared on the same prompts (`paired_difference`). With several teachers (`--teacher NAME=T`,
@@ -118,10 +119,11 @@ def teacher_nll(student, tokenizer, prompts, teacher_answers: Responses, batch_s
     return per_prompt
 
 
-def answer_hits(texts: list[str], answers: list[list[str] | None]) -> list[int | None]:
-    """Per prompt: 1 when the response contains an accepted answer (case-insensitive), 0 when not, None when the
-    record has no `answers`."""
-    return [None if not options else int(any(option.lower() in text.lower() for option in options))
+def answer_hits(texts: list[str], answers: list[list[str] | None], match_case: bool = False) -> list[int | None]:
+    """Per prompt: 1 when the response contains an accepted answer (case-insensitive, or as written with
+    `match_case`), 0 when not, None when the record has no `answers`."""
+    fold = (lambda text: text) if match_case else str.lower
+    return [None if not options else int(any(fold(option) in fold(text) for option in options))
             for text, options in zip(texts, answers)]
 
 
@@ -180,7 +182,7 @@ def paired_difference(report: dict, name: str, reference: str, metric: str, samp
 
 def evaluate_students(
     students: dict, teacher, tokenizer, conversations, stop_ids, max_new_tokens=48, batch_size=8, seed=0,
-    bootstrap_samples=1000, routes: list[str] | None = None,
+    bootstrap_samples=1000, routes: list[str] | None = None, match_case: bool = False,
 ) -> dict:
     """Metrics for each named student against one teacher; the teacher's greedy responses are computed once.
 
@@ -229,7 +231,7 @@ def evaluate_students(
                 Responses(*([values[row] for row in groups[group]] for values in (teacher_answers.ids,
                                                                                    teacher_answers.texts))),
                 batch_size)),
-            "answer_hits": answer_hits(own.texts, answers),
+            "answer_hits": answer_hits(own.texts, answers, match_case),
             "response_tokens": [len(ids) for ids in own.ids],
         }
         rows = list(range(len(prompts)))
@@ -261,7 +263,7 @@ def _model_for(model, group):
 
 def evaluate_folders(
     student_paths: dict, teacher_path, conversations, max_new_tokens=48, batch_size=8, seed=0, bootstrap_samples=1000,
-    routes: list[str] | None = None,
+    routes: list[str] | None = None, match_case: bool = False,
 ) -> dict:
     """`evaluate_students` for models named by folder or Hub id (a `--use_peft` run's folder counts: its adapter is
     merged into its base): each named student, then the teacher itself as the reference row. `teacher_path` may be a
@@ -287,7 +289,7 @@ def evaluate_folders(
     teacher = teachers[None] if None in teachers else teachers
     students["teacher"] = teacher
     return evaluate_students(students, teacher, tokenizer, conversations, stop_ids, max_new_tokens, batch_size, seed,
-                             bootstrap_samples, routes)
+                             bootstrap_samples, routes, match_case)
 
 
 def _student_ref(name: str, path):
@@ -423,6 +425,8 @@ class EvaluateConfig:
     max_records: int | None = field(default=None, metadata={"help": "Evaluate the first N records only."})
     seed: int = field(default=0, metadata={"help": "Seed of the sampled completions and of the bootstrap."})
     bootstrap_samples: int = field(default=1000, metadata={"help": "Resamples for the 95%% bootstrap intervals."})
+    match_case: bool = field(default=False, metadata={
+        "help": "An answer counts only as written in `answers` (e.g. in capitals), not in any case."})
     plot_run: str | None = field(
         default=None, metadata={"help": "A run's output_dir: plot its metrics.jsonl to curves.png and exit."}
     )
@@ -538,7 +542,7 @@ def main(argv: list[str] | None = None) -> int:
                           "records (with `answers` for answer accuracy)")
     routes = teacher_routes(conversations, list(teacher), config.default_teacher) if isinstance(teacher, dict) else None
     report = evaluate_folders(named, teacher, conversations, config.max_new_tokens, config.batch_size,
-                              config.seed, config.bootstrap_samples, routes)
+                              config.seed, config.bootstrap_samples, routes, config.match_case)
     print(markdown_table(report))
     print(f"wrote {write_report(report, config.output_dir)}")
     return 0
