@@ -182,3 +182,23 @@ def evaluate_conversations(path):
     from gkd.data import load_conversations
 
     return load_conversations(path)
+
+
+def test_a_student_that_lacks_teacher_tokens_is_refused_in_one_line(capfd, tiny_models, chat_data, tmp_path):
+    """Prompts are tokenized by the teacher: a student with a cut vocabulary (examples/truncated_vocab_student.py, a
+    --cross_tokenizer pair) would crash on an id past its embedding; it is refused before anything runs."""
+    import runpy
+    import shutil
+
+    from helpers import REPO, refused
+
+    from gkd.tools import evaluate
+
+    student, teacher = tiny_models
+    cut = tmp_path / "cut"
+    shutil.copytree(student, cut)
+    truncate = runpy.run_path(str(REPO / "examples/truncated_vocab_student.py"))["truncate_tokenizer"]
+    truncate(student, cut, 280)
+    refused(capfd, evaluate.main, ["--student", f"cut={cut}", "--teacher", str(teacher), "--dataset_name",
+                                   str(chat_data), "--output_dir", str(tmp_path / "eval")],
+            "student cut", "vocabulary differs")

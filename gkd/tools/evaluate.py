@@ -281,7 +281,11 @@ def evaluate_folders(
         models.check_same_vocabulary(models.load_tokenizer(ref), tokenizer, f"teacher {name} ({ref.name})")
     for name, path in student_paths.items():
         student_ref = _student_ref(name, path)
-        models.check_same_vocabulary(models.load_tokenizer(student_ref), tokenizer, f"student {name} ({path})")
+        student_tokenizer = models.load_tokenizer(student_ref)
+        models.check_same_vocabulary(student_tokenizer, tokenizer, f"student {name} ({path})")
+        # and the other way: prompts are tokenized once, by the teacher, so a student must know every teacher token
+        # (one with a cut vocabulary, trained with --cross_tokenizer, would index past its embedding)
+        models.check_same_vocabulary(tokenizer, student_tokenizer, f"student {name} ({path})")
     stop_ids = models.stop_token_ids(tokenizer, first)
     # Students are evaluated frozen and in eval mode, exactly as the teacher is loaded.
     students = {name: _load_student(name, path) for name, path in student_paths.items()}
