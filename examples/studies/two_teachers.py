@@ -74,35 +74,32 @@ def build_data(data_dir: Path) -> dict[str, Path]:
     return paths
 
 
-def train(command: list[str], output_dir: Path, log: Path) -> None:
-    """One gkd/train.py run in a subprocess, reused when its folder holds a finished model."""
-    if (output_dir / "model.safetensors").exists():
-        print(f"reusing {output_dir}", flush=True)
-        return
-    command = [sys.executable, str(REPO / "gkd/train.py"), *command, "--output_dir", str(output_dir),
-               "--disable_tqdm", "true"]
+def run_logged(command: list[str], name: str, log: Path) -> None:
+    """One command in a subprocess, its output appended to `log`; a failure stops the study naming the stage."""
     print("$ " + " ".join(command), flush=True)
     started = time.time()
     with log.open("a") as out:
         result = subprocess.run(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
     if result.returncode != 0:
-        raise SystemExit(f"{output_dir.name}: training failed (exit {result.returncode}); see {log}")
-    print(f"  {output_dir.name}: {time.time() - started:.0f} s", flush=True)
+        raise SystemExit(f"{name} failed (exit {result.returncode}); see {log}")
+    print(f"  {name}: {time.time() - started:.0f} s", flush=True)
+
+
+def train(command: list[str], output_dir: Path, log: Path) -> None:
+    """One gkd/train.py run in a subprocess, reused when its folder holds a finished model."""
+    if (output_dir / "model.safetensors").exists():
+        print(f"reusing {output_dir}", flush=True)
+        return
+    run_logged([sys.executable, str(REPO / "gkd/train.py"), *command, "--output_dir", str(output_dir),
+                "--disable_tqdm", "true"], output_dir.name, log)
 
 
 def evaluate(rows: dict[str, Path], teacher: Path, data: Path, output_dir: Path, log: Path, extra: list[str]) -> dict:
     """`gkd-eval` of the named rows against `teacher` on `data`; its eval.json (reused when present)."""
     if not (output_dir / "eval.json").exists():
-        command = [sys.executable, "-m", "gkd.tools.evaluate", "--teacher", str(teacher), "--dataset_name", str(data),
-                   "--output_dir", str(output_dir), *EVAL_OPTIONS, *extra, "--student",
-                   *(f"{name}={path}" for name, path in rows.items())]
-        print("$ " + " ".join(command), flush=True)
-        started = time.time()
-        with log.open("a") as out:
-            result = subprocess.run(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
-        if result.returncode != 0:
-            raise SystemExit(f"evaluation {output_dir.name} failed (exit {result.returncode}); see {log}")
-        print(f"  {output_dir.name}: {time.time() - started:.0f} s", flush=True)
+        run_logged([sys.executable, "-m", "gkd.tools.evaluate", "--teacher", str(teacher), "--dataset_name", str(data),
+                    "--output_dir", str(output_dir), *EVAL_OPTIONS, *extra, "--student",
+                    *(f"{name}={path}" for name, path in rows.items())], f"evaluation {output_dir.name}", log)
     return json.loads((output_dir / "eval.json").read_text())
 
 
