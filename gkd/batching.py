@@ -16,19 +16,14 @@ TEACHER_PROMPT_KEYS = ("teacher_prompt_ids", "teacher_prompt_mask")
 def pad_batch(samples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Collate {"prompt_ids", "completion_ids"} lists into prompt_ids/prompt_mask/completion_ids/completion_mask (and
     `index`, `is_text`, `teacher_index` when the samples have them)."""
-    prompt_width = max(len(sample["prompt_ids"]) for sample in samples)
+    prompt_ids, prompt_mask = left_pad([sample["prompt_ids"] for sample in samples], pad_token_id)
     # At least one completion column, so a batch of prompt-only records still has a well-formed (all-masked) target.
     completion_width = max(1, max(len(sample["completion_ids"]) for sample in samples))
     batch_size = len(samples)
-    prompt_ids = torch.full((batch_size, prompt_width), pad_token_id, dtype=torch.long)
-    prompt_mask = torch.zeros((batch_size, prompt_width), dtype=torch.long)
     completion_ids = torch.full((batch_size, completion_width), pad_token_id, dtype=torch.long)
     completion_mask = torch.zeros((batch_size, completion_width), dtype=torch.long)
     for row, sample in enumerate(samples):
-        prompt, completion = sample["prompt_ids"], sample["completion_ids"]
-        if prompt:
-            prompt_ids[row, prompt_width - len(prompt) :] = torch.tensor(prompt)
-            prompt_mask[row, prompt_width - len(prompt) :] = 1
+        completion = sample["completion_ids"]
         if completion:
             completion_ids[row, : len(completion)] = torch.tensor(completion)
             completion_mask[row, : len(completion)] = 1
@@ -47,14 +42,14 @@ def pad_batch(samples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]
     return batch
 
 
-def left_pad(rows: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Lists of ids as one left-padded [B, W] tensor and its mask."""
-    width = max(1, max(len(row) for row in rows))
+def left_pad(rows: list, pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of ids (lists or 1-D tensors) as one left-padded [B, W] tensor, W the longest row, and its mask."""
+    width = max(len(row) for row in rows)
     ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for index, row in enumerate(rows):
-        if row:
-            ids[index, width - len(row):] = torch.tensor(row)
+        if len(row):
+            ids[index, width - len(row):] = torch.as_tensor(row)
             mask[index, width - len(row):] = 1
     return ids, mask
 
@@ -93,11 +88,6 @@ def text_prompts(batch: dict, prompt_tokens: int, pad_token_id: int) -> dict:
             window = torch.cat([prompt, batch["completion_ids"][row][batch["completion_mask"][row].bool()]])
             prompt = window[:prompt_tokens]
         prompts.append(prompt)
-    width = max(len(prompt) for prompt in prompts)
-    prompt_ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
-    prompt_mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        prompt_ids[row, width - len(prompt):] = prompt
-        prompt_mask[row, width - len(prompt):] = 1
+    prompt_ids, prompt_mask = left_pad(prompts, pad_token_id)
     return {**batch, "prompt_ids": prompt_ids.to(batch["prompt_ids"].device),
             "prompt_mask": prompt_mask.to(batch["prompt_mask"].device)}

@@ -30,7 +30,7 @@ class AlignedTeacher:
     `teacher_vocab_size`; `chunk_of` [N]: the m:n chunk a position belongs to (-1: none) and
     `chunk_teacher_log_probs` [C] the teacher's log-probability of each such chunk's tokens;
     `teacher_log_probs` [N]: the teacher's log-probability of the 1:1 token at each 1:1 position (for the logged
-    estimate), and `row_of` [N]: each position's completion (to report per completion)."""
+    estimate)."""
 
     sparse: SparseTeacher
     student_group: torch.Tensor
@@ -39,13 +39,6 @@ class AlignedTeacher:
     chunk_of: torch.Tensor
     chunk_teacher_log_probs: torch.Tensor
     teacher_log_probs: torch.Tensor
-
-    def at(self, rows: torch.Tensor) -> "AlignedTeacher":
-        """The same teacher at some of its positions (a boolean mask over N); chunks stay whole when every member is
-        kept, as routing by row keeps them."""
-        sparse = SparseTeacher(self.sparse.ids[rows], self.sparse.log_probs[rows], self.sparse.valid[rows])
-        return AlignedTeacher(sparse, self.student_group, self.teacher_vocab_size, self.one_to_one[rows],
-                              self.chunk_of[rows], self.chunk_teacher_log_probs, self.teacher_log_probs[rows])
 
 
 def group_log_probs(student_log_probs: torch.Tensor, student_group: torch.Tensor, teacher_ids: torch.Tensor,

@@ -51,8 +51,7 @@ def byte_scheme(tokenizer, name: str) -> str:
     decoders = [step.get("type") for step in _steps(pipeline.get("decoder"), "decoders")]
     if "ByteLevel" in decoders:
         return "byte_level"
-    if "Metaspace" in decoders or "ByteFallback" in decoders or \
-            any(step.get("type") == "Replace" for step in _steps(pipeline.get("decoder"), "decoders")):
+    if {"Metaspace", "ByteFallback", "Replace"} & set(decoders):
         return "sentencepiece"
     raise ModelError(f"{name}: cannot read its tokens as bytes (decoder {' + '.join(filter(None, decoders)) or 'none'})"
                      "; --cross_tokenizer needs a byte-level BPE or a SentencePiece tokenizer")

@@ -197,7 +197,7 @@ class CrossTokenizerTeacher(Teacher):
         """The teacher's answer, given at teacher positions, laid out at the student's (row-major, as the loss reads
         them): its top-K where a 1:1 chunk starts, chunk indices and chunk log-probabilities for m:n chunks."""
         total = sum(len(completion) for completion in rows)
-        k = answer.ids.shape[1] if answer.ids.dim() == 2 else 1
+        k = answer.ids.shape[1]
         one_student, one_teacher, member_student, member_chunk, chunk_teacher, chunk_of_teacher = [], [], [], [], [], []
         student_offset = teacher_offset = 0
         chunks = 0
@@ -280,6 +280,6 @@ def _writable_tokens(pieces: list[bytes], writable) -> int:
     while True:  # a prefix ending inside a character has bytes outside one: check them again
         kept = sum(end <= limit for end in ends)
         boundary = ends[kept - 1] if kept else 0
-        if writable(data[:boundary]) == boundary:
-            return kept
         limit = writable(data[:boundary])
+        if limit == boundary:
+            return kept
