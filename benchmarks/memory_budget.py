@@ -51,6 +51,12 @@ class BudgetArguments:
                 "NAME=MODEL, repeated); 0 when every teacher is served or cached."})
     output_json: str | None = field(default=None, metadata={"help": "Also write the budget here."})
 
+    def __post_init__(self):
+        from gkd.errors import ConfigError
+
+        if self.live_teachers < 0:
+            raise ConfigError(f"--live_teachers must be 0 or more, got {self.live_teachers}")
+
 
 def _student(preset: bench.Preset, device: str, lora: bool, num_layers: int | None = None):
     """The student as the trainer holds it: LoRA-wrapped if asked, dropout off (gkd's --disable_dropout default)."""

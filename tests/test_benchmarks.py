@@ -199,3 +199,6 @@ def test_each_live_teacher_adds_its_weights_and_a_served_one_nothing():
     assert weights > 0 and two["held"]["teacher weights (2 live)"] == 2 * weights
     assert served["held"]["teacher weights (0 live)"] == 0
     assert two["peak_bytes"] - one["peak_bytes"] == weights == one["peak_bytes"] - served["peak_bytes"]
+    result = run_cli(["-m", "benchmarks.memory_budget", "--preset", "smoke", "--live_teachers", "-1"], timeout=120)
+    assert result.returncode == 2 and "error: --live_teachers must be 0 or more" in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
