@@ -132,7 +132,8 @@ class ModelArguments:
             "help": "The teacher has a tokenizer of its own (another model family): it keeps its own chat template "
             "and tokens, completions are aligned to the student's by bytes, and the loss compares next-token "
             "distributions where both sides cut a span into one token the same way and sampled chunk likelihoods "
-            "elsewhere (docs/cross_tokenizer.md). A live or served teacher; chat records."
+            "elsewhere (docs/cross_tokenizer.md). A live or served teacher, or a cache built with "
+            "gkd-cache-teacher --cross_tokenizer; chat records."
         },
     )
     teacher: list[str] | None = field(
@@ -679,9 +680,6 @@ def _check_cross_tokenizer(model_args: ModelArguments, training_args: GKDConfig)
     if model_args.teacher:
         raise ConfigError("--cross_tokenizer takes one teacher (--teacher_model_name_or_path); several teachers with "
                           "other tokenizers are not supported yet")
-    if model_args.teacher_kind == "cache":
-        raise ConfigError("--cross_tokenizer needs a live teacher (--teacher_model_name_or_path) or a server "
-                          "(--teacher_server_url): a top-K cache in the teacher's own tokens is not supported yet")
     if model_args.teacher_kind == "server" and not model_args.teacher_tokenizer_name_or_path:
         raise ConfigError("--cross_tokenizer with --teacher_server_url needs --teacher_tokenizer_name_or_path: the "
                           "served model's tokenizer, which renders the teacher's prompts and reads its tokens")

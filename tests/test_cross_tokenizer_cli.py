@@ -34,7 +34,7 @@ def test_topk_renormalize_is_refused(capfd, cross_tokenizer_models, cross_tokeni
             "--topk_renormalize does not apply")
 
 
-def test_several_teachers_a_cache_or_a_server_without_its_tokenizer_are_refused(capfd, cross_tokenizer_models,
+def test_several_teachers_a_cache_in_the_students_tokens_or_a_server_without_its_tokenizer_are_refused(capfd, cross_tokenizer_models,
                                                                              cross_tokenizer_data, tmp_path):
     student, teacher = cross_tokenizer_models
     args = train_args(student, teacher, cross_tokenizer_data, tmp_path / "run", "--cross_tokenizer")[1:]
@@ -43,9 +43,9 @@ def test_several_teachers_a_cache_or_a_server_without_its_tokenizer_are_refused(
     refused(capfd, train.main, without_teacher + ["--teacher", f"a={teacher}", "--teacher", f"b={teacher}"],
             "--cross_tokenizer takes one teacher")
     (tmp_path / "cache").mkdir()
-    (tmp_path / "cache" / "cache.json").write_text("{}")
+    (tmp_path / "cache" / "cache.json").write_text(json.dumps({"format": "gkd-teacher-cache-1"}))
     refused(capfd, train.main, without_teacher + ["--teacher_logits_path", str(tmp_path / "cache"), "--lmbda", "0"],
-            "a top-K cache in the teacher's own tokens is not supported yet")
+            "holds the teacher's answers in the student's tokens", "gkd-cache-teacher --cross_tokenizer")
     refused(capfd, train.main, without_teacher + ["--teacher_server_url", "http://127.0.0.1:9", "--teacher_top_k", "4"],
             "needs --teacher_tokenizer_name_or_path")
 
@@ -137,6 +137,35 @@ def test_a_served_teacher_with_its_own_tokenizer_gives_the_live_teachers_losses(
     for ours, theirs in zip(served, live):
         assert ours["kd_loss"] == pytest.approx(theirs["kd_loss"], rel=1e-3)
         assert ours["aligned_byte_share"] == theirs["aligned_byte_share"]
+
+
+def test_a_cache_in_the_teachers_tokens_gives_the_live_teachers_losses(capfd, cross_tokenizer_models,
+                                                                      cross_tokenizer_data, live_run, tmp_path):
+    """Built once in the teacher's tokens (its prompts, its tokenization of each response) and aligned when the run
+    reads it: the live teacher's off-policy step, to float16's precision; the teacher's tokenizer travels with it."""
+    student, teacher = cross_tokenizer_models
+    cache = tmp_path / "cache"
+    result = run_cli(["-m", "gkd.tools.cache_teacher", "--cross_tokenizer", "--teacher_model_name_or_path", teacher,
+                      "--tokenizer_name_or_path", student, "--dataset_name", cross_tokenizer_data, "--top_k", "8",
+                      "--output_dir", cache, "--max_length", "96", "--max_new_tokens", "8", "--shard_size", "5"])
+    assert_ok(result)
+    assert "of completion bytes in 1:1 chunks" in result.stderr
+    manifest = json.loads((cache / "cache.json").read_text())
+    assert manifest["identity"]["teacher_tokenizer_fingerprint"] != manifest["identity"]["tokenizer_fingerprint"]
+    assert (cache / manifest["teacher_tokenizer"] / "tokenizer.json").is_file()
+    out = tmp_path / "run"
+    args = cross_args(cross_tokenizer_models, cross_tokenizer_data, out, *MIXED)
+    position = args.index("--teacher_model_name_or_path")
+    args[position:position + 2] = ["--teacher_logits_path", str(cache)]
+    args[args.index("--lmbda") + 1] = "0"  # a cache answers the dataset's responses only
+    args[args.index("--max_steps") + 1] = "1"
+    assert_ok(run_cli(args))
+    (cached,), live = metrics(out), metrics(live_run[1])[0]
+    assert live["on_policy"] == 0 and cached["kd_loss"] == pytest.approx(live["kd_loss"], rel=2e-3)
+    assert cached["aligned_byte_share"] == live["aligned_byte_share"] and 0 < cached["aligned_byte_share"] < 1
+    args.remove("--cross_tokenizer")
+    refused(capfd, train.main, args[1:] + ["--overwrite_output_dir"], "was built in the teacher's own tokens",
+            "train with --cross_tokenizer")
 
 
 def test_the_teacher_writes_completions_in_its_tokens_for_the_student(cross_tokenizer_models, cross_tokenizer_data,

@@ -120,6 +120,23 @@ def test_a_cache_that_does_not_fit_the_run_is_refused(capfd, tiny_models, chat_d
     refused(capfd, train.main, from_cache(broken), "not a finished teacher cache")
 
 
+def test_a_sample_whose_tokens_differ_from_the_cached_ones_is_refused(tiny_models, cache):
+    """The identity covers data, tokenizer and options; the tokens themselves are checked as each batch is read (a
+    cache in the teacher's tokens is compared with the run's own tokenization of the same text)."""
+    import torch
+
+    from gkd.errors import ConfigError
+    from gkd.teachers.cache import TeacherCache
+
+    store = TeacherCache(cache, 64)
+    cached = torch.tensor(store.rows[1]["completion_ids"].tolist())
+    batch = {"index": torch.tensor([1]), "completion_ids": cached[None], "completion_mask": torch.ones(1, len(cached), dtype=torch.long)}
+    assert store.targets(batch).ids.shape == (len(cached), store.top_k)
+    batch["completion_ids"] = (cached + 1)[None]
+    with pytest.raises(ConfigError, match="sample 1 was cached with other tokens"):
+        store.targets(batch)
+
+
 def test_a_killed_cache_build_resumes_from_its_complete_shards(tiny_models, chat_data, cache, tmp_path):
     folder = tmp_path / "cache"
     shutil.copytree(cache, folder)

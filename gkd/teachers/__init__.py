@@ -53,15 +53,28 @@ def cross_tokenizer_pair(model_args, student_tokenizer, student_stop_ids: list[i
     student's vocabulary the teacher writes byte for byte said at start; None without it."""
     if not model_args.cross_tokenizer:
         return None
+    from .. import models
+
+    if teacher_ref is None and model_args.teacher_tokenizer_name_or_path:  # a server's (required there) or a cache's
+        teacher_ref = models.ModelRef(model_args.teacher_tokenizer_name_or_path,
+                                      trust_remote_code=model_args.trust_remote_code,
+                                      flag="--teacher_tokenizer_name_or_path")
+    elif teacher_ref is None:  # a cache in the teacher's tokens keeps that tokenizer
+        from .cache import teacher_tokenizer_folder
+
+        teacher_ref = models.ModelRef(str(teacher_tokenizer_folder(model_args.teacher_logits_path)),
+                                      trust_remote_code=model_args.trust_remote_code, flag="--teacher_logits_path")
+    return vocabulary_pair(student_tokenizer, student_stop_ids, teacher_ref)
+
+
+def vocabulary_pair(student_tokenizer, student_stop_ids: list[int], teacher_ref):
+    """The teacher's tokenizer (`teacher_ref`) and the student's read as bytes (`alignment.VocabularyPair`); a
+    teacher without a chat template refused, since its prompts are rendered with it."""
     import logging
 
     from .. import models
     from .alignment import VocabularyPair
 
-    if teacher_ref is None:  # a server: the tokenizer named for it (config.check_together requires one)
-        teacher_ref = models.ModelRef(model_args.teacher_tokenizer_name_or_path,
-                                      trust_remote_code=model_args.trust_remote_code,
-                                      flag="--teacher_tokenizer_name_or_path")
     teacher_tokenizer = models.load_tokenizer(teacher_ref)
     if not getattr(teacher_tokenizer, "chat_template", None):
         from ..errors import ModelError
@@ -98,11 +111,19 @@ def open_teacher(model_args, training_args, student_tokenizer, stop_token_ids, n
         from .cache import CachedTeacher, CacheIdentity, TeacherCache, check_fits, read_manifest
 
         options = EncodeOptions(training_args.max_length, training_args.max_new_tokens, tuple(stop_token_ids))
-        identity = CacheIdentity.of(data_fingerprint, student_tokenizer, options, num_samples)
-        check_fits(read_manifest(model_args.teacher_logits_path), identity, training_args.teacher_top_k,
-                   model_args.teacher_logits_path)
-        cache = TeacherCache(model_args.teacher_logits_path, len(student_tokenizer))
-        return CachedTeacher(cache, training_args.teacher_top_k, training_args.beta)
+        identity = CacheIdentity.of(data_fingerprint, student_tokenizer, options, num_samples,
+                                    pair.teacher if pair else None)
+        manifest = read_manifest(model_args.teacher_logits_path)
+        check_fits(manifest, identity, training_args.teacher_top_k, model_args.teacher_logits_path)
+        if pair is None:
+            cache = TeacherCache(model_args.teacher_logits_path, len(student_tokenizer))
+            return CachedTeacher(cache, training_args.teacher_top_k, training_args.beta)
+        from .cross import CrossTokenizerTeacher  # the cache holds the teacher's tokens: aligned as a run reads them
+
+        cache = TeacherCache(model_args.teacher_logits_path, manifest["teacher_vocab_size"])
+        return CrossTokenizerTeacher(CachedTeacher(cache, training_args.teacher_top_k, training_args.beta), pair,
+                                     training_args.teacher_top_k or cache.top_k, training_args.beta,
+                                     manifest["teacher_vocab_size"])
     if kind == "server":
         from .server import ServedTeacher, TeacherServer, check_tokenizer
 

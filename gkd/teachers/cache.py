@@ -8,6 +8,11 @@ sample in the order of the run's encoded dataset: `index`, `completion_ids` (int
 tokens), `topk_ids` (int32) and `topk_log_probs` (float16, or bfloat16 as its raw 16 bits in uint16: Arrow has no
 bfloat16 type; `storage_dtype` in cache.json says which) flattened [tokens x K] in descending order, and
 `actual_log_probs` (float32, the teacher's log-probability of each completion token).
+
+A cache for a teacher with another tokenizer (`gkd-cache-teacher --cross_tokenizer`) holds each sample's completion
+as the teacher tokenizes it, scored after the teacher's own rendering of the prompt; it is aligned with the student's
+tokens when a `--cross_tokenizer` run reads it (gkd/teachers/cross.py). Its identity records both tokenizers, and
+the teacher's is saved in `teacher_tokenizer/`, so the cache alone is enough to train from.
 """
 
 import json
@@ -23,6 +28,7 @@ from .targets import SparseTargets
 
 FORMAT = "gkd-teacher-cache-1"
 MANIFEST = "cache.json"
+TEACHER_TOKENIZER = "teacher_tokenizer"  # a cache across tokenizers: the teacher's, saved beside the shards
 PROGRESS = "cache.partial.json"
 STORAGE_DTYPES = ("float16", "bfloat16")
 _ARROW_TYPES = {"float16": "float16", "bfloat16": "uint16"}  # the Arrow type each storage dtype is written as
@@ -38,15 +44,20 @@ class CacheIdentity:
     max_new_tokens: int
     stop_token_ids: tuple[int, ...]
     num_samples: int
+    # a cache in the teacher's own tokens (--cross_tokenizer): its tokenizer too; None where it shares the student's
+    teacher_tokenizer_fingerprint: str | None = None
 
     @classmethod
-    def of(cls, data_fingerprint: str, tokenizer, options, num_samples: int) -> "CacheIdentity":
+    def of(cls, data_fingerprint: str, tokenizer, options, num_samples: int,
+           teacher_tokenizer=None) -> "CacheIdentity":
         """The identity of an encoding (`data.EncodeOptions`) of data with that fingerprint: the one construction,
-        for the cache builder and for the run that reads the cache."""
+        for the cache builder and for the run that reads the cache. `tokenizer` is the student's (it numbers the
+        samples); `teacher_tokenizer` the teacher's own, for a cache across tokenizers."""
         from ..data.pipeline import tokenizer_fingerprint
 
         return cls(data_fingerprint, tokenizer_fingerprint(tokenizer), options.max_length, options.max_new_tokens,
-                   tuple(options.stop_token_ids), num_samples)
+                   tuple(options.stop_token_ids), num_samples,
+                   tokenizer_fingerprint(teacher_tokenizer) if teacher_tokenizer is not None else None)
 
 
 def shard_name(number: int) -> str:
@@ -91,12 +102,30 @@ def read_manifest(folder: str | Path) -> dict:
     return manifest
 
 
+def teacher_tokenizer_folder(folder: str | Path) -> Path:
+    """Where a cache in the teacher's own tokens keeps the teacher's tokenizer (what `--cross_tokenizer` reads)."""
+    manifest = read_manifest(folder)
+    if not manifest.get("teacher_tokenizer"):
+        raise ConfigError(_NOT_CROSSED.format(folder=folder))
+    return Path(folder) / manifest["teacher_tokenizer"]
+
+
+_CROSSED = ("--teacher_logits_path {folder} was built in the teacher's own tokens (gkd-cache-teacher --cross_tokenizer): "
+            "train with --cross_tokenizer")
+_NOT_CROSSED = ("--teacher_logits_path {folder} holds the teacher's answers in the student's tokens: with "
+                "--cross_tokenizer, build the cache with gkd-cache-teacher --cross_tokenizer")
+
+
 def check_fits(manifest: dict, identity: CacheIdentity, top_k: int | None, folder: str | Path) -> None:
-    """Refuse a cache built for other samples, naming the first difference."""
+    """Refuse a cache built for other samples, or in other tokens, naming the first difference."""
     recorded = manifest["identity"]
+    crossed = recorded.get("teacher_tokenizer_fingerprint") is not None
+    if crossed != (identity.teacher_tokenizer_fingerprint is not None):
+        raise ConfigError((_CROSSED if crossed else _NOT_CROSSED).format(folder=folder))
     differences = [
         ("data", "data_fingerprint", "another dataset, or edited records"),
         ("tokenizer", "tokenizer_fingerprint", "another tokenizer or chat template"),
+        ("teacher tokenizer", "teacher_tokenizer_fingerprint", "another teacher tokenizer or chat template"),
         ("max_length", "max_length", None),
         ("max_new_tokens", "max_new_tokens", None),
         ("stop tokens", "stop_token_ids", None),
@@ -156,9 +185,10 @@ class TeacherCache:
         ids, log_probs, actual = [], [], []
         for row, length in enumerate(lengths):
             cached = np.asarray(records["completion_ids"][row])
-            if len(cached) < length:
-                raise ConfigError(f"--teacher_logits_path {self.folder}: sample {indices[row]} has {len(cached)} "
-                                  f"cached tokens, the run trains on {length}; rebuild the cache")
+            if len(cached) < length or not np.array_equal(cached[:length],
+                                                           batch["completion_ids"][row, :length].cpu().numpy()):
+                raise ConfigError(f"--teacher_logits_path {self.folder}: sample {indices[row]} was cached with other "
+                                  f"tokens ({len(cached)}) than the run trains on ({length}); rebuild the cache")
             k = self.top_k
             ids.append(np.asarray(records["topk_ids"][row]).reshape(-1, k)[:length])
             log_probs.append(from_storage(records["topk_log_probs"][row], self.storage_dtype).reshape(-1, k)[:length])

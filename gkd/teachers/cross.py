@@ -21,7 +21,7 @@ from ..losses import SparseTeacher
 from .alignment import Chunk, VocabularyPair, align, utf8_runs
 from .base import CompletionPositions, SampleRequest, Teacher
 from .server import completion_tensors
-from .targets import completion_rows
+from .targets import SparseTargets, completion_rows
 
 BATCH_KEYS = ("aligned_ids", "aligned_log_probs", "aligned_valid", "aligned_one_to_one", "aligned_chunk_of",
               "aligned_chunk_log_probs", "aligned_teacher_log_probs")
@@ -48,9 +48,8 @@ class CrossTokenizerTeacher(Teacher):
         self.source, self.pair = source, pair
         self.can_sample = source.can_sample
         self.top_k, self.beta, self.teacher_vocab_size = top_k, beta, teacher_vocab_size
-        teacher = pair.teacher
-        self.teacher_pad_id = next((i for i in (teacher.pad_token_id, teacher.eos_token_id) if i is not None), 0)
-        self._stats = {"text_bytes": 0, "one_to_one_bytes": 0, "chunks": 0, "completions": 0, "aligned": 0}
+        self.tokens = TeacherTokens(pair)
+        self.teacher_pad_id = self.tokens.pad_id
         self._groups = {}
 
     def start(self, accelerator, deepspeed: bool) -> None:
@@ -104,13 +103,7 @@ class CrossTokenizerTeacher(Teacher):
     def pop_timings(self) -> dict[str, float]:
         """The waits, and how well the window's completions aligned: `aligned_byte_share` (completion bytes in 1:1
         chunks), `chunks_per_completion`, `aligned_completions` (the share the teacher could be given at all)."""
-        timings, stats = super().pop_timings(), self._stats
-        if stats["completions"]:
-            timings["aligned_byte_share"] = stats["one_to_one_bytes"] / max(stats["text_bytes"], 1)
-            timings["chunks_per_completion"] = stats["chunks"] / stats["completions"]
-            timings["aligned_completions"] = stats["aligned"] / stats["completions"]
-        self._stats = dict.fromkeys(stats, 0)
-        return timings
+        return {**super().pop_timings(), **self.tokens.pop_stats()}
 
     def targets(self, positions: CompletionPositions, as_logits: bool, vocab_size: int) -> AlignedTeacher:
         batch = positions.batch
@@ -125,17 +118,99 @@ class CrossTokenizerTeacher(Teacher):
     # ---- one micro-batch ----
 
     def _fetch_one(self, batch: dict) -> dict:
+        rows, plans, teacher_batch = self.tokens.teacher_batch(batch)
+        answer = self.source.lookup(teacher_batch, self.teacher_vocab_size)
+        if self.top_k is not None and answer.ids.shape[1] > self.top_k:  # a cache holds more than the run asks
+            answer = SparseTargets(answer.ids[:, :self.top_k], answer.log_probs[:, :self.top_k],
+                                   answer.valid[:, :self.top_k], answer.actual_log_probs)
+        teacher_tokens = teacher_batch["completion_ids"][teacher_batch["completion_mask"].bool()]
+        return {**batch, **dict(zip(BATCH_KEYS, self._at_student_positions(rows, plans, answer, teacher_tokens)))}
+    def _at_student_positions(self, rows, plans, answer, teacher_tokens) -> tuple[torch.Tensor, ...]:
+        """The teacher's answer, given at teacher positions, laid out at the student's (row-major, as the loss reads
+        them): its top-K where a 1:1 chunk starts, chunk indices and chunk log-probabilities for m:n chunks."""
+        total = sum(len(completion) for completion in rows)
+        k = answer.ids.shape[1]
+        one_student, one_teacher, member_student, member_chunk, chunk_teacher, chunk_of_teacher = [], [], [], [], [], []
+        student_offset = teacher_offset = 0
+        chunks = 0
+        for completion, plan in zip(rows, plans):
+            for chunk in plan.chunks:
+                if chunk.one_to_one:
+                    one_student.append(student_offset + chunk.student_start)
+                    one_teacher.append(teacher_offset + chunk.teacher_start)
+                    continue
+                member_student.extend(range(student_offset + chunk.student_start, student_offset + chunk.student_end))
+                member_chunk.extend([chunks] * (chunk.student_end - chunk.student_start))
+                chunk_teacher.extend(range(teacher_offset + chunk.teacher_start, teacher_offset + chunk.teacher_end))
+                chunk_of_teacher.extend([chunks] * (chunk.teacher_end - chunk.teacher_start))
+                chunks += 1
+            student_offset += len(completion)
+            teacher_offset += len(plan.teacher_ids)
+        ids = torch.zeros(total, k, dtype=torch.long)
+        log_probs = torch.full((total, k), float("-inf"))
+        valid = torch.zeros(total, k, dtype=torch.bool)
+        one_to_one = torch.zeros(total, dtype=torch.bool)
+        teacher_log_probs = torch.zeros(total)
+        chunk_of = torch.full((total,), -1, dtype=torch.long)
+        actual = answer.actual_log_probs.float().cpu()
+        one_student, one_teacher = torch.tensor(one_student, dtype=torch.long), torch.tensor(one_teacher,
+                                                                                              dtype=torch.long)
+        if len(one_student):
+            if self.top_k == 1 and self.beta == 1.0:  # K = 1, reverse KL: the sampled token, as the normal path
+                ids[one_student, 0] = teacher_tokens[one_teacher]
+                log_probs[one_student, 0] = actual[one_teacher]
+                valid[one_student, 0] = torch.isfinite(actual[one_teacher])
+            else:
+                ids[one_student] = answer.ids.cpu()[one_teacher]
+                log_probs[one_student] = answer.log_probs.float().cpu()[one_teacher]
+                valid[one_student] = answer.valid.cpu()[one_teacher]
+            one_to_one[one_student] = True
+            teacher_log_probs[one_student] = actual[one_teacher]
+        chunk_log_probs = torch.zeros(chunks)
+        if chunks:
+            chunk_of[torch.tensor(member_student)] = torch.tensor(member_chunk)
+            chunk_log_probs.index_add_(0, torch.tensor(chunk_of_teacher), actual[torch.tensor(chunk_teacher)])
+        return ids, log_probs, valid, one_to_one, chunk_of, chunk_log_probs, teacher_log_probs
+
+
+class TeacherTokens:
+    """Completions in the student's tokens as the teacher tokenizes them (`teacher_batch`), with the chunks that
+    align the two, and running counts of how well they align (`pop_stats`). What a cross-tokenizer teacher asks its
+    source with, and what a cache in the teacher's tokens is built from (gkd/tools/cache_teacher.py)."""
+
+    def __init__(self, pair: VocabularyPair):
+        self.pair = pair
+        teacher = pair.teacher
+        self.pad_id = next((i for i in (teacher.pad_token_id, teacher.eos_token_id) if i is not None), 0)
+        self._stats = dict.fromkeys(("text_bytes", "one_to_one_bytes", "chunks", "completions", "aligned"), 0)
+
+    def teacher_batch(self, batch: dict) -> tuple[list[list[int]], list[RowAlignment], dict]:
+        """A padded micro-batch of the student's (with `teacher_prompt_ids`): its completions, their alignments,
+        and the batch the teacher reads: its prompts and the completions in its tokens (`index` kept, a cache's
+        key)."""
         rows = [completion for _, completion in completion_rows(batch)]
         teacher_prompts = [ids[mask.bool()].tolist()
                            for ids, mask in zip(batch["teacher_prompt_ids"], batch["teacher_prompt_mask"])]
-        plans = self._align_rows(rows)
-        teacher_batch = pad_batch([{"prompt_ids": prompt, "completion_ids": plan.teacher_ids}
-                                   for prompt, plan in zip(teacher_prompts, plans)], self.teacher_pad_id)
-        answer = self.source.lookup(teacher_batch, self.teacher_vocab_size)
-        teacher_tokens = teacher_batch["completion_ids"][teacher_batch["completion_mask"].bool()]
-        return {**batch, **dict(zip(BATCH_KEYS, self._at_student_positions(rows, plans, answer, teacher_tokens)))}
+        plans = self.align_rows(rows)
+        samples = [{"prompt_ids": prompt, "completion_ids": plan.teacher_ids}
+                   for prompt, plan in zip(teacher_prompts, plans)]
+        if "index" in batch:
+            for sample, index in zip(samples, batch["index"].tolist()):
+                sample["index"] = index
+        return rows, plans, pad_batch(samples, self.pad_id)
 
-    def _align_rows(self, rows: list[list[int]]) -> list[RowAlignment]:
+    def pop_stats(self) -> dict[str, float]:
+        """Since the last call: `aligned_byte_share` (completion bytes in 1:1 chunks), `chunks_per_completion`,
+        `aligned_completions` (the share the teacher could be given at all); empty when no completion came."""
+        stats, shares = self._stats, {}
+        if stats["completions"]:
+            shares["aligned_byte_share"] = stats["one_to_one_bytes"] / max(stats["text_bytes"], 1)
+            shares["chunks_per_completion"] = stats["chunks"] / stats["completions"]
+            shares["aligned_completions"] = stats["aligned"] / stats["completions"]
+        self._stats = dict.fromkeys(stats, 0)
+        return shares
+
+    def align_rows(self, rows: list[list[int]]) -> list[RowAlignment]:
         """Each completion's text as the teacher tokenizes it, and the chunks of the two tokenizations. Text is
         tokenized run by run (one batched call, special-token text taken as text); bytes outside any character are
         given as the teacher's byte tokens. Where the teacher's tokens stop spelling the text (a character it has no
@@ -192,53 +267,6 @@ class CrossTokenizerTeacher(Teacher):
                 self._stats["text_bytes"] += plan.text_bytes
                 self._stats["one_to_one_bytes"] += plan.one_to_one_bytes
         return plans
-
-    def _at_student_positions(self, rows, plans, answer, teacher_tokens) -> tuple[torch.Tensor, ...]:
-        """The teacher's answer, given at teacher positions, laid out at the student's (row-major, as the loss reads
-        them): its top-K where a 1:1 chunk starts, chunk indices and chunk log-probabilities for m:n chunks."""
-        total = sum(len(completion) for completion in rows)
-        k = answer.ids.shape[1]
-        one_student, one_teacher, member_student, member_chunk, chunk_teacher, chunk_of_teacher = [], [], [], [], [], []
-        student_offset = teacher_offset = 0
-        chunks = 0
-        for completion, plan in zip(rows, plans):
-            for chunk in plan.chunks:
-                if chunk.one_to_one:
-                    one_student.append(student_offset + chunk.student_start)
-                    one_teacher.append(teacher_offset + chunk.teacher_start)
-                    continue
-                member_student.extend(range(student_offset + chunk.student_start, student_offset + chunk.student_end))
-                member_chunk.extend([chunks] * (chunk.student_end - chunk.student_start))
-                chunk_teacher.extend(range(teacher_offset + chunk.teacher_start, teacher_offset + chunk.teacher_end))
-                chunk_of_teacher.extend([chunks] * (chunk.teacher_end - chunk.teacher_start))
-                chunks += 1
-            student_offset += len(completion)
-            teacher_offset += len(plan.teacher_ids)
-        ids = torch.zeros(total, k, dtype=torch.long)
-        log_probs = torch.full((total, k), float("-inf"))
-        valid = torch.zeros(total, k, dtype=torch.bool)
-        one_to_one = torch.zeros(total, dtype=torch.bool)
-        teacher_log_probs = torch.zeros(total)
-        chunk_of = torch.full((total,), -1, dtype=torch.long)
-        actual = answer.actual_log_probs.float().cpu()
-        one_student, one_teacher = torch.tensor(one_student, dtype=torch.long), torch.tensor(one_teacher,
-                                                                                              dtype=torch.long)
-        if len(one_student):
-            if self.top_k == 1 and self.beta == 1.0:  # K = 1, reverse KL: the sampled token, as the normal path
-                ids[one_student, 0] = teacher_tokens[one_teacher]
-                log_probs[one_student, 0] = actual[one_teacher]
-                valid[one_student, 0] = torch.isfinite(actual[one_teacher])
-            else:
-                ids[one_student] = answer.ids.cpu()[one_teacher]
-                log_probs[one_student] = answer.log_probs.float().cpu()[one_teacher]
-                valid[one_student] = answer.valid.cpu()[one_teacher]
-            one_to_one[one_student] = True
-            teacher_log_probs[one_student] = actual[one_teacher]
-        chunk_log_probs = torch.zeros(chunks)
-        if chunks:
-            chunk_of[torch.tensor(member_student)] = torch.tensor(member_chunk)
-            chunk_log_probs.index_add_(0, torch.tensor(chunk_of_teacher), actual[torch.tensor(chunk_teacher)])
-        return ids, log_probs, valid, one_to_one, chunk_of, chunk_log_probs, teacher_log_probs
 
 
 def _writes_a_space_first(pieces: list[bytes], text: bytes) -> bool:

@@ -2,6 +2,7 @@
 
     gkd-cache-teacher --teacher_model_name_or_path T --dataset_name D --top_k 100 --output_dir C \\
         [--max_length 1024 --max_new_tokens 128]          (the values the training run will use)
+    gkd-cache-teacher --cross_tokenizer --tokenizer_name_or_path S ...   (a teacher with another tokenizer)
     accelerate launch --num_processes N -m gkd.tools.cache_teacher ...   (each rank scores its share of the shards)
     python scripts/cache_teacher_logits.py ...                           (the same command)
 
@@ -9,6 +10,8 @@ Records are read, rendered and cut exactly as training does (the same data pipel
 max_new_tokens), and the cache records the fingerprints of all of it, so a run whose samples differ is refused before
 it trains. Shards are written one at a time, each under a hidden name until complete, so memory stays flat and a killed
 build resumes from its complete shards when run again with the same options. The layout: gkd/teachers/cache.py.
+With --cross_tokenizer, each completion is scored in the teacher's own tokens after its own rendering of the prompt,
+as a `--cross_tokenizer` run asks a live teacher (docs/cross_tokenizer.md).
 """
 
 import json
@@ -24,8 +27,9 @@ import torch
 
 from gkd.errors import ConfigError
 from gkd.folders import LOCK_FILE, check_output, lock_folder, move_aside, release_lock
-from gkd.teachers.cache import (FORMAT, MANIFEST, PROGRESS, STORAGE_DTYPES, CacheIdentity, log_probs_feature,
-                                score_batch, shard_name)
+from gkd.teachers.cache import (FORMAT, MANIFEST, PROGRESS, STORAGE_DTYPES, TEACHER_TOKENIZER, CacheIdentity,
+                                log_probs_feature, score_batch, shard_name)
+from gkd.teachers.cross import TeacherTokens
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +46,12 @@ class CacheConfig:
         default=None,
         metadata={"help": "The tokenizer (and chat template) training renders with: the student's. Default: the "
                   "teacher's, which shares the vocabulary; give the student when its chat template differs."},
+    )
+    cross_tokenizer: bool = field(
+        default=False,
+        metadata={"help": "The teacher has a tokenizer of its own (a training run's --cross_tokenizer): each "
+                  "completion is scored in the teacher's tokens, after the teacher's own chat template renders the "
+                  "prompt. Needs --tokenizer_name_or_path (the student's)."},
     )
     teacher_model_revision: str = field(default="main", metadata={"help": "Branch, tag or commit of a Hub teacher."})
     dataset_config: str | None = field(default=None, metadata={"help": "Configuration of a Hub dataset."})
@@ -63,6 +73,9 @@ class CacheConfig:
                 raise ConfigError(f"--{name} must be at least 1, got {getattr(self, name)}")
         if self.max_length <= self.max_new_tokens:
             raise ConfigError(f"--max_length ({self.max_length}) must exceed --max_new_tokens ({self.max_new_tokens})")
+        if self.cross_tokenizer and not self.tokenizer_name_or_path:
+            raise ConfigError("--cross_tokenizer needs --tokenizer_name_or_path: the student's tokenizer, which "
+                              "numbers the samples and whose tokens the training run aligns with the teacher's")
 
 
 def build(config: CacheConfig) -> Path:
@@ -89,15 +102,26 @@ def build(config: CacheConfig) -> Path:
     if config.tokenizer_name_or_path:
         models.check_model(tokenizer_ref)
     tokenizer = models.load_tokenizer(tokenizer_ref)
-    models.check_same_vocabulary(tokenizer, models.load_tokenizer(teacher_ref), teacher_ref.name)
     stop_ids = models.stop_token_ids(tokenizer, tokenizer_ref)
+    pair = None
+    if config.cross_tokenizer:
+        from gkd.teachers import vocabulary_pair
+
+        pair = vocabulary_pair(tokenizer, stop_ids, teacher_ref)
+    else:
+        models.check_same_vocabulary(tokenizer, models.load_tokenizer(teacher_ref), teacher_ref.name,
+                                     remedy=" (a teacher of another model family: add --cross_tokenizer)")
     options = data.EncodeOptions(config.max_length, config.max_new_tokens, tuple(stop_ids))
     source = data.DataSource(config.dataset_name, config.dataset_config, config.dataset_train_split)
     with state.main_process_first():
         data_fingerprint = data.sources.fingerprint(source)
         encoded, stats, _ = data.prepare_dataset(source, tokenizer, options, num_proc=config.dataset_num_proc,
                                                  data_fingerprint=data_fingerprint)
-    identity = CacheIdentity.of(data_fingerprint, tokenizer, options, len(encoded))
+        if pair:
+            teacher_options = data.EncodeOptions(config.max_length, config.max_new_tokens, tuple(pair.teacher_stop_ids))
+            encoded = data.pipeline.with_teacher_prompts(encoded, source, pair.teacher, teacher_options,
+                                                         {"num_proc": config.dataset_num_proc})
+    identity = CacheIdentity.of(data_fingerprint, tokenizer, options, len(encoded), pair.teacher if pair else None)
     existed, lock = folder.exists(), None
     if state.is_main_process:
         lock = _prepare_folder(folder, config, identity)
@@ -109,10 +133,14 @@ def build(config: CacheConfig) -> Path:
                 and not (folder / shard_name(shard[0])).is_dir()]
         if mine:
             model = models.load_frozen(teacher_ref, config.dtype).to(state.device)
-            _score_shards(model, encoded, mine, folder, config, tokenizer.pad_token_id, state)
+            tokens = TeacherTokens(pair) if pair else None
+            _score_shards(model, encoded, mine, folder, config, tokenizer.pad_token_id, state, tokens)
         state.wait_for_everyone()
         if state.is_main_process:
-            _write_manifest(folder, config, identity, shards, stats)
+            if pair:  # the cache alone is enough to train from: the teacher's tokenizer goes with it
+                pair.teacher.save_pretrained(str(folder / TEACHER_TOKENIZER))
+            _write_manifest(folder, config, identity, shards, stats,
+                                min(len(pair.teacher), vocabulary) if pair else None)
         state.wait_for_everyone()
     except BaseException:
         if lock is not None:
@@ -174,7 +202,9 @@ def _move_aside(folder: Path) -> None:
     logger.warning("--overwrite: moved the previous %s to %s (delete it when you no longer need it)", folder, aside)
 
 
-def _score_shards(model, encoded, shards, folder: Path, config: CacheConfig, pad_token_id: int, state) -> None:
+def _score_shards(model, encoded, shards, folder: Path, config: CacheConfig, pad_token_id: int, state,
+                  tokens: TeacherTokens | None) -> None:
+    """Each shard's samples scored batch by batch (in the teacher's tokens when `tokens` aligns them) and saved."""
     import datasets
     from tqdm.auto import tqdm
 
@@ -195,6 +225,8 @@ def _score_shards(model, encoded, shards, folder: Path, config: CacheConfig, pad
         for batch_start in range(start, end, config.batch_size):
             samples = encoded[batch_start:min(batch_start + config.batch_size, end)]
             batch = pad_batch([dict(zip(samples, values)) for values in zip(*samples.values())], pad_token_id)
+            if tokens:  # the completions as the teacher tokenizes them, after its own prompts
+                batch = tokens.teacher_batch(batch)[2]
             batch = {key: value.to(state.device) for key, value in batch.items()}
             # prompt-only samples get empty rows
             rows.extend(score_batch(model, batch, config.top_k, storage_dtype=config.storage_dtype))
@@ -204,9 +236,16 @@ def _score_shards(model, encoded, shards, folder: Path, config: CacheConfig, pad
         shard.save_to_disk(str(staging))
         staging.rename(folder / shard_name(number))
     progress.close()
+    if tokens:
+        shares = tokens.pop_stats()
+        if shares:
+            logger.info("aligned across tokenizers: %.1f%% of completion bytes in 1:1 chunks, %.1f chunks per "
+                        "completion, %.1f%% of completions given to the teacher", 100 * shares["aligned_byte_share"],
+                        shares["chunks_per_completion"], 100 * shares["aligned_completions"])
 
 
-def _write_manifest(folder: Path, config: CacheConfig, identity: CacheIdentity, shards, stats) -> None:
+def _write_manifest(folder: Path, config: CacheConfig, identity: CacheIdentity, shards, stats,
+                    teacher_vocab_size: int | None) -> None:
     listed, positions = [], 0
     for number, start, end in shards:
         import datasets
@@ -219,6 +258,8 @@ def _write_manifest(folder: Path, config: CacheConfig, identity: CacheIdentity, 
         "format": FORMAT, "identity": asdict(identity), "top_k": config.top_k, "storage_dtype": config.storage_dtype,
         "teacher": config.teacher_model_name_or_path, "teacher_revision": config.teacher_model_revision,
         "tokenizer": config.tokenizer_name_or_path or config.teacher_model_name_or_path,
+        **({"teacher_tokenizer": TEACHER_TOKENIZER, "teacher_vocab_size": teacher_vocab_size}
+           if teacher_vocab_size else {}),  # --cross_tokenizer: rows in the teacher's tokens
         "dataset": {"name": config.dataset_name, "config": config.dataset_config, "split": config.dataset_train_split,
                     "records": stats.num_records},
         "tokens": positions, "bytes": sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()),
