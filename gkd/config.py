@@ -643,15 +643,19 @@ class GKDConfig(TrainingArguments):
             raise ConfigError(f"--max_nonfinite_steps must be >= 1, got {self.max_nonfinite_steps}")
 
 
-def check_together(script_args: ScriptArguments, model_args: ModelArguments, training_args: GKDConfig) -> None:
+def check_together(script_args: ScriptArguments, model_args: ModelArguments, training_args: GKDConfig,
+                   one_of_several: bool = False) -> None:
     """What no single group can check: the options that depend on each other across groups. With several teachers,
-    each is checked as if it were the run's one."""
+    each is checked as if it were the run's one (`one_of_several`)."""
     if model_args.cross_tokenizer:
         _check_cross_tokenizer(model_args, training_args)
+    if model_args.teacher_tokenizer_name_or_path and model_args.teacher_kind == "live" and not one_of_several:
+        raise ConfigError("--teacher_tokenizer_name_or_path names a served teacher's tokenizer (or a cache's): a live "
+                          "teacher (--teacher_model_name_or_path) reads its own; drop the option")
     if model_args.teacher:
         for spec in model_args.teacher_specs:
             with named_teacher(spec.name):
-                check_together(script_args, model_args.for_teacher(spec), training_args)
+                check_together(script_args, model_args.for_teacher(spec), training_args, one_of_several=True)
         return
     kind = model_args.teacher_kind
     evaluates = training_args.evaluates

@@ -142,6 +142,20 @@ def check_same_vocabulary(student: PreTrainedTokenizerBase, teacher: PreTrainedT
             raise ModelError(f"{name}: embedding has {vocab_size} rows but the tokenizer uses ids up to {needed - 1}")
 
 
+# Model types whose positions are a learned table: a sequence longer than it fails inside the forward (an IndexError
+# traceback), where rotary and ALiBi models only degrade.
+LEARNED_POSITIONS = ("gpt2", "gpt_bigcode", "gpt_neo", "opt", "biogpt")
+
+
+def check_context(ref: ModelRef, max_length: int) -> None:
+    """Refuse a --max_length beyond a model's learned position table, before any weight loads."""
+    config = AutoConfig.from_pretrained(ref.name, **ref.kwargs()).get_text_config()
+    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if config.model_type in LEARNED_POSITIONS and positions and max_length > positions:
+        raise ModelError(f"{ref.flag} {ref.name}: --max_length {max_length} is more than its {positions} learned "
+                         f"positions; give --max_length {positions} or less")
+
+
 def embedding_size(ref: ModelRef) -> int:
     """Rows of the model's embedding, from its config (no weights read)."""
     return AutoConfig.from_pretrained(ref.name, **ref.kwargs()).get_text_config().vocab_size
@@ -158,17 +172,27 @@ def stop_token_ids(tokenizer: PreTrainedTokenizerBase, ref: ModelRef) -> list[in
     except (OSError, ValueError):  # no generation_config.json
         eos = None
     ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    if getattr(tokenizer, "chat_template", None):
-        marker = "\x01gkd\x01"
-        rendered = tokenizer.apply_chat_template(
-            [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}], tokenize=False
-        )
-        after = rendered.split(marker, 1)[-1]
-        if after:
-            first = tokenizer(after, add_special_tokens=False)["input_ids"][:1]
-            if first and first[0] in set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder):
-                ids.add(first[0])
+    end_of_turn = template_end_of_turn(tokenizer)
+    if end_of_turn is not None:
+        ids.add(end_of_turn)
     return sorted(ids)
+
+
+def template_end_of_turn(tokenizer: PreTrainedTokenizerBase) -> int | None:
+    """The special token the chat template writes right after an assistant message (<|im_end|>, <|eot_id|>,
+    <end_of_turn>, <|end|>): what a reply of this model family ends with; None without a template or such a token."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    marker = "\x01gkd\x01"
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}], tokenize=False
+    )
+    after = rendered.split(marker, 1)[-1]
+    if after:
+        first = tokenizer(after, add_special_tokens=False)["input_ids"][:1]
+        if first and first[0] in set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder):
+            return first[0]
+    return None
 
 
 def check_lora_targets(ref: ModelRef, target_modules: list[str] | None) -> None:

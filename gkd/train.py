@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     student_ref = models.ModelRef(model_args.model_name_or_path, model_args.model_revision,
                                   model_args.trust_remote_code, "--model_name_or_path")
     models.check_model(student_ref)
+    models.check_context(student_ref, training_args.max_length)
     tokenizer = models.load_tokenizer(student_ref)
     teacher_ref = teachers.check_teacher(model_args, training_args, tokenizer, student_ref)
     if model_args.use_peft:

@@ -204,3 +204,41 @@ def test_a_character_the_teacher_cannot_write_ends_the_comparison_there(tokenize
                                ["the cat 🙂 the cat", "🙂 first"])
     assert stats["aligned_completions"] == 0.5  # the first is compared up to the emoji; the second not at all
     assert 0 < stats["aligned_byte_share"] < 0.5
+
+
+def test_the_students_end_of_turn_is_the_teachers_as_its_template_ends_a_reply(tokenizers, tokenizer_pair):
+    """The "digits" teacher stops on </s> and <|end|>; its template ends a reply with <|end|>, so that is what the
+    student's <|im_end|> becomes (the lowest stop id, </s>, was taken before)."""
+    from gkd import models
+    from gkd.teachers import vocabulary_pair
+
+    student = tokenizers["packs"]
+    end = student.convert_tokens_to_ids("<|im_end|>")
+    ref = models.ModelRef(str(tokenizer_pair["digits"]), flag="--teacher_model_name_or_path")
+    teacher_stops = models.stop_token_ids(tokenizers["digits"], ref)
+    assert len(teacher_stops) > 1 and tokenizers["digits"].convert_ids_to_tokens(teacher_stops[0]) != "<|end|>"
+    pair = vocabulary_pair(student, [end], ref)
+    assert pair.teacher.convert_ids_to_tokens(pair.teacher_stop_for(end)) == "<|end|>"
+
+
+def test_the_teachers_sequence_stays_within_max_length(tokenizers, tmp_path):
+    """Digits one by one: the teacher writes a packed number in more tokens than the student. Its prompt and
+    completion together stay within the run's --max_length; the comparison ends at the last chunk that fits, without
+    the end of turn."""
+    from gkd.batching import pad_batch
+    from gkd.teachers.cross import TeacherTokens
+
+    student, teacher = tokenizers["packs"], tokenizers["digits"]
+    end = student.convert_tokens_to_ids("<|im_end|>")
+    pair = VocabularyPair(student, teacher, [end], [teacher.convert_tokens_to_ids("<|end|>")], "teacher")
+    completion = student("12345 67890 12345 67890", add_special_tokens=False)["input_ids"] + [end]
+    prompt = [teacher.bos_token_id] * 4
+    batch = pad_batch([{"prompt_ids": [1], "completion_ids": completion, "teacher_prompt_ids": prompt}], 0)
+    (_, (whole,), unbounded) = TeacherTokens(pair).teacher_batch(batch)
+    assert unbounded["completion_ids"].shape[1] > len(completion)  # more teacher tokens than student ones
+    max_length = 4 + len(completion) + 2
+    (_, (plan,), bounded) = TeacherTokens(pair, max_length).teacher_batch(batch)
+    assert bounded["prompt_ids"].shape[1] + bounded["completion_ids"].shape[1] <= max_length
+    assert 0 < len(plan.chunks) < len(whole.chunks)
+    assert plan.teacher_ids[-1] != pair.teacher_stop_for(end)  # cut text: no end of turn compared
+    assert plan.chunks[-1].teacher_end <= len(plan.teacher_ids)

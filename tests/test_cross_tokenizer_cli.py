@@ -4,6 +4,7 @@
 sampled reverse KL falls as the student learns; two ZeRO-3 ranks run it too."""
 
 import json
+import shutil
 import statistics
 
 import pytest
@@ -48,11 +49,11 @@ def test_several_teachers_a_cache_in_the_students_tokens_or_a_server_without_its
             "holds the teacher's answers in the student's tokens", "gkd-cache-teacher --cross_tokenizer")
     refused(capfd, train.main, without_teacher + ["--teacher_server_url", "http://127.0.0.1:9", "--teacher_top_k", "4"],
             "needs --teacher_tokenizer_name_or_path")
+    refused(capfd, train.main, args + ["--teacher_tokenizer_name_or_path", str(student)],
+            "a live teacher (--teacher_model_name_or_path) reads its own")
 
 
 def test_a_teacher_without_a_chat_template_is_refused(capfd, cross_tokenizer_models, cross_tokenizer_data, tmp_path):
-    import shutil
-
     student, teacher = cross_tokenizer_models
     plain = tmp_path / "teacher"
     shutil.copytree(teacher, plain)
@@ -66,8 +67,6 @@ def test_a_teacher_without_a_chat_template_is_refused(capfd, cross_tokenizer_mod
 
 def test_a_conversation_the_teachers_template_rejects_is_refused_naming_the_teacher(capfd, cross_tokenizer_models,
                                                                                     tmp_path):
-    import shutil
-
     student, teacher = cross_tokenizer_models
     strict = tmp_path / "teacher"
     shutil.copytree(teacher, strict)
@@ -118,7 +117,7 @@ def test_a_run_across_tokenizers_trains_logs_the_alignment_and_saves_a_loadable_
     AutoModelForCausalLM.from_pretrained(out)
 
 
-def test_a_served_teacher_with_its_own_tokenizer_gives_the_live_teachers_losses(cross_tokenizer_models,
+def test_a_served_teacher_with_its_own_tokenizer_gives_the_live_teachers_losses(capfd, cross_tokenizer_models,
                                                                                  cross_tokenizer_data, live_run,
                                                                                  tmp_path):
     student, teacher = cross_tokenizer_models
@@ -128,6 +127,9 @@ def test_a_served_teacher_with_its_own_tokenizer_gives_the_live_teachers_losses(
         args = train_args(student, teacher, cross_tokenizer_data, out, "--cross_tokenizer", *MIXED)
         position = args.index("--teacher_model_name_or_path")
         args[position:position + 2] = ["--teacher_server_url", url, "--teacher_tokenizer_name_or_path", str(teacher)]
+        wrong = list(args)
+        wrong[wrong.index("--teacher_tokenizer_name_or_path") + 1] = str(student)
+        refused(capfd, train.main, wrong[1:], "not the tokenizer of the model", "serves")
         assert_ok(run_cli(args))
     finally:
         process.terminate()
@@ -166,6 +168,9 @@ def test_a_cache_in_the_teachers_tokens_gives_the_live_teachers_losses(capfd, cr
     args.remove("--cross_tokenizer")
     refused(capfd, train.main, args[1:] + ["--overwrite_output_dir"], "was built in the teacher's own tokens",
             "train with --cross_tokenizer")
+    shutil.rmtree(cache / manifest["teacher_tokenizer"])
+    refused(capfd, train.main, args[1:] + ["--cross_tokenizer", "--overwrite_output_dir"],
+            "the teacher's tokenizer (teacher_tokenizer/) is missing", "--teacher_tokenizer_name_or_path")
 
 
 def test_the_teacher_writes_completions_in_its_tokens_for_the_student(cross_tokenizer_models, cross_tokenizer_data,

@@ -81,3 +81,18 @@ def test_train_and_evaluate_from_hub_ids_offline(tiny_models, tmp_path):
     assert_ok(result)
     missing = run_cli(train_args("org/student", "org/absent", "org/colours", tmp_path / "o"), env=env)
     assert missing.returncode == 2 and "org/absent" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_a_max_length_beyond_learned_positions_is_refused_and_rotary_models_pass(tiny_models, tmp_path):
+    """GPT-2's positions are a table: a longer sequence is an IndexError inside the forward. Refused before any
+    weight loads; a rotary model (the tiny Llama, 512 positions) is not held to its config's number."""
+    from transformers import GPT2Config
+
+    from gkd.models import check_context
+
+    GPT2Config(n_positions=64, n_embd=16, n_layer=1, n_head=2, vocab_size=32).save_pretrained(tmp_path)
+    ref = ModelRef(str(tmp_path), flag="--teacher_model_name_or_path")
+    check_context(ref, 64)
+    with pytest.raises(ModelError, match="--max_length 65 is more than its 64 learned positions"):
+        check_context(ref, 65)
+    check_context(ModelRef(str(tiny_models[0]), flag="--model_name_or_path"), 4096)

@@ -30,6 +30,7 @@ def check_teacher(model_args, training_args, student_tokenizer, student_ref):
         ref = models.ModelRef(model_args.teacher_model_name_or_path, model_args.teacher_model_revision,
                               model_args.trust_remote_code, "--teacher_model_name_or_path")
         models.check_model(ref)
+        models.check_context(ref, training_args.max_length)
         if model_args.cross_tokenizer:  # its own vocabulary: K counts the teacher's tokens
             vocab_size = min(len(models.load_tokenizer(ref)), models.embedding_size(ref))
         else:
@@ -82,7 +83,8 @@ def vocabulary_pair(student_tokenizer, student_stop_ids: list[int], teacher_ref)
         raise ModelError(f"{teacher_ref.flag} {teacher_ref.name}: the tokenizer has no chat template, and "
                          "--cross_tokenizer renders the teacher's prompts with its own; use an instruct/chat teacher")
     pair = VocabularyPair(student_tokenizer, teacher_tokenizer, student_stop_ids,
-                          models.stop_token_ids(teacher_tokenizer, teacher_ref), teacher_ref.name)
+                          models.stop_token_ids(teacher_tokenizer, teacher_ref), teacher_ref.name,
+                          models.template_end_of_turn(teacher_tokenizer))
     logging.getLogger("gkd").info("--cross_tokenizer: %s (%s)", pair.describe(), teacher_ref.name)
     return pair
 
@@ -123,7 +125,7 @@ def open_teacher(model_args, training_args, student_tokenizer, stop_token_ids, n
         cache = TeacherCache(model_args.teacher_logits_path, manifest["teacher_vocab_size"])
         return CrossTokenizerTeacher(CachedTeacher(cache, training_args.teacher_top_k, training_args.beta), pair,
                                      training_args.teacher_top_k or cache.top_k, training_args.beta,
-                                     manifest["teacher_vocab_size"])
+                                     manifest["teacher_vocab_size"], training_args.max_length)
     if kind == "server":
         from .server import ServedTeacher, TeacherServer, check_tokenizer
 
@@ -138,7 +140,8 @@ def open_teacher(model_args, training_args, student_tokenizer, stop_token_ids, n
             return served
         from .cross import CrossTokenizerTeacher
 
-        return CrossTokenizerTeacher(served, pair, training_args.teacher_top_k, training_args.beta, len(pair.teacher))
+        return CrossTokenizerTeacher(served, pair, training_args.teacher_top_k, training_args.beta, len(pair.teacher),
+                                     training_args.max_length)
     from .live import LiveTeacher
 
     live = LiveTeacher.from_options(None, training_args, ref=teacher_ref, model_args=model_args)
@@ -148,4 +151,5 @@ def open_teacher(model_args, training_args, student_tokenizer, stop_token_ids, n
     from .cross import CrossTokenizerTeacher
 
     vocab_size = min(len(pair.teacher), models.embedding_size(teacher_ref))
-    return CrossTokenizerTeacher(live, pair, training_args.teacher_top_k, training_args.beta, vocab_size)
+    return CrossTokenizerTeacher(live, pair, training_args.teacher_top_k, training_args.beta, vocab_size,
+                                 training_args.max_length)

@@ -107,7 +107,11 @@ def teacher_tokenizer_folder(folder: str | Path) -> Path:
     manifest = read_manifest(folder)
     if not manifest.get("teacher_tokenizer"):
         raise ConfigError(_NOT_CROSSED.format(folder=folder))
-    return Path(folder) / manifest["teacher_tokenizer"]
+    path = Path(folder) / manifest["teacher_tokenizer"]
+    if not path.is_dir():
+        raise ConfigError(f"--teacher_logits_path {folder}: the teacher's tokenizer ({path.name}/) is missing; give it "
+                          "with --teacher_tokenizer_name_or_path, or rebuild the cache")
+    return path
 
 
 _CROSSED = ("--teacher_logits_path {folder} was built in the teacher's own tokens (gkd-cache-teacher --cross_tokenizer): "
@@ -185,10 +189,12 @@ class TeacherCache:
         ids, log_probs, actual = [], [], []
         for row, length in enumerate(lengths):
             cached = np.asarray(records["completion_ids"][row])
-            if len(cached) < length or not np.array_equal(cached[:length],
-                                                           batch["completion_ids"][row, :length].cpu().numpy()):
+            ours = batch["completion_ids"][row, :length].cpu().numpy()
+            if len(cached) < length or not np.array_equal(cached[:length], ours):
+                differs = next((i for i, (a, b) in enumerate(zip(cached, ours)) if a != b), min(len(cached), length))
                 raise ConfigError(f"--teacher_logits_path {self.folder}: sample {indices[row]} was cached with other "
-                                  f"tokens ({len(cached)}) than the run trains on ({length}); rebuild the cache")
+                                  f"tokens than the run trains on (from token {differs} of {length}); rebuild the "
+                                  "cache with the run's options")
             k = self.top_k
             ids.append(np.asarray(records["topk_ids"][row]).reshape(-1, k)[:length])
             log_probs.append(from_storage(records["topk_log_probs"][row], self.storage_dtype).reshape(-1, k)[:length])

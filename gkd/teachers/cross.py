@@ -44,11 +44,12 @@ class CrossTokenizerTeacher(Teacher):
 
     vocab_size = None  # the student samples from its own vocabulary: nothing is shared to stay below
 
-    def __init__(self, source, pair: VocabularyPair, top_k: int | None, beta: float, teacher_vocab_size: int):
+    def __init__(self, source, pair: VocabularyPair, top_k: int | None, beta: float, teacher_vocab_size: int,
+                 max_length: int | None = None):
         self.source, self.pair = source, pair
         self.can_sample = source.can_sample
         self.top_k, self.beta, self.teacher_vocab_size = top_k, beta, teacher_vocab_size
-        self.tokens = TeacherTokens(pair)
+        self.tokens = TeacherTokens(pair, max_length)
         self.teacher_pad_id = self.tokens.pad_id
         self._groups = {}
 
@@ -176,10 +177,13 @@ class CrossTokenizerTeacher(Teacher):
 class TeacherTokens:
     """Completions in the student's tokens as the teacher tokenizes them (`teacher_batch`), with the chunks that
     align the two, and running counts of how well they align (`pop_stats`). What a cross-tokenizer teacher asks its
-    source with, and what a cache in the teacher's tokens is built from (gkd/tools/cache_teacher.py)."""
+    source with, and what a cache in the teacher's tokens is built from (gkd/tools/cache_teacher.py).
 
-    def __init__(self, pair: VocabularyPair):
-        self.pair = pair
+    `max_length` bounds the teacher's sequence as the run's bounds the student's: a completion the teacher writes in
+    more tokens (digits one by one, emoji byte by byte) is compared up to the last chunk that fits."""
+
+    def __init__(self, pair: VocabularyPair, max_length: int | None = None):
+        self.pair, self.max_length = pair, max_length
         teacher = pair.teacher
         self.pad_id = next((i for i in (teacher.pad_token_id, teacher.eos_token_id) if i is not None), 0)
         self._stats = dict.fromkeys(("text_bytes", "one_to_one_bytes", "chunks", "completions", "aligned"), 0)
@@ -191,7 +195,8 @@ class TeacherTokens:
         rows = [completion for _, completion in completion_rows(batch)]
         teacher_prompts = [ids[mask.bool()].tolist()
                            for ids, mask in zip(batch["teacher_prompt_ids"], batch["teacher_prompt_mask"])]
-        plans = self.align_rows(rows)
+        rooms = None if self.max_length is None else [self.max_length - len(prompt) for prompt in teacher_prompts]
+        plans = self.align_rows(rows, rooms)
         samples = [{"prompt_ids": prompt, "completion_ids": plan.teacher_ids}
                    for prompt, plan in zip(teacher_prompts, plans)]
         if "index" in batch:
@@ -210,11 +215,12 @@ class TeacherTokens:
         self._stats = dict.fromkeys(stats, 0)
         return shares
 
-    def align_rows(self, rows: list[list[int]]) -> list[RowAlignment]:
+    def align_rows(self, rows: list[list[int]], rooms: list[int] | None = None) -> list[RowAlignment]:
         """Each completion's text as the teacher tokenizes it, and the chunks of the two tokenizations. Text is
         tokenized run by run (one batched call, special-token text taken as text); bytes outside any character are
         given as the teacher's byte tokens. Where the teacher's tokens stop spelling the text (a character it has no
-        token for), the comparison ends at the last offset both sides cut."""
+        token for), or exceed the row's room (`rooms`: tokens left after its prompt, end of turn included), the
+        comparison ends at the last offset both sides cut."""
         pair = self.pair
         stops = set(pair.student_stop_ids)
         prepared, texts = [], []
@@ -229,7 +235,7 @@ class TeacherTokens:
         tokenized = iter(pair.teacher(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
                          if texts else [])
         plans = []
-        for completion, (stopped, text_ids, pieces, kept, runs) in zip(rows, prepared):
+        for row, (completion, (stopped, text_ids, pieces, kept, runs)) in enumerate(zip(rows, prepared)):
             plan = RowAlignment(text_bytes=sum(map(len, pieces)))
             teacher_ids, teacher_pieces, shifted = [], [], set()
             for run, is_text in runs:
@@ -243,12 +249,16 @@ class TeacherTokens:
                 teacher_ids.extend(ids)
                 teacher_pieces.extend(run_pieces)
             text = b"".join(pieces[:kept])
+            cut = rooms is not None and len(teacher_ids) + stopped > rooms[row]  # its end of turn needs a place too
+            if cut:
+                fits = max(rooms[row] - stopped, 0)
+                teacher_ids, teacher_pieces = teacher_ids[:fits], teacher_pieces[:fits]
             student_end, teacher_end = _common_prefix_cut(pieces[:kept], teacher_pieces, text)
             if student_end == 0 and kept:
                 plan.aligned = False
                 plans.append(plan)
                 continue
-            whole = student_end == kept and teacher_end == len(teacher_ids)
+            whole = not cut and student_end == kept and teacher_end == len(teacher_ids)
             plan.teacher_ids = teacher_ids[:teacher_end]
             plan.chunks = align(pieces[:student_end], teacher_pieces[:teacher_end]) if student_end else []
             for chunk in plan.chunks:

@@ -20,6 +20,7 @@ import logging
 import math
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import torch
 
@@ -341,7 +342,36 @@ def check_tokenizer(server: TeacherServer, student_tokenizer, tokenizer_name: st
         raise ModelError(f"{error}; pass --teacher_tokenizer_name_or_path to name the served model's "
                          "tokenizer") from None
     check_same_vocabulary(student_tokenizer, teacher_tokenizer, f"{server.url} ({name})")
+    served = _served_tokenizer(server, tokenizer_name, trust_remote_code)
+    if served is not None:  # the tokenizer named for the server must be the one it serves, where that can be read
+        differing = sum(served.get_vocab().get(token) != index for token, index in teacher_tokenizer.get_vocab().items())
+        if differing:
+            raise ModelError(f"--teacher_tokenizer_name_or_path {tokenizer_name}: not the tokenizer of the model "
+                             f"{server.url} serves ({server.root}): {differing} tokens missing or numbered differently")
     server.vocab_size = max(len(teacher_tokenizer), _embedding_rows(name, trust_remote_code) or 0)
+
+
+def _served_tokenizer(server: TeacherServer, tokenizer_name: str | None, trust_remote_code: bool):
+    """The served model's own tokenizer where its `root` names one this machine holds (a folder, or a Hub id in the
+    cache: nothing is downloaded for the check), beside a tokenizer named with --teacher_tokenizer_name_or_path;
+    None otherwise (a served name that is neither)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    from ..models import ModelRef, load_tokenizer
+
+    if not tokenizer_name or not server.root or server.root == tokenizer_name:
+        return None
+    try:
+        held = Path(server.root).is_dir() or isinstance(try_to_load_from_cache(server.root, "tokenizer_config.json"),
+                                                         str)
+    except ValueError:  # not a valid Hub id either
+        held = False
+    if not held:
+        return None
+    try:
+        return load_tokenizer(ModelRef(server.root, trust_remote_code=trust_remote_code))
+    except (ModelError, OSError, ValueError):
+        return None
 
 
 def _embedding_rows(name: str, trust_remote_code: bool) -> int | None:

@@ -91,6 +91,7 @@ def build(config: CacheConfig) -> Path:
     teacher_ref = models.ModelRef(config.teacher_model_name_or_path, config.teacher_model_revision,
                                   config.trust_remote_code, "--teacher_model_name_or_path")
     models.check_model(teacher_ref)
+    models.check_context(teacher_ref, config.max_length)
     folder = check_output(config.output_dir, [config.teacher_model_name_or_path, config.tokenizer_name_or_path,
                                               config.dataset_name])  # as every tool checks its output folder
     vocabulary = models.embedding_size(teacher_ref)
@@ -133,12 +134,12 @@ def build(config: CacheConfig) -> Path:
                 and not (folder / shard_name(shard[0])).is_dir()]
         if mine:
             model = models.load_frozen(teacher_ref, config.dtype).to(state.device)
-            tokens = TeacherTokens(pair) if pair else None
+            tokens = TeacherTokens(pair, config.max_length) if pair else None
             _score_shards(model, encoded, mine, folder, config, tokenizer.pad_token_id, state, tokens)
         state.wait_for_everyone()
         if state.is_main_process:
             if pair:  # the cache alone is enough to train from: the teacher's tokenizer goes with it
-                pair.teacher.save_pretrained(str(folder / TEACHER_TOKENIZER))
+                _save_teacher_tokenizer(pair.teacher, teacher_ref, folder / TEACHER_TOKENIZER)
             _write_manifest(folder, config, identity, shards, stats,
                                 min(len(pair.teacher), vocabulary) if pair else None)
         state.wait_for_everyone()
@@ -150,6 +151,17 @@ def build(config: CacheConfig) -> Path:
         if lock is not None:
             release_lock(lock)  # not only at exit: a caller in the same process (tests, a notebook) may build again
     return folder
+
+
+def _save_teacher_tokenizer(tokenizer, teacher_ref, folder: Path) -> None:
+    """The teacher's tokenizer, and its generation config where it has one (stop tokens a run reads from it)."""
+    from transformers import GenerationConfig
+
+    tokenizer.save_pretrained(str(folder))
+    try:
+        GenerationConfig.from_pretrained(teacher_ref.name, **teacher_ref.kwargs()).save_pretrained(str(folder))
+    except (OSError, ValueError):  # no generation_config.json
+        pass
 
 
 def _forget_failed_build(folder: Path, existed: bool) -> None:
@@ -239,9 +251,11 @@ def _score_shards(model, encoded, shards, folder: Path, config: CacheConfig, pad
     if tokens:
         shares = tokens.pop_stats()
         if shares:
-            logger.info("aligned across tokenizers: %.1f%% of completion bytes in 1:1 chunks, %.1f chunks per "
-                        "completion, %.1f%% of completions given to the teacher", 100 * shares["aligned_byte_share"],
-                        shares["chunks_per_completion"], 100 * shares["aligned_completions"])
+            rank = f" (rank {state.process_index}'s shards)" if state.num_processes > 1 else ""
+            logger.info("aligned across tokenizers%s: %.1f%% of completion bytes in 1:1 chunks, %.1f chunks per "
+                        "completion, %.1f%% of completions given to the teacher", rank,
+                        100 * shares["aligned_byte_share"], shares["chunks_per_completion"],
+                        100 * shares["aligned_completions"])
 
 
 def _write_manifest(folder: Path, config: CacheConfig, identity: CacheIdentity, shards, stats,
