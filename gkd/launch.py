@@ -104,6 +104,11 @@ def warn_about_state(state, world_size: int | None = None) -> list[str]:
     return problems
 
 
+def uses_deepspeed(training_args) -> bool:
+    """Whether the run asks for DeepSpeed: a --deepspeed config, or `accelerate launch` with a DeepSpeed config."""
+    return bool(getattr(training_args, "deepspeed", None)) or _flag("ACCELERATE_USE_DEEPSPEED")
+
+
 def _flag(name: str) -> bool:
     return os.environ.get(name, "false").strip().lower() in ("1", "true", "yes")
 

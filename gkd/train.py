@@ -62,10 +62,11 @@ def main(argv: list[str] | None = None) -> None:
 
     pair = teachers.cross_tokenizer_pair(model_args, tokenizer, stop_ids, teacher_ref)  # --cross_tokenizer
 
+    pairs = list(pair.values()) if isinstance(pair, dict) else [pair] if pair else []  # one per teacher
     train_dataset, eval_dataset, data_fingerprint = data.training_datasets(
         script_args, training_args, tokenizer, stop_ids, model_args.teacher_kind,
         [spec.name for spec in model_args.teacher_specs], model_args.default_teacher,
-        *((pair.teacher, pair.teacher_stop_ids) if pair else ()))
+        [(each.teacher, each.teacher_stop_ids) for each in pairs])
     teacher = teachers.open_teacher(model_args, training_args, tokenizer, stop_ids, len(train_dataset),
                                     data_fingerprint, teacher_ref, pair)
     from gkd.rollouts import open_rollouts

@@ -290,11 +290,17 @@ class GKDTrainer(Trainer):
         student_logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits
         teacher = self._teacher_targets(positions, as_logits=True)
         student_logits = student_logits[:, :-1][mask]
-        if isinstance(teacher, AlignedTeacher):  # --cross_tokenizer: the teacher's answer laid out by chunks
-            completions = int(mask.any(dim=1).sum()) if model.training else 0
-            return self._aligned_loss(student_logits, positions.labels, teacher, options, completions)
-        return _summed_over_parts(teacher, lambda target, rows: losses.logits_distillation_loss(
-            _at(student_logits, rows), target, options, _at(positions.labels, rows), self.shared_vocab_size))
+
+        def logits_loss(target, rows):
+            if isinstance(target, AlignedTeacher):  # --cross_tokenizer: the teacher's answer laid out by chunks
+                row_of = torch.arange(mask.shape[0], device=mask.device)[:, None].expand_as(mask)[mask]
+                completions = _at(row_of, rows).unique().numel() if model.training else 0
+                return self._aligned_loss(_at(student_logits, rows), _at(positions.labels, rows), target, options,
+                                          completions)
+            return losses.logits_distillation_loss(_at(student_logits, rows), target, options,
+                                                   _at(positions.labels, rows), self.shared_vocab_size)
+
+        return _summed_over_parts(teacher, logits_loss)
 
     def _aligned_loss(self, student_logits, labels, teacher: AlignedTeacher, options: losses.LossOptions,
                       completions: int) -> losses.LossParts:

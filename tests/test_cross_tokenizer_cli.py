@@ -35,14 +35,17 @@ def test_topk_renormalize_is_refused(capfd, cross_tokenizer_models, cross_tokeni
             "--topk_renormalize does not apply")
 
 
-def test_several_teachers_a_cache_in_the_students_tokens_or_a_server_without_its_tokenizer_are_refused(capfd, cross_tokenizer_models,
+def test_a_served_teacher_among_several_a_cache_in_the_students_tokens_or_a_server_without_its_tokenizer_are_refused(capfd, cross_tokenizer_models,
                                                                              cross_tokenizer_data, tmp_path):
     student, teacher = cross_tokenizer_models
     args = train_args(student, teacher, cross_tokenizer_data, tmp_path / "run", "--cross_tokenizer")[1:]
     position = args.index("--teacher_model_name_or_path")
     without_teacher = args[:position] + args[position + 2:]
-    refused(capfd, train.main, without_teacher + ["--teacher", f"a={teacher}", "--teacher", f"b={teacher}"],
-            "--cross_tokenizer takes one teacher")
+    refused(capfd, train.main, without_teacher + ["--teacher", f"a={teacher}", "--teacher", "b=http://127.0.0.1:9"],
+            "a served one among them", "not supported yet")
+    refused(capfd, train.main, without_teacher + ["--teacher", f"a={teacher}", "--teacher", f"b={teacher}",
+                                                  "--teacher_tokenizer_name_or_path", str(teacher)],
+            "each reads its own")
     (tmp_path / "cache").mkdir()
     (tmp_path / "cache" / "cache.json").write_text(json.dumps({"format": "gkd-teacher-cache-1"}))
     refused(capfd, train.main, without_teacher + ["--teacher_logits_path", str(tmp_path / "cache"), "--lmbda", "0"],
@@ -171,6 +174,31 @@ def test_a_cache_in_the_teachers_tokens_gives_the_live_teachers_losses(capfd, cr
     shutil.rmtree(cache / manifest["teacher_tokenizer"])
     refused(capfd, train.main, args[1:] + ["--cross_tokenizer", "--overwrite_output_dir"],
             "the teacher's tokenizer (teacher_tokenizer/) is missing", "--teacher_tokenizer_name_or_path")
+
+
+def test_two_teachers_of_two_families_each_teach_their_own_records(cross_tokenizer_models, cross_tokenizer_data,
+                                                                    tmp_path):
+    """--cross_tokenizer with --teacher NAME=SOURCE: records naming "digits" are rendered for and scored by the
+    teacher of the other tokenizer, those naming "packs" by the student's own weights (its tokenizer, through the same
+    byte path), which must find no divergence on the dataset's responses; each logs its own alignment and loss."""
+    student, teacher = cross_tokenizer_models
+    records = [json.loads(line) for line in cross_tokenizer_data.read_text().splitlines()]
+    data = tmp_path / "routed.jsonl"
+    data.write_text("".join(json.dumps({**record, "teacher": "digits" if number % 2 else "packs"}) + "\n"
+                            for number, record in enumerate(records)))
+    out = tmp_path / "run"
+    args = cross_args(cross_tokenizer_models, data, out, *MIXED)
+    position = args.index("--teacher_model_name_or_path")
+    args[position:position + 2] = ["--teacher", f"digits={teacher}", "--teacher", f"packs={student}"]
+    result = run_cli(args)
+    assert_ok(result)
+    assert result.stderr.count("have a byte-identical teacher token") == 2
+    first, second = metrics(out)
+    assert (first["on_policy"], second["on_policy"]) == (0, 1)
+    assert first["kd_loss/packs"] == pytest.approx(0, abs=1e-5) and first["aligned_byte_share/packs"] == 1
+    assert first["kd_loss/digits"] > 0.1 and 0 < first["aligned_byte_share/digits"] < 1
+    for step in (first, second):
+        assert step["kd_tokens/packs"] > 0 and step["kd_tokens/digits"] > 0
 
 
 def test_the_teacher_writes_completions_in_its_tokens_for_the_student(cross_tokenizer_models, cross_tokenizer_data,

@@ -161,11 +161,13 @@ def _column_counts(encoded) -> dict:
 
 def training_datasets(script_args, training_args, tokenizer, stop_token_ids: list[int], teacher_kind: str = "live",
                       teacher_names: list[str] | None = None, default_teacher: str | None = None,
-                      teacher_tokenizer=None, teacher_stop_ids: list[int] | None = None):
+                      teacher_tokenizers: list | None = None):
     """The run's (train, eval) datasets, encoded once per node (the main process first, the others from its cache),
     with what their statistics mean for the run (and its teacher: live, cache or server) said or refused before any
     model loads; and the training data's fingerprint (what a teacher cache must have been built from). With several
-    teachers (`teacher_names`), every sample is routed to one (`route_teachers`)."""
+    teachers (`teacher_names`), every sample is routed to one (`route_teachers`). `teacher_tokenizers`: with
+    --cross_tokenizer, (tokenizer, stop ids) of each teacher in `teacher_names` order (of the one teacher without
+    them); each sample's prompt is rendered by its own teacher too (`with_teacher_prompts`)."""
     from ..errors import ConfigError
 
     options = EncodeOptions(training_args.max_length, training_args.max_new_tokens, tuple(stop_token_ids))
@@ -177,17 +179,20 @@ def training_datasets(script_args, training_args, tokenizer, stop_token_ids: lis
                                           **kwargs)
         eval_source = _eval_source(script_args, training_args)
         evaluation = prepare_dataset(eval_source, tokenizer, options, **kwargs)[0] if eval_source else None
-        if teacher_tokenizer is not None:
-            teacher_options = EncodeOptions(training_args.max_length, training_args.max_new_tokens,
-                                            tuple(teacher_stop_ids))
-            train = with_teacher_prompts(train, train_source, teacher_tokenizer, teacher_options, kwargs)
-            if evaluation is not None:
-                evaluation = with_teacher_prompts(evaluation, eval_source, teacher_tokenizer, teacher_options, kwargs)
     logger.info(stats.describe(script_args.dataset_name, training_args.max_length))
     train = route_teachers(train, teacher_names, default_teacher, script_args.dataset_name)
     if evaluation is not None:
         evaluation = route_teachers(evaluation, teacher_names, default_teacher,
                                     script_args.eval_dataset_name or script_args.dataset_name)
+    if teacher_tokenizers:
+        teachers = [(teacher_tokenizer, EncodeOptions(training_args.max_length, training_args.max_new_tokens,
+                                                      tuple(teacher_stop_ids)), name)
+                    for (teacher_tokenizer, teacher_stop_ids), name in zip(teacher_tokenizers,
+                                                                           teacher_names or [None])]
+        with training_args.main_process_first(desc="encoding the prompts for the teacher"):
+            train = with_teacher_prompts(train, train_source, teachers, kwargs)
+            if evaluation is not None:
+                evaluation = with_teacher_prompts(evaluation, eval_source, teachers, kwargs)
     _check_trainable(stats, training_args, script_args.dataset_name, teacher_kind)
     if training_args.text_prompt_tokens is not None and not stats.num_text:
         logger.warning("--text_prompt_tokens has no effect: %s has no plain-text records", script_args.dataset_name)
@@ -203,11 +208,12 @@ def training_datasets(script_args, training_args, tokenizer, stop_token_ids: lis
     return train, evaluation, data_fingerprint
 
 
-def with_teacher_prompts(dataset, source: DataSource, teacher_tokenizer, options: EncodeOptions, kwargs: dict):
-    """The column `teacher_prompt_ids`: each sample's prompt as the teacher's own chat template renders it, in the
-    teacher's tokens (`--cross_tokenizer`). The same records encoded for the teacher, cached like the student's; a
-    chat record is one sample on both sides, so rows correspond one to one. Plain text is split into windows by token
-    count, which differs between tokenizers: refused."""
+def with_teacher_prompts(dataset, source: DataSource, teachers: list[tuple], kwargs: dict):
+    """The column `teacher_prompt_ids`: each sample's prompt as its teacher's own chat template renders it, in that
+    teacher's tokens (`--cross_tokenizer`). `teachers`: (tokenizer, `EncodeOptions`, name or None) in `teacher_index`
+    order. The same records encoded for each teacher, cached like the student's; a chat record is one sample on every
+    side, so rows correspond one to one. Plain text is split into windows by token count, which differs between
+    tokenizers: refused."""
     from ..errors import DataError
 
     is_text = dataset.with_format("arrow")["is_text"].to_pylist()
@@ -215,9 +221,17 @@ def with_teacher_prompts(dataset, source: DataSource, teacher_tokenizer, options
         raise DataError(dataset[is_text.index(True)]["source"], "is plain text, which --cross_tokenizer cannot align "
                                                                "yet: give chat records (messages), or train without "
                                                                "--cross_tokenizer")
-    encoded = prepare_dataset(source, teacher_tokenizer, options, role="teacher", **kwargs)[0]
-    assert len(encoded) == len(dataset), "chat records encode to one sample each, for any tokenizer"
-    return dataset.add_column("teacher_prompt_ids", encoded["prompt_ids"])
+    prompts = []
+    for tokenizer, options, name in teachers:
+        role = "teacher" if name is None else f"teacher {name}"
+        encoded = prepare_dataset(source, tokenizer, options, role=role, **kwargs)[0]
+        assert len(encoded) == len(dataset), "chat records encode to one sample each, for any tokenizer"
+        prompts.append(encoded.with_format("arrow")["prompt_ids"] if len(teachers) > 1 else encoded["prompt_ids"])
+    if len(prompts) == 1:
+        return dataset.add_column("teacher_prompt_ids", prompts[0])
+    prompts = [column.to_pylist() for column in prompts]
+    teacher_index = dataset.with_format("arrow")["teacher_index"].to_pylist()
+    return dataset.add_column("teacher_prompt_ids", [prompts[teacher][row] for row, teacher in enumerate(teacher_index)])
 
 
 def route_teachers(dataset, teacher_names: list[str] | None, default_teacher: str | None, name: str):

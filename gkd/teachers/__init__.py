@@ -51,10 +51,21 @@ def check_teacher(model_args, training_args, student_tokenizer, student_ref):
 
 def cross_tokenizer_pair(model_args, student_tokenizer, student_stop_ids: list[int], teacher_ref):
     """With --cross_tokenizer, the two tokenizers read as bytes once (`alignment.VocabularyPair`), how much of the
-    student's vocabulary the teacher writes byte for byte said at start; None without it."""
+    student's vocabulary the teacher writes byte for byte said at start; None without it. Several teachers: a pair
+    for each, by name (`teacher_ref` is then `check_teacher`'s refs by name)."""
     if not model_args.cross_tokenizer:
         return None
     from .. import models
+
+    if model_args.teacher:
+        from ..config import named_teacher
+
+        pairs = {}
+        for spec in model_args.teacher_specs:
+            with named_teacher(spec.name):
+                pairs[spec.name] = cross_tokenizer_pair(model_args.for_teacher(spec), student_tokenizer,
+                                                        student_stop_ids, (teacher_ref or {}).get(spec.name))
+        return pairs
 
     if teacher_ref is None and model_args.teacher_tokenizer_name_or_path:  # a server's (required there) or a cache's
         teacher_ref = models.ModelRef(model_args.teacher_tokenizer_name_or_path,
@@ -105,7 +116,7 @@ def open_teacher(model_args, training_args, student_tokenizer, stop_token_ids, n
             with named_teacher(spec.name):
                 opened[spec.name] = open_teacher(model_args.for_teacher(spec), training_args, student_tokenizer,
                                                  stop_token_ids, num_samples, data_fingerprint,
-                                                 (teacher_ref or {}).get(spec.name))
+                                                 (teacher_ref or {}).get(spec.name), (pair or {}).get(spec.name))
         return RoutedTeacher(opened)
     kind = model_args.teacher_kind
     if kind == "cache":

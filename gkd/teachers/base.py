@@ -86,6 +86,7 @@ class Teacher:
     top_k: int | None = None
     vocab_size: int | None = None
     can_sample: bool = False
+    fetched_keys: tuple[str, ...] = ()  # what `fetch` adds to a batch, per completion position (none: answers live)
     part_names: tuple[str, ...] = ()  # the parts `targets` may answer in (several teachers), for per-part logs
 
     def start(self, accelerator, deepspeed: bool) -> None:
@@ -134,6 +135,7 @@ class PrefetchedTeacher(Teacher):
     cache, a server): `lookup` is its one question. `beta` picks the sampled-token support at K = 1, beta = 1."""
 
     beta: float = 0.5
+    fetched_keys = SparseTargets.BATCH_KEYS
 
     def lookup(self, batch: dict, vocab_size: int) -> SparseTargets:
         """The top-K at every completion position of one padded micro-batch."""

@@ -43,6 +43,7 @@ class CrossTokenizerTeacher(Teacher):
     model, a server) and is started as the run's teacher. `top_k` None: the teacher's whole vocabulary."""
 
     vocab_size = None  # the student samples from its own vocabulary: nothing is shared to stay below
+    fetched_keys = BATCH_KEYS  # every source is asked ahead, in the teacher's tokens
 
     def __init__(self, source, pair: VocabularyPair, top_k: int | None, beta: float, teacher_vocab_size: int,
                  max_length: int | None = None):

@@ -27,6 +27,7 @@ class RoutedTeacher(Teacher):
 
     def __init__(self, teachers: dict[str, Teacher]):
         self.teachers = dict(teachers)
+        self._fetched_keys = {key for teacher in self.teachers.values() for key in teacher.fetched_keys}
         self.part_names = tuple(self.teachers)
         self.can_sample = all(teacher.can_sample for teacher in self.teachers.values())
         self._every_batch = False  # DeepSpeed: live sub-teachers answer every micro-batch (their calls are collective)
@@ -48,7 +49,7 @@ class RoutedTeacher(Teacher):
     def _answers_whole(self, teacher: Teacher) -> bool:
         return self._every_batch and not isinstance(teacher, PrefetchedTeacher)
 
-    # ---- fetch: each prefetched sub-teacher asked about its rows of the whole window, concurrently ----
+    # ---- fetch: each sub-teacher that fetches ahead asked about its rows of the whole window, concurrently ----
 
     def fetch(self, batches: list[dict], vocab_size: int) -> list[dict]:
         batches = list(batches)
@@ -63,7 +64,7 @@ class RoutedTeacher(Teacher):
                     jobs.setdefault(name, []).append((number, None if len(selected) == size else selected))
             if not any(len(selected) == size for selected in rows.values()):
                 batches[number] = {**batch, ROUTED_KEY: {}}
-        jobs = {name: job for name, job in jobs.items() if isinstance(self.teachers[name], PrefetchedTeacher)}
+        jobs = {name: job for name, job in jobs.items() if self.teachers[name].fetched_keys}
         if not jobs:  # live teachers fetch nothing
             return batches
         with self.timed("teacher_seconds"):
@@ -75,14 +76,16 @@ class RoutedTeacher(Teacher):
                 answers = {name: self._fetch_one(name, job, batches, vocab_size) for name, job in jobs.items()}
         for name, job in jobs.items():
             for (number, rows), answer in zip(job, answers[name]):
+                keys = self.teachers[name].fetched_keys
                 if rows is None:
                     batches[number] = answer
-                elif SparseTargets.from_batch(answer) is not None:
-                    batches[number][ROUTED_KEY][name] = {key: answer[key] for key in SparseTargets.BATCH_KEYS}
+                elif all(key in answer for key in keys):
+                    batches[number][ROUTED_KEY][name] = {key: answer[key] for key in keys}
         return batches
 
     def _fetch_one(self, name: str, job: list, batches: list[dict], vocab_size: int) -> list[dict]:
-        asked = [batches[number] if rows is None else _select_rows(batches[number], rows) for number, rows in job]
+        asked = [batches[number] if rows is None else _select_rows(batches[number], rows, self._fetched_keys)
+                 for number, rows in job]
         try:
             return self.teachers[name].fetch(asked, vocab_size)
         except TeacherUnavailable as error:
@@ -107,7 +110,7 @@ class RoutedTeacher(Teacher):
             elif not len(rows):
                 continue
             else:
-                batch = _select_rows(p.batch, rows)
+                batch = _select_rows(p.batch, rows, self._fetched_keys)
                 batch.update(p.batch.get(ROUTED_KEY, {}).get(name, {}))
                 selected = CompletionPositions(batch, p.input_ids[rows], p.attention_mask[rows], p.columns,
                                                p.mask[rows], p.labels[part])
@@ -143,21 +146,26 @@ class RoutedTeacher(Teacher):
         return all(teacher.chunked_loss_ok() for teacher in self.teachers.values())
 
     def pop_timings(self) -> dict[str, float]:
-        """The sub-teachers' waits summed, but a window's fetch counted once, as the wall time it took."""
+        """The sub-teachers' waits summed, but a window's fetch counted once, as the wall time it took; what else a
+        sub-teacher reports (how well its tokenizer aligns, `--cross_tokenizer`) under its name, `KEY/NAME`."""
         own = super().pop_timings()
         timings = {}
-        for teacher in self.teachers.values():
-            for name, seconds in teacher.pop_timings().items():
-                timings[name] = timings.get(name, 0.0) + seconds
+        for teacher_name, teacher in self.teachers.items():
+            for name, value in teacher.pop_timings().items():
+                if name.endswith("_seconds"):
+                    timings[name] = timings.get(name, 0.0) + value
+                else:
+                    timings[f"{name}/{teacher_name}"] = value
         if "teacher_seconds" in own:
             timings["teacher_seconds"] = own["teacher_seconds"]
         return timings
 
 
-def _select_rows(batch: dict, rows: torch.Tensor) -> dict:
-    """The batch's per-row tensors at `rows` (a prefetched top-K, per position, is not per row: left out)."""
+def _select_rows(batch: dict, rows: torch.Tensor, fetched_keys=()) -> dict:
+    """The batch's per-row tensors at `rows` (what a teacher fetched ahead, per position, is not per row: left
+    out)."""
     size = batch["completion_mask"].shape[0]
-    skipped = (*SparseTargets.BATCH_KEYS, ROUTED_KEY)
+    skipped = (*SparseTargets.BATCH_KEYS, *fetched_keys, ROUTED_KEY)
     return {key: value[rows.to(value.device)] for key, value in batch.items()
             if key not in skipped and isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == size}
 

@@ -120,7 +120,7 @@ def build(config: CacheConfig) -> Path:
                                                  data_fingerprint=data_fingerprint)
         if pair:
             teacher_options = data.EncodeOptions(config.max_length, config.max_new_tokens, tuple(pair.teacher_stop_ids))
-            encoded = data.pipeline.with_teacher_prompts(encoded, source, pair.teacher, teacher_options,
+            encoded = data.pipeline.with_teacher_prompts(encoded, source, [(pair.teacher, teacher_options, None)],
                                                          {"num_proc": config.dataset_num_proc})
     identity = CacheIdentity.of(data_fingerprint, tokenizer, options, len(encoded), pair.teacher if pair else None)
     existed, lock = folder.exists(), None
