@@ -184,21 +184,54 @@ def evaluate_conversations(path):
     return load_conversations(path)
 
 
-def test_a_student_that_lacks_teacher_tokens_is_refused_in_one_line(capfd, tiny_models, chat_data, tmp_path):
-    """Prompts are tokenized by the teacher: a student with a cut vocabulary (examples/truncated_vocab_student.py, a
-    --cross_tokenizer pair) would crash on an id past its embedding; it is refused before anything runs."""
-    import runpy
-    import shutil
-
-    from helpers import REPO, refused
+def test_a_student_of_another_tokenizer_is_scored_by_text(cross_tokenizer_models, cross_tokenizer_data, tmp_path):
+    """A student trained with --cross_tokenizer ("packs" against a "digits" teacher) was refused; now every model is
+    scored by text, each on its own rendering of the prompts: finite metrics, no JSD, and eval.json says so."""
+    import math
 
     from gkd.tools import evaluate
 
+    student, teacher = cross_tokenizer_models
+    out = tmp_path / "eval"
+    assert evaluate.main(["--student", f"packs={student}", "--teacher", str(teacher), "--dataset_name",
+                          str(cross_tokenizer_data), "--output_dir", str(out), "--max_new_tokens", "8",
+                          "--bootstrap_samples", "50"]) == 0
+    report = json.loads((out / "eval.json").read_text())
+    assert report["across_tokenizers"] is True and list(report["models"]) == ["packs", "teacher"]
+    for name, metrics in report["models"].items():
+        assert metrics["jsd"] is None and metrics["jsd_ci"] is None
+        assert metrics["unwritable_responses"] == 0  # both tokenizers hold every byte
+        for key in ("reverse_kl", "teacher_nll", "answer_accuracy", "mean_response_tokens"):
+            if metrics[key] is not None or key != "answer_accuracy":
+                assert math.isfinite(metrics[key]), (name, key, metrics)
+        for key in ("reverse_kl_ci", "teacher_nll_ci"):
+            assert all(math.isfinite(bound) for bound in metrics[key]), (name, key, metrics)
+        per_prompt = report["per_prompt"][name]
+        assert len(per_prompt["reverse_kl"]) == len(per_prompt["teacher_tokens"]) == report["num_prompts"] == 16
+        assert all(tokens > 0 for tokens in per_prompt["sample_tokens"] + per_prompt["teacher_tokens"])
+    assert report["models"]["teacher"]["reverse_kl"] == 0.0  # its own samples, its own tokens: exactly nothing
+    table = (out / "eval.md").read_text()
+    assert "| JSD (student samples) (lower is better) | - | - |" in table and "Across tokenizers" in table
+
+
+def test_text_level_metrics_with_one_tokenizer_are_the_per_token_ones(tiny_models, chat_data):
+    """The text path forced on a pair that shares a tokenizer: the teacher against itself diverges by nothing on its
+    own samples, and the NLL of the teacher's responses (per teacher token) is the per-token path's, for the teacher
+    and for another student: the normalisation, the prompts and the stop tokens are the same."""
+    from gkd.tools import evaluate
+
     student, teacher = tiny_models
-    cut = tmp_path / "cut"
-    shutil.copytree(student, cut)
-    truncate = runpy.run_path(str(REPO / "examples/truncated_vocab_student.py"))["truncate_tokenizer"]
-    truncate(student, cut, 280)
-    refused(capfd, evaluate.main, ["--student", f"cut={cut}", "--teacher", str(teacher), "--dataset_name",
-                                   str(chat_data), "--output_dir", str(tmp_path / "eval")],
-            "student cut", "vocabulary differs")
+    conversations = evaluate_conversations(chat_data)
+    per_token, by_text = (evaluate.evaluate_folders({"student": student}, teacher, conversations, max_new_tokens=6,
+                                                    bootstrap_samples=50, across_tokenizers=across)
+                          for across in (False, True))
+    assert by_text["across_tokenizers"] is True
+    assert max(abs(value) for value in by_text["per_prompt"]["teacher"]["reverse_kl"]) < 1e-5
+    for name in ("student", "teacher"):
+        assert by_text["models"][name]["teacher_nll"] == pytest.approx(per_token["models"][name]["teacher_nll"],
+                                                                      abs=1e-4)
+        assert by_text["per_prompt"][name]["teacher_nll"] == pytest.approx(
+            per_token["per_prompt"][name]["teacher_nll"], abs=1e-4)
+        for key in ("teacher_tokens", "response_tokens", "answer_hits"):
+            assert by_text["per_prompt"][name][key] == per_token["per_prompt"][name][key], key
+    assert by_text["models"]["student"]["teacher_nll"] > by_text["models"]["teacher"]["teacher_nll"]

@@ -156,7 +156,7 @@ class VocabularyPair:
     counted under, -1 for none), and the end-of-turn tokens paired across the two, which stand for no bytes."""
 
     def __init__(self, student, teacher, student_stop_ids: list[int], teacher_stop_ids: list[int],
-                 teacher_name: str):
+                 teacher_name: str, teacher_end_of_turn: int | None = None):
         self.student, self.teacher = student, teacher
         self.student_bytes = token_bytes(student, "the student tokenizer")
         self.teacher_bytes = token_bytes(teacher, teacher_name)
@@ -187,9 +187,13 @@ class VocabularyPair:
         for index, piece in enumerate(self.student_bytes):
             if piece is None and teacher_vocab.get(names[index]) in teacher_specials:
                 group[index] = teacher_vocab[names[index]]
+        # Else the token the teacher's template ends a reply with (`teacher_end_of_turn`: <|end|> where its EOS is
+        # </s>), or its first stop token.
+        end_of_turn = teacher_end_of_turn if teacher_end_of_turn is not None else \
+            (self.teacher_stop_ids[0] if self.teacher_stop_ids else None)
         for student_stop in self.student_stop_ids:
-            if 0 <= student_stop < len(group) and group[student_stop] < 0 and self.teacher_stop_ids:
-                group[student_stop] = self.teacher_stop_ids[0]
+            if 0 <= student_stop < len(group) and group[student_stop] < 0 and end_of_turn is not None:
+                group[student_stop] = end_of_turn
         self.student_group = torch.tensor(group, dtype=torch.long)
         self.teacher_byte_ids = {piece[0]: index for piece, index in teacher_by_bytes.items() if len(piece) == 1}
         self.student_byte_ids = {}
@@ -226,3 +230,29 @@ class VocabularyPair:
 
     def teacher_pieces(self, ids: list[int]) -> list[bytes]:
         return [self.teacher_bytes[index] or b"" if index < len(self.teacher_bytes) else b"" for index in ids]
+
+
+def byte_token_ids(table: list[bytes | None]) -> dict[int, int]:
+    """byte -> the first id of a tokenizer's byte table (`token_bytes`) that stands for that one byte alone."""
+    ids: dict[int, int] = {}
+    for index, piece in enumerate(table):
+        if piece is not None and len(piece) == 1:
+            ids.setdefault(piece[0], index)
+    return ids
+
+
+def tokenize_bytes(tokenizer, byte_ids: dict[int, int], data: bytes) -> tuple[list[int], bool]:
+    """`data` in `tokenizer`'s tokens, as a cross-tokenizer teacher is given a completion: text run by run (the text
+    of a special token taken as text), bytes outside any character as the tokenizer's byte tokens (`byte_ids`, from
+    `byte_token_ids`). Returns the ids and whether they cover all of `data` (False: they stop before the first byte
+    the tokenizer has no token for)."""
+    ids: list[int] = []
+    for run, is_text in utf8_runs(data):
+        if is_text:
+            ids.extend(tokenizer(run.decode(), add_special_tokens=False, split_special_tokens=True)["input_ids"])
+            continue
+        for byte in run:
+            if byte not in byte_ids:
+                return ids, False
+            ids.append(byte_ids[byte])
+    return ids, True

@@ -17,6 +17,23 @@ Each of the first four gets a 95% bootstrap interval over prompts (`*_ci`); per-
 two students can be compared on the same prompts (`paired_difference`). With several teachers (`--teacher NAME=T`,
 as training takes them), each record is scored against the teacher its `teacher` field names (or
 `--default_teacher`), the reference row is each record's own teacher, and `reverse_kl/NAME` is reported per teacher.
+
+Across tokenizers (a student trained with `--cross_tokenizer`): where any student's token-to-id map differs from the
+teacher's, every model of the run (so that rows stay comparable) is scored by text, and eval.json says
+`"across_tokenizers": true`. Each model renders each prompt with its own tokenizer and chat template and stops on its
+own stop tokens; answer_accuracy and mean_response_tokens are as above (its own tokens).
+- teacher_nll: the teacher's greedy response as text, tokenized by the student after the student's prompt (its end
+  of turn where the teacher stopped); the student's summed NLL divided by the teacher's tokens of that response.
+- reverse_kl: on the student's own sample y (temperature 1), (log p_S(y) - log p_T(y)) / (teacher tokens of y), with
+  y tokenized by the teacher after the teacher's prompt (its end of turn where the student stopped): a sampled
+  estimate of the sequence-level KL, which can be negative on a prompt.
+- jsd: not defined without one vocabulary: null, "-" in the table.
+Text goes from one model to the other as a `--cross_tokenizer` teacher is given a completion (the bytes of each token,
+gkd/teachers/alignment.py): re-tokenized canonically by the other side, which may cut it otherwise than a model
+sampling it would (a SentencePiece tokenizer that writes a space first keeps it). Between two models that share a
+tokenizer the ids pass as they are, so the teacher's row and a student of the teacher's tokenizer get exactly the
+per-token path's teacher_nll, and the teacher's own reverse_kl is 0. A response with a byte the other side has no
+token for is left out of both metrics (`unwritable_responses`). Several teachers are refused across tokenizers.
 """
 
 import json
@@ -24,6 +41,7 @@ import logging
 import random
 import sys
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -51,19 +69,24 @@ def _batches(items: list, size: int):
 
 @torch.no_grad()
 def greedy_responses(model, tokenizer, prompts: list[list[int]], stop_ids, max_new_tokens, batch_size) -> Responses:
+    ids = generate_responses(model, tokenizer, prompts, stop_ids, max_new_tokens, batch_size, temperature=None)
+    return Responses(ids, [tokenizer.decode(tokens, skip_special_tokens=True).strip() for tokens in ids])
+
+
+@torch.no_grad()
+def generate_responses(model, tokenizer, prompts: list[list[int]], stop_ids, max_new_tokens, batch_size,
+                       temperature: float | None, suppress_ids=()) -> list[list[int]]:
+    """Each prompt's response as token ids (its stop token last where it stopped); `temperature` None: greedy."""
     from gkd.generation import generate
     from gkd.sampling import Sampling
 
-    ids, texts = [], []
+    ids = []
     for chunk in _batches(prompts, batch_size):
         batch = pad_batch([{"prompt_ids": p, "completion_ids": []} for p in chunk], tokenizer.pad_token_id)
         completion, mask = generate(model, batch["prompt_ids"], batch["prompt_mask"], Sampling(
-            max_new_tokens, stop_ids, tokenizer.pad_token_id, temperature=None))
-        for row, row_mask in zip(completion, mask):
-            tokens = row[row_mask.bool()].tolist()
-            ids.append(tokens)
-            texts.append(tokenizer.decode(tokens, skip_special_tokens=True).strip())
-    return Responses(ids, texts)
+            max_new_tokens, stop_ids, tokenizer.pad_token_id, temperature=temperature, suppress_ids=suppress_ids))
+        ids += [row[row_mask.bool()].tolist() for row, row_mask in zip(completion, mask)]
+    return ids
 
 
 @torch.no_grad()
@@ -104,19 +127,28 @@ def divergences(student, teacher, tokenizer, prompts, stop_ids, max_new_tokens, 
 @torch.no_grad()
 def teacher_nll(student, tokenizer, prompts, teacher_answers: Responses, batch_size) -> dict:
     """Per prompt: summed NLL of the teacher's greedy response under the student, and its token count."""
-    per_prompt = {"teacher_nll": [], "teacher_tokens": []}
-    samples = [{"prompt_ids": p, "completion_ids": c} for p, c in zip(prompts, teacher_answers.ids)]
+    return {"teacher_nll": completion_nll(student, tokenizer, prompts, teacher_answers.ids, batch_size),
+            "teacher_tokens": [len(ids) for ids in teacher_answers.ids]}
+
+
+@torch.no_grad()
+def completion_nll(model, tokenizer, prompts, completions: list[list[int]], batch_size) -> list[float]:
+    """Per prompt: the model's summed negative log-likelihood of the completion's tokens after the prompt (over the
+    tokenizer's ids, where the embedding is padded beyond them)."""
+    summed = []
+    samples = [{"prompt_ids": p, "completion_ids": c} for p, c in zip(prompts, completions)]
     for chunk in _batches(samples, batch_size):
+        if not any(sample["completion_ids"] for sample in chunk):
+            summed += [0.0] * len(chunk)
+            continue
         batch = pad_batch(chunk, tokenizer.pad_token_id)
         logits = _completion_logits(
-            student, batch["prompt_ids"], batch["prompt_mask"], batch["completion_ids"], batch["completion_mask"]
+            model, batch["prompt_ids"], batch["prompt_mask"], batch["completion_ids"], batch["completion_mask"]
         )
         logits = logits[..., : len(tokenizer)] if logits.shape[-1] > len(tokenizer) else logits
         nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch["completion_ids"], reduction="none")
-        kept = batch["completion_mask"].bool()
-        per_prompt["teacher_nll"] += torch.where(kept, nll, 0.0).sum(dim=1).tolist()
-        per_prompt["teacher_tokens"] += kept.sum(dim=1).tolist()
-    return per_prompt
+        summed += torch.where(batch["completion_mask"].bool(), nll, 0.0).sum(dim=1).tolist()
+    return summed
 
 
 def answer_hits(texts: list[str], answers: list[list[str] | None], match_case: bool = False) -> list[int | None]:
@@ -261,13 +293,156 @@ def _model_for(model, group):
     return model[group] if isinstance(model, dict) else model
 
 
+@dataclass
+class Speaker:
+    """A model scored across tokenizers: its own tokenizer and stop tokens, and (read once, when first needed) the
+    bytes each of its tokens stands for (gkd/teachers/alignment.py), to give its text to a model of another one."""
+
+    name: str
+    model: object
+    tokenizer: object
+    stop_ids: list[int]
+
+    @cached_property
+    def vocabulary(self) -> dict[str, int]:
+        return self.tokenizer.get_vocab()
+
+    @cached_property
+    def token_bytes(self) -> list[bytes | None]:
+        from gkd.teachers.alignment import token_bytes
+
+        return token_bytes(self.tokenizer, self.name)
+
+    @cached_property
+    def byte_ids(self) -> dict[int, int]:
+        from gkd.teachers.alignment import byte_token_ids
+
+        return byte_token_ids(self.token_bytes)
+
+    @cached_property
+    def end_of_turn(self) -> int:
+        """The stop token its chat template writes after an assistant turn (<|im_end|>, <|end|>), else its EOS."""
+        from gkd.models import template_end_of_turn
+
+        end = template_end_of_turn(self.tokenizer)
+        if end is not None and end in self.stop_ids:
+            return end
+        eos = self.tokenizer.eos_token_id
+        return eos if eos in self.stop_ids else self.stop_ids[0]
+
+    def prompts(self, conversations, max_new_tokens: int) -> list[list[int]]:
+        """Every record's prompt, rendered with its own chat template."""
+        from gkd.data import encode_conversations
+
+        samples, _ = encode_conversations(conversations, self.tokenizer, 4096, max_new_tokens, self.stop_ids)
+        return [sample["prompt_ids"] for sample in samples]
+
+    def suppress_ids(self) -> tuple[int, ...]:
+        """Embedding rows beyond its tokenizer: never sampled, as the log-likelihoods are over its tokenizer's ids."""
+        return tuple(range(len(self.tokenizer), self.model.get_output_embeddings().weight.shape[0]))
+
+    def writes(self, other: "Speaker", ids: list[int]) -> list[int] | None:
+        """`other`'s response (its ids, its stop token last where it stopped) in this model's tokens: the same ids
+        where the two share one tokenizer (re-tokenizing could change them: "a" + "b" where the tokenizer writes
+        "ab"); else its text, tokenized as a cross-tokenizer teacher is given a completion, with this model's end of
+        turn where `other` stopped. None where a byte of it has no token here."""
+        if self.vocabulary == other.vocabulary:
+            return list(ids)
+        from gkd.teachers.alignment import tokenize_bytes
+
+        stopped = bool(ids) and ids[-1] in other.stop_ids
+        table = other.token_bytes
+        text = b"".join(table[index] or b"" if index < len(table) else b"" for index in ids[:len(ids) - stopped])
+        tokens, whole = tokenize_bytes(self.tokenizer, self.byte_ids, text)
+        if not whole:
+            return None
+        return tokens + [self.end_of_turn] if stopped else tokens
+
+
+@torch.no_grad()
+def text_teacher_nll(student: Speaker, teacher: Speaker, prompts, teacher_ids: list[list[int]], batch_size) -> dict:
+    """Per prompt: the student's summed NLL of the teacher's greedy response written in the student's tokens after
+    the student's own prompt, and the teacher's tokens of that response (so with one tokenizer, the per-token
+    metric). A response the student cannot write is left out (0 and 0), and counted."""
+    written = [student.writes(teacher, ids) for ids in teacher_ids]
+    summed = completion_nll(student.model, student.tokenizer, prompts, [ids or [] for ids in written], batch_size)
+    return {"teacher_nll": [0.0 if ids is None else value for ids, value in zip(written, summed)],
+            "teacher_tokens": [0 if ids is None else len(own) for ids, own in zip(written, teacher_ids)],
+            "unwritable_teacher_responses": sum(ids is None for ids in written)}
+
+
+@torch.no_grad()
+def sampled_reverse_kl(student: Speaker, teacher: Speaker, prompts, teacher_prompts, max_new_tokens, batch_size,
+                       seed) -> dict:
+    """Per prompt, on the student's own sample y at temperature 1: log p_S(y) - log p_T(y), each model after its own
+    prompt, y in the teacher's tokens (`Speaker.writes`), and the teacher's token count of y: a sampled estimate of
+    the sequence-level reverse KL, per teacher token. A sample the teacher cannot write is left out (0 and 0)."""
+    torch.manual_seed(seed)
+    samples = generate_responses(student.model, student.tokenizer, prompts, student.stop_ids, max_new_tokens,
+                                 batch_size, temperature=1.0, suppress_ids=student.suppress_ids())
+    written = [teacher.writes(student, ids) for ids in samples]
+    student_nll = completion_nll(student.model, student.tokenizer, prompts, samples, batch_size)
+    teacher_side = completion_nll(teacher.model, teacher.tokenizer, teacher_prompts, [ids or [] for ids in written],
+                                  batch_size)
+    return {"reverse_kl": [0.0 if ids is None else theirs - own
+                           for ids, own, theirs in zip(written, student_nll, teacher_side)],
+            "sample_tokens": [0 if ids is None else len(ids) for ids in written],
+            "unwritable_samples": sum(ids is None for ids in written)}
+
+
+def evaluate_across_tokenizers(
+    students: dict[str, Speaker], teacher: Speaker, conversations, max_new_tokens=48, batch_size=8, seed=0,
+    bootstrap_samples=1000, match_case: bool = False,
+) -> dict:
+    """`evaluate_students` where tokenizers differ: every model answers its own rendering of each prompt with its own
+    stop tokens, and the metrics compare text (the module docstring); JSD is not defined (None)."""
+    answers = [conversation.answers for conversation in conversations]
+    teacher_prompts = teacher.prompts(conversations, max_new_tokens)
+    teacher_answers = greedy_responses(teacher.model, teacher.tokenizer, teacher_prompts, teacher.stop_ids,
+                                       max_new_tokens, batch_size)
+    report = {"num_prompts": len(conversations), "max_new_tokens": max_new_tokens, "seed": seed,
+              "bootstrap_samples": bootstrap_samples, "across_tokenizers": True, "models": {}, "per_prompt": {},
+              "samples": []}
+    responses = {}
+    for name, student in tqdm(students.items(), desc="evaluating", unit="model", total=len(students)):
+        student.model.eval()
+        prompts = student.prompts(conversations, max_new_tokens)
+        own = greedy_responses(student.model, student.tokenizer, prompts, student.stop_ids, max_new_tokens,
+                               batch_size)
+        responses[name] = own.texts
+        per_prompt = {
+            **sampled_reverse_kl(student, teacher, prompts, teacher_prompts, max_new_tokens, batch_size, seed),
+            **text_teacher_nll(student, teacher, prompts, teacher_answers.ids, batch_size),
+            "answer_hits": answer_hits(own.texts, answers, match_case),
+            "response_tokens": [len(ids) for ids in own.ids],
+        }
+        unwritable = per_prompt.pop("unwritable_samples") + per_prompt.pop("unwritable_teacher_responses")
+        rows = list(range(len(conversations)))
+        defined = [metric for metric in RATIOS if metric != "jsd"]
+        metrics = {metric: _ratio(per_prompt, metric, rows) if metric in defined else None for metric in RATIOS}
+        metrics.update({f"{metric}_ci": bootstrap_interval(per_prompt, metric, bootstrap_samples, seed)
+                        if metric in defined else None for metric in RATIOS})
+        metrics["mean_response_tokens"] = sum(per_prompt["response_tokens"]) / max(len(conversations), 1)
+        metrics["checked_prompts"] = sum(hit is not None for hit in per_prompt["answer_hits"])
+        metrics["unwritable_responses"] = unwritable
+        report["models"][name] = metrics
+        report["per_prompt"][name] = per_prompt
+    for index in range(min(5, len(conversations))):
+        report["samples"].append({"prompt": conversations[index].prompt[-1]["content"],
+                                  "teacher": teacher_answers.texts[index],
+                                  **{name: texts[index] for name, texts in responses.items()}})
+    return report
+
+
 def evaluate_folders(
     student_paths: dict, teacher_path, conversations, max_new_tokens=48, batch_size=8, seed=0, bootstrap_samples=1000,
-    routes: list[str] | None = None, match_case: bool = False,
+    routes: list[str] | None = None, match_case: bool = False, across_tokenizers: bool = False,
 ) -> dict:
     """`evaluate_students` for models named by folder or Hub id (a `--use_peft` run's folder counts: its adapter is
     merged into its base): each named student, then the teacher itself as the reference row. `teacher_path` may be a
-    dict of several teachers by name, `routes` naming each conversation's."""
+    dict of several teachers by name, `routes` naming each conversation's. Where a student's tokenizer differs from
+    the teacher's (or with `across_tokenizers`, even where none does), every model is scored by text
+    (`evaluate_across_tokenizers`)."""
     from gkd import models
 
     teacher_paths = teacher_path if isinstance(teacher_path, dict) else {None: teacher_path}
@@ -279,13 +454,30 @@ def evaluate_folders(
     tokenizer = models.load_tokenizer(first)
     for name, ref in list(teacher_refs.items())[1:]:
         models.check_same_vocabulary(models.load_tokenizer(ref), tokenizer, f"teacher {name} ({ref.name})")
-    for name, path in student_paths.items():
-        student_ref = _student_ref(name, path)
-        student_tokenizer = models.load_tokenizer(student_ref)
-        models.check_same_vocabulary(student_tokenizer, tokenizer, f"student {name} ({path})")
-        # and the other way: prompts are tokenized once, by the teacher, so a student must know every teacher token
-        # (one with a cut vocabulary, trained with --cross_tokenizer, would index past its embedding)
-        models.check_same_vocabulary(tokenizer, student_tokenizer, f"student {name} ({path})")
+    student_refs = {name: _student_ref(name, path) for name, path in student_paths.items()}
+    student_tokenizers = {name: models.load_tokenizer(ref) for name, ref in student_refs.items()}
+    # Prompts are tokenized once, by the teacher, and distributions compared token by token: only where every student
+    # has the teacher's token-to-id map (a student with a cut vocabulary, trained with --cross_tokenizer, has not).
+    differing = [name for name, student_tokenizer in student_tokenizers.items()
+                 if student_tokenizer.get_vocab() != tokenizer.get_vocab()]
+    if differing or across_tokenizers:
+        why = f"student {', '.join(differing)}: tokenizer differs from the teacher's" if differing else \
+            "across_tokenizers"
+        if len(teacher_refs) > 1:
+            raise ConfigError(f"{why}; gkd-eval scores across tokenizers against one --teacher, not several")
+        logger.warning("%s, so every model is scored by text, each answering its own rendering of the prompts: "
+                       "teacher_nll and reverse_kl per teacher token, no JSD (docs/cross_tokenizer.md)", why)
+        speakers = {name: Speaker(f"--student {name}", None, student_tokenizers[name],
+                                  models.stop_token_ids(student_tokenizers[name], student_refs[name]))
+                    for name in student_paths}
+        teacher = Speaker("--teacher", None, tokenizer, models.stop_token_ids(tokenizer, first))
+        for speaker in [teacher, *(speakers[name] for name in differing)]:
+            speaker.token_bytes  # a tokenizer that cannot be read as bytes is refused before any weight loads
+        for name, path in student_paths.items():
+            speakers[name].model = _load_student(name, path)
+        teacher.model = models.load_frozen(first, "float32")
+        return evaluate_across_tokenizers({**speakers, "teacher": teacher}, teacher, conversations, max_new_tokens,
+                                          batch_size, seed, bootstrap_samples, match_case)
     stop_ids = models.stop_token_ids(tokenizer, first)
     # Students are evaluated frozen and in eval mode, exactly as the teacher is loaded.
     students = {name: _load_student(name, path) for name, path in student_paths.items()}
@@ -341,7 +533,8 @@ def markdown_table(report: dict) -> str:
         cells = []
         for name in names:
             value, interval = report["models"][name].get(key), report["models"][name].get(f"{key}_ci")
-            cell = "n/a" if value is None else _number(value)
+            undefined = key == "jsd" and report.get("across_tokenizers")  # no shared vocabulary to compare over
+            cell = ("-" if undefined else "n/a") if value is None else _number(value)
             if value is not None and interval and interval[1] - interval[0] > 5e-4:
                 cell += f" [{_number(interval[0])}, {_number(interval[1])}]"
             cells.append(cell)
@@ -350,6 +543,11 @@ def markdown_table(report: dict) -> str:
     if any(f"{key}_ci" in metrics for metrics in report["models"].values() for key, _, _ in METRICS):
         lines.append(f"[low, high]: 95% bootstrap interval over the {report['num_prompts']} prompts "
                      f"({report.get('bootstrap_samples', 1000)} resamples).")
+        lines.append("")
+    if report.get("across_tokenizers"):
+        lines.append("Across tokenizers: each model answers its own rendering of the prompts; reverse KL is the "
+                     "sampled sequence-level estimate and the NLL is of the teacher's responses as text, both per "
+                     "teacher token; JSD is not defined (-).")
         lines.append("")
     for sample in report["samples"]:
         lines.append(f"**{sample['prompt']}**")
