@@ -35,8 +35,8 @@ def test_topk_renormalize_is_refused(capfd, cross_tokenizer_models, cross_tokeni
             "--topk_renormalize does not apply")
 
 
-def test_a_served_teacher_among_several_a_cache_in_the_students_tokens_or_a_server_without_its_tokenizer_are_refused(capfd, cross_tokenizer_models,
-                                                                             cross_tokenizer_data, tmp_path):
+def test_what_the_cross_tokenizer_path_does_not_take_is_refused(capfd, cross_tokenizer_models, cross_tokenizer_data,
+                                                                 tmp_path, monkeypatch):
     student, teacher = cross_tokenizer_models
     args = train_args(student, teacher, cross_tokenizer_data, tmp_path / "run", "--cross_tokenizer")[1:]
     position = args.index("--teacher_model_name_or_path")
@@ -54,6 +54,9 @@ def test_a_served_teacher_among_several_a_cache_in_the_students_tokens_or_a_serv
             "needs --teacher_tokenizer_name_or_path")
     refused(capfd, train.main, args + ["--teacher_tokenizer_name_or_path", str(student)],
             "a live teacher (--teacher_model_name_or_path) reads its own")
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # what `accelerate launch` with a DeepSpeed config sets
+    refused(capfd, train.main, without_teacher + ["--teacher", f"a={teacher}", "--teacher", f"b={student}"],
+            "does not run under DeepSpeed yet")
 
 
 def test_a_teacher_without_a_chat_template_is_refused(capfd, cross_tokenizer_models, cross_tokenizer_data, tmp_path):

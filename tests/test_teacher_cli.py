@@ -130,7 +130,8 @@ def test_a_sample_whose_tokens_differ_from_the_cached_ones_is_refused(tiny_model
 
     store = TeacherCache(cache, 64)
     cached = torch.tensor(store.rows[1]["completion_ids"].tolist())
-    batch = {"index": torch.tensor([1]), "completion_ids": cached[None], "completion_mask": torch.ones(1, len(cached), dtype=torch.long)}
+    batch = {"index": torch.tensor([1]), "completion_ids": cached[None],
+             "completion_mask": torch.ones(1, len(cached), dtype=torch.long)}
     assert store.targets(batch).ids.shape == (len(cached), store.top_k)
     batch["completion_ids"] = (cached + 1)[None]
     with pytest.raises(ConfigError, match="sample 1 was cached with other tokens"):

@@ -231,7 +231,8 @@ def with_teacher_prompts(dataset, source: DataSource, teachers: list[tuple], kwa
         return dataset.add_column("teacher_prompt_ids", prompts[0])
     prompts = [column.to_pylist() for column in prompts]
     teacher_index = dataset.with_format("arrow")["teacher_index"].to_pylist()
-    return dataset.add_column("teacher_prompt_ids", [prompts[teacher][row] for row, teacher in enumerate(teacher_index)])
+    return dataset.add_column("teacher_prompt_ids",
+                              [prompts[teacher][row] for row, teacher in enumerate(teacher_index)])
 
 
 def route_teachers(dataset, teacher_names: list[str] | None, default_teacher: str | None, name: str):

@@ -114,8 +114,8 @@ def teacher_tokenizer_folder(folder: str | Path) -> Path:
     return path
 
 
-_CROSSED = ("--teacher_logits_path {folder} was built in the teacher's own tokens (gkd-cache-teacher --cross_tokenizer): "
-            "train with --cross_tokenizer")
+_CROSSED = ("--teacher_logits_path {folder} was built in the teacher's own tokens (gkd-cache-teacher "
+            "--cross_tokenizer): train with --cross_tokenizer")
 _NOT_CROSSED = ("--teacher_logits_path {folder} holds the teacher's answers in the student's tokens: with "
                 "--cross_tokenizer, build the cache with gkd-cache-teacher --cross_tokenizer")
 

@@ -127,6 +127,7 @@ class CrossTokenizerTeacher(Teacher):
                                    answer.valid[:, :self.top_k], answer.actual_log_probs)
         teacher_tokens = teacher_batch["completion_ids"][teacher_batch["completion_mask"].bool()]
         return {**batch, **dict(zip(BATCH_KEYS, self._at_student_positions(rows, plans, answer, teacher_tokens)))}
+
     def _at_student_positions(self, rows, plans, answer, teacher_tokens) -> tuple[torch.Tensor, ...]:
         """The teacher's answer, given at teacher positions, laid out at the student's (row-major, as the loss reads
         them): its top-K where a 1:1 chunk starts, chunk indices and chunk log-probabilities for m:n chunks."""

@@ -344,7 +344,8 @@ def check_tokenizer(server: TeacherServer, student_tokenizer, tokenizer_name: st
     check_same_vocabulary(student_tokenizer, teacher_tokenizer, f"{server.url} ({name})")
     served = _served_tokenizer(server, tokenizer_name, trust_remote_code)
     if served is not None:  # the tokenizer named for the server must be the one it serves, where that can be read
-        differing = sum(served.get_vocab().get(token) != index for token, index in teacher_tokenizer.get_vocab().items())
+        served_vocab = served.get_vocab()
+        differing = sum(served_vocab.get(token) != index for token, index in teacher_tokenizer.get_vocab().items())
         if differing:
             raise ModelError(f"--teacher_tokenizer_name_or_path {tokenizer_name}: not the tokenizer of the model "
                              f"{server.url} serves ({server.root}): {differing} tokens missing or numbered differently")
