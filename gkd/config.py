@@ -123,7 +123,8 @@ class ModelArguments:
         default=None,
         metadata={
             "help": "With --teacher_server_url: the tokenizer to check the served model's vocabulary against the "
-            "student's. Default: the model the server reports (`root` of /v1/models)."
+            "student's (with --cross_tokenizer: the teacher's own, which renders its prompts; or a cache's). Default: "
+            "the model the server reports (`root` of /v1/models)."
         },
     )
     cross_tokenizer: bool = field(
@@ -133,7 +134,7 @@ class ModelArguments:
             "and tokens, completions are aligned to the student's by bytes, and the loss compares next-token "
             "distributions where both sides cut a span into one token the same way and sampled chunk likelihoods "
             "elsewhere (docs/cross_tokenizer.md). A live or served teacher, a cache built with "
-            "gkd-cache-teacher --cross_tokenizer, or several live or cached teachers (--teacher); chat records."
+            "gkd-cache-teacher --cross_tokenizer, or several of them (--teacher); chat records."
         },
     )
     teacher: list[str] | None = field(
@@ -681,21 +682,16 @@ def check_together(script_args: ScriptArguments, model_args: ModelArguments, tra
 
 def _check_cross_tokenizer(model_args: ModelArguments, training_args: GKDConfig) -> None:
     """What the cross-tokenizer path does not do yet, refused before anything loads."""
-    if model_args.teacher and any(spec.kind == "server" for spec in model_args.teacher_specs):
-        raise ConfigError("--cross_tokenizer with several teachers takes live teachers and caches: a served one "
-                          "among them (which needs its own --teacher_tokenizer_name_or_path) is not supported yet")
     if model_args.teacher and model_args.teacher_tokenizer_name_or_path:
         raise ConfigError("--teacher_tokenizer_name_or_path names one teacher's tokenizer: with several teachers and "
-                          "--cross_tokenizer each reads its own (a model's, a cache's); drop the option")
+                          "--cross_tokenizer each reads its own (a model's, a cache's, the one a server names); drop "
+                          "the option")
     from .launch import uses_deepspeed
 
     if model_args.teacher and uses_deepspeed(training_args):
         raise ConfigError("--cross_tokenizer with several teachers does not run under DeepSpeed yet (each rank's rows "
                           "reach different teachers, whose forwards are collectives there); use one teacher, or "
                           "DDP")
-    if model_args.teacher_kind == "server" and not model_args.teacher_tokenizer_name_or_path:
-        raise ConfigError("--cross_tokenizer with --teacher_server_url needs --teacher_tokenizer_name_or_path: the "
-                          "served model's tokenizer, which renders the teacher's prompts and reads its tokens")
     if training_args.topk_renormalize:
         raise ConfigError("--topk_renormalize does not apply with --cross_tokenizer: the teacher's top-K is compared "
                           "with a tail bucket")

@@ -60,7 +60,8 @@ def main(argv: list[str] | None = None) -> None:
         models.check_lora_targets(student_ref, model_args.lora_target_modules)
     stop_ids = models.stop_token_ids(tokenizer, student_ref)
 
-    pair = teachers.cross_tokenizer_pair(model_args, tokenizer, stop_ids, teacher_ref)  # --cross_tokenizer
+    # --cross_tokenizer: each teacher's tokenizer beside the student's
+    pair = teachers.cross_tokenizer_pair(model_args, training_args, tokenizer, stop_ids, teacher_ref)
 
     pairs = list(pair.values()) if isinstance(pair, dict) else [pair] if pair else []  # one per teacher
     train_dataset, eval_dataset, data_fingerprint = data.training_datasets(

@@ -41,8 +41,6 @@ def test_what_the_cross_tokenizer_path_does_not_take_is_refused(capfd, cross_tok
     args = train_args(student, teacher, cross_tokenizer_data, tmp_path / "run", "--cross_tokenizer")[1:]
     position = args.index("--teacher_model_name_or_path")
     without_teacher = args[:position] + args[position + 2:]
-    refused(capfd, train.main, without_teacher + ["--teacher", f"a={teacher}", "--teacher", "b=http://127.0.0.1:9"],
-            "a served one among them", "not supported yet")
     refused(capfd, train.main, without_teacher + ["--teacher", f"a={teacher}", "--teacher", f"b={teacher}",
                                                   "--teacher_tokenizer_name_or_path", str(teacher)],
             "each reads its own")
@@ -50,8 +48,6 @@ def test_what_the_cross_tokenizer_path_does_not_take_is_refused(capfd, cross_tok
     (tmp_path / "cache" / "cache.json").write_text(json.dumps({"format": "gkd-teacher-cache-1"}))
     refused(capfd, train.main, without_teacher + ["--teacher_logits_path", str(tmp_path / "cache"), "--lmbda", "0"],
             "holds the teacher's answers in the student's tokens", "gkd-cache-teacher --cross_tokenizer")
-    refused(capfd, train.main, without_teacher + ["--teacher_server_url", "http://127.0.0.1:9", "--teacher_top_k", "4"],
-            "needs --teacher_tokenizer_name_or_path")
     refused(capfd, train.main, args + ["--teacher_tokenizer_name_or_path", str(student)],
             "a live teacher (--teacher_model_name_or_path) reads its own")
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # what `accelerate launch` with a DeepSpeed config sets
@@ -179,21 +175,33 @@ def test_a_cache_in_the_teachers_tokens_gives_the_live_teachers_losses(capfd, cr
             "the teacher's tokenizer (teacher_tokenizer/) is missing", "--teacher_tokenizer_name_or_path")
 
 
-def test_two_teachers_of_two_families_each_teach_their_own_records(cross_tokenizer_models, cross_tokenizer_data,
-                                                                    tmp_path):
+def routed_args(models, data, out, digits_source, tmp_path) -> list[str]:
+    """Two teachers across tokenizers: records alternate between "digits" (the teacher of the other tokenizer, from
+    `digits_source`) and "packs" (the student's own weights and tokenizer)."""
+    student, _ = models
+    records = [json.loads(line) for line in data.read_text().splitlines()]
+    routed = tmp_path / "routed.jsonl"
+    routed.write_text("".join(json.dumps({**record, "teacher": "digits" if number % 2 else "packs"}) + "\n"
+                              for number, record in enumerate(records)))
+    args = cross_args(models, routed, out, *MIXED)
+    position = args.index("--teacher_model_name_or_path")
+    args[position:position + 2] = ["--teacher", f"digits={digits_source}", "--teacher", f"packs={student}"]
+    return args
+
+
+@pytest.fixture(scope="module")
+def two_families_run(cross_tokenizer_models, cross_tokenizer_data, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("two_families")
+    result = run_cli(routed_args(cross_tokenizer_models, cross_tokenizer_data, folder / "run",
+                                 cross_tokenizer_models[1], folder))
+    return result, folder / "run"
+
+
+def test_two_teachers_of_two_families_each_teach_their_own_records(two_families_run):
     """--cross_tokenizer with --teacher NAME=SOURCE: records naming "digits" are rendered for and scored by the
     teacher of the other tokenizer, those naming "packs" by the student's own weights (its tokenizer, through the same
     byte path), which must find no divergence on the dataset's responses; each logs its own alignment and loss."""
-    student, teacher = cross_tokenizer_models
-    records = [json.loads(line) for line in cross_tokenizer_data.read_text().splitlines()]
-    data = tmp_path / "routed.jsonl"
-    data.write_text("".join(json.dumps({**record, "teacher": "digits" if number % 2 else "packs"}) + "\n"
-                            for number, record in enumerate(records)))
-    out = tmp_path / "run"
-    args = cross_args(cross_tokenizer_models, data, out, *MIXED)
-    position = args.index("--teacher_model_name_or_path")
-    args[position:position + 2] = ["--teacher", f"digits={teacher}", "--teacher", f"packs={student}"]
-    result = run_cli(args)
+    result, out = two_families_run
     assert_ok(result)
     assert result.stderr.count("have a byte-identical teacher token") == 2
     first, second = metrics(out)
@@ -202,6 +210,24 @@ def test_two_teachers_of_two_families_each_teach_their_own_records(cross_tokeniz
     assert first["kd_loss/digits"] > 0.1 and 0 < first["aligned_byte_share/digits"] < 1
     for step in (first, second):
         assert step["kd_tokens/packs"] > 0 and step["kd_tokens/digits"] > 0
+
+
+def test_a_served_teacher_among_several_reads_the_tokenizer_its_server_names(cross_tokenizer_models,
+                                                                            cross_tokenizer_data, two_families_run,
+                                                                            tmp_path):
+    """The "digits" teacher served over HTTP, no tokenizer option: its tokenizer is the model the server reports
+    (`root` of /v1/models), and the run's losses are the live teachers' run's."""
+    process, url = start_server(cross_tokenizer_models[1], "--max_logprobs", "5")
+    try:
+        out = tmp_path / "run"
+        assert_ok(run_cli(routed_args(cross_tokenizer_models, cross_tokenizer_data, out, url, tmp_path)))
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    for served, live in zip(metrics(out), metrics(two_families_run[1])):
+        for key in ("kd_loss/digits", "kd_loss/packs"):
+            assert served[key] == pytest.approx(live[key], rel=1e-3, abs=1e-6)
+        assert served["aligned_byte_share/digits"] == live["aligned_byte_share/digits"]
 
 
 def test_the_teacher_writes_completions_in_its_tokens_for_the_student(cross_tokenizer_models, cross_tokenizer_data,

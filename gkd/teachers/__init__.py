@@ -49,7 +49,7 @@ def check_teacher(model_args, training_args, student_tokenizer, student_ref):
     return None
 
 
-def cross_tokenizer_pair(model_args, student_tokenizer, student_stop_ids: list[int], teacher_ref):
+def cross_tokenizer_pair(model_args, training_args, student_tokenizer, student_stop_ids: list[int], teacher_ref):
     """With --cross_tokenizer, the two tokenizers read as bytes once (`alignment.VocabularyPair`), how much of the
     student's vocabulary the teacher writes byte for byte said at start; None without it. Several teachers: a pair
     for each, by name (`teacher_ref` is then `check_teacher`'s refs by name)."""
@@ -63,14 +63,28 @@ def cross_tokenizer_pair(model_args, student_tokenizer, student_stop_ids: list[i
         pairs = {}
         for spec in model_args.teacher_specs:
             with named_teacher(spec.name):
-                pairs[spec.name] = cross_tokenizer_pair(model_args.for_teacher(spec), student_tokenizer,
-                                                        student_stop_ids, (teacher_ref or {}).get(spec.name))
+                pairs[spec.name] = cross_tokenizer_pair(model_args.for_teacher(spec), training_args,
+                                                        student_tokenizer, student_stop_ids,
+                                                        (teacher_ref or {}).get(spec.name))
         return pairs
 
-    if teacher_ref is None and model_args.teacher_tokenizer_name_or_path:  # a server's (required there) or a cache's
+    if teacher_ref is None and model_args.teacher_tokenizer_name_or_path:  # a server's or a cache's, named
         teacher_ref = models.ModelRef(model_args.teacher_tokenizer_name_or_path,
                                       trust_remote_code=model_args.trust_remote_code,
                                       flag="--teacher_tokenizer_name_or_path")
+    elif teacher_ref is None and model_args.teacher_kind == "server":  # the model the server says it serves
+        from .server import TeacherServer
+
+        server = TeacherServer(model_args.teacher_server_url, training_args.teacher_server_timeout,
+                               training_args.teacher_server_retries)
+        server.describe()
+        teacher_ref = models.ModelRef(server.root, trust_remote_code=model_args.trust_remote_code,
+                                      flag=f"the model {server.url} serves (`root` of /v1/models):")
+        try:
+            models.load_tokenizer(teacher_ref)
+        except models.ModelError as error:
+            raise models.ModelError(f"{error}; name its tokenizer with --teacher_tokenizer_name_or_path (one "
+                                    "teacher), or serve it under a Hub id or a path this machine has too") from None
     elif teacher_ref is None:  # a cache in the teacher's tokens keeps that tokenizer
         from .cache import teacher_tokenizer_folder
 
