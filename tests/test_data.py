@@ -577,7 +577,8 @@ def test_the_training_pipeline_encodes_once_and_reuses_the_cache(tmp_path, token
     options = EncodeOptions(max_length=64, max_new_tokens=16, stop_token_ids=(tokenizer.eos_token_id,))
     first, stats, key = prepare_dataset(DataSource(str(data)), tokenizer, options, cache_root=tmp_path / "cache")
     assert (stats.num_records, stats.num_samples, stats.num_prompt_only, stats.num_text) == (3, 3, 1, 1)
-    assert first.column_names == ["prompt_ids", "completion_ids", "is_text", "truncated", "teacher", "source", "index"]
+    assert first.column_names == ["prompt_ids", "completion_ids", "is_text", "truncated", "stop_text", "teacher", "source",
+                                  "index"]
     assert first["index"] == [0, 1, 2]
     again, _, same_key = prepare_dataset(DataSource(str(data)), tokenizer, options, cache_root=tmp_path / "cache")
     assert same_key == key and again["prompt_ids"] == first["prompt_ids"]
@@ -796,3 +797,15 @@ def test_records_name_their_teacher_in_every_format_and_are_routed_by_index(tmp_
 def test_a_teacher_field_must_be_a_name(tmp_path):
     with pytest.raises(DataError, match="field 'teacher': expected the name of a --teacher, got a number"):
         load_one(tmp_path, {**GOOD, "teacher": 3})
+
+
+def test_a_reply_that_writes_the_end_of_turn_token_is_counted_not_silently_cut(tokenizer):
+    """The template renders "<|im_end|>" in a reply as the token itself: the completion ends there. The count says so
+    (the training run warns, naming the first such record)."""
+    stop = tokenizer.convert_tokens_to_ids(IM_END)
+    written = conversation([QUESTION], f"Here: {IM_END} and the rest.")
+    (cut, plain), stats = encode([written, conversation([QUESTION])], tokenizer, stop_token_ids=[stop])
+    assert stats.num_stop_text == 1 and "1 replies cut where their text writes an end-of-turn token" in \
+        stats.describe("d", 256)
+    assert tokenizer.decode(cut["completion_ids"]) == f"Here: {IM_END}"
+    assert tokenizer.decode(plain["completion_ids"]).endswith(IM_END)

@@ -20,7 +20,9 @@ from jinja2 import TemplateError
 from ..errors import ConfigError, DataError, ModelError
 from .records import Conversation
 
-ENCODED_COLUMNS = ("prompt_ids", "completion_ids", "is_text", "truncated")
+# `stop_text`: the reply writes the text of an end-of-turn token ("<|im_end|>"), which the template's rendering turns
+# into that token, so the completion ends there (counted and said, not silently cut).
+ENCODED_COLUMNS = ("prompt_ids", "completion_ids", "is_text", "truncated", "stop_text")
 # Carried from each sample's record: its teacher's name (routed to a `--teacher` when a run starts) and where it came
 # from (to name the record in a routing error).
 RECORD_COLUMNS = ("teacher", "source")
@@ -50,11 +52,14 @@ class EncodeStats:
     num_prompt_only: int
     num_truncated: int  # samples cut in any way: prompt turns dropped or shortened, completion shortened
     num_text: int  # samples from plain-text records
+    num_stop_text: int = 0  # replies cut where their text writes an end-of-turn token
 
     def describe(self, name: str, max_length: int) -> str:
         text = f", {self.num_text} plain-text windows" if self.num_text else ""
+        stop_text = f", {self.num_stop_text} replies cut where their text writes an end-of-turn token" \
+            if self.num_stop_text else ""
         return (f"{name}: {self.num_records} records -> {self.num_samples} samples ({self.num_prompt_only} "
-                f"prompt-only{text}), {self.num_truncated} cut to fit max_length={max_length}")
+                f"prompt-only{text}), {self.num_truncated} cut to fit max_length={max_length}{stop_text}")
 
 
 def encode_rows(rows: dict[str, list], tokenizer, options: EncodeOptions, role: str = "student") -> dict[str, list]:
@@ -80,7 +85,7 @@ def encode_rows(rows: dict[str, list], tokenizer, options: EncodeOptions, role: 
     teachers = rows.get("teacher") or [None] * size
     for i in range(size):
         if i in texts:
-            samples = _text_windows(ids[("text", i)], options.max_length)
+            samples = [{**window, "stop_text": False} for window in _text_windows(ids[("text", i)], options.max_length)]
         else:
             completion = rows["completion"][i]
             samples = [chat.sample(rows["prompt"][i], completion, prompts[i], ids[("prompt", i)], fulls.get(i),
@@ -113,6 +118,7 @@ def stats_of(num_records: int, encoded: dict[str, list]) -> EncodeStats:
         num_prompt_only=sum(not ids for ids in encoded["completion_ids"]),
         num_truncated=sum(encoded["truncated"]),
         num_text=sum(encoded["is_text"]),
+        num_stop_text=sum(encoded["stop_text"]),
     )
 
 
@@ -157,7 +163,13 @@ class ChatEncoder:
                                                   source)
         room = options.max_length - len(prompt_ids)
         return {"prompt_ids": prompt_ids, "completion_ids": completion_ids[:room], "is_text": False,
-                "truncated": bool(prompt_cut or len(completion_ids) > room)}
+                "truncated": bool(prompt_cut or len(completion_ids) > room),
+                "stop_text": completion is not None and any(text in completion for text in
+                                                            self._stop_texts(options.stop_token_ids))}
+
+    def _stop_texts(self, stop_ids) -> list[str]:
+        """How each end-of-turn token is written as text ("<|im_end|>"), for a reply that writes one."""
+        return [text for text in self.tokenizer.convert_ids_to_tokens(list(stop_ids)) if text]
 
     def _completion_ids(self, completion, prompt_text, prompt_ids, full_text, full_ids, stop_ids) -> list[int]:
         """The assistant turn's tokens as the template writes them, cut right after the first stop token."""

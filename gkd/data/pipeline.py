@@ -140,6 +140,7 @@ def _encoded_features():
         "completion_ids": datasets.Sequence(datasets.Value("int32")),
         "is_text": datasets.Value("bool"),
         "truncated": datasets.Value("bool"),
+        "stop_text": datasets.Value("bool"),
         "teacher": datasets.Value("string"),
         "source": datasets.Value("string"),
     })
@@ -155,6 +156,7 @@ def _column_counts(encoded) -> dict:
         "num_prompt_only": int(compute.sum(compute.equal(lengths, 0)).as_py() or 0),
         "num_truncated": int(compute.sum(table.column("truncated").cast("int64")).as_py() or 0),
         "num_text": int(compute.sum(table.column("is_text").cast("int64")).as_py() or 0),
+        "num_stop_text": int(compute.sum(table.column("stop_text").cast("int64")).as_py() or 0),
     }
 
 
@@ -180,6 +182,11 @@ def training_datasets(script_args, training_args, tokenizer, stop_token_ids: lis
         eval_source = _eval_source(script_args, training_args)
         evaluation = prepare_dataset(eval_source, tokenizer, options, **kwargs)[0] if eval_source else None
     logger.info(stats.describe(script_args.dataset_name, training_args.max_length))
+    if stats.num_stop_text:
+        first = train.with_format("arrow")["stop_text"].to_pylist().index(True)
+        logger.warning("%s: %d replies write the text of an end-of-turn token (first: %s), which the chat template "
+                       "turns into that token: each is trained only up to it; edit those replies to keep the rest",
+                       script_args.dataset_name, stats.num_stop_text, train[first]["source"])
     train = route_teachers(train, teacher_names, default_teacher, script_args.dataset_name)
     if evaluation is not None:
         evaluation = route_teachers(evaluation, teacher_names, default_teacher,
