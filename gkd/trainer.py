@@ -365,6 +365,19 @@ class GKDTrainer(Trainer):
         with complete_checkpoint(self, trial):  # a marker written last says the checkpoint is whole
             super()._save_checkpoint(model, trial)
 
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        """Then the rate of the step to come from this run's schedule: the optimizer's state holds the checkpoint's
+        last rate, which for a run resumed with a larger --max_steps is the old schedule's end (0 for a cosine), and
+        the first new step would train at it. With the same --max_steps the rate is the one restored."""
+        super()._load_optimizer_and_scheduler(checkpoint)
+        scheduler = getattr(self.lr_scheduler, "scheduler", self.lr_scheduler)  # accelerate's wrapper, or none
+        if checkpoint is None or not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+            return
+        rates = [base * rate(scheduler.last_epoch) for base, rate in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+        for group, learning_rate in zip(scheduler.optimizer.param_groups, rates):
+            group["lr"] = learning_rate
+        scheduler._last_lr = rates
+
     def _issue_warnings_after_load(self, load_result) -> None:
         """Trainer warns on resume of a model with tied embeddings that `lm_head.weight` is missing from the
         checkpoint, which holds it once, as the embedding: say nothing when only such identical weights are missing."""

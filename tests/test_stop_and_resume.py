@@ -240,6 +240,9 @@ def test_resume_last_skips_checkpoints_whose_save_was_cut_short(tiny_models, cha
     # The resumed run logs steps 4-6 again; metrics.jsonl drops the first run's lines after step 3, so it reads as one.
     assert [m["step"] for m in logged] == [1, 2, 3, 4, 5, 6]
     assert logged[3]["loss"] == pytest.approx(first_run[4]["loss"], rel=RESUME_RTOL)
+    # The linear schedule of 6 steps from step 4 on (3/6 of the rate), not the checkpoint's rate of a 4-step run (1/4)
+    assert logged[3]["learning_rate"] == pytest.approx(first_run[1]["learning_rate"] * 3 / 6)
+    assert logged[4]["learning_rate"] == pytest.approx(first_run[1]["learning_rate"] * 2 / 6)
     # Steps 4 and 5 were saved again over the broken folders, complete this time; rotation kept the newest three.
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-5", "checkpoint-6"]
     assert all(checkpoint_problem(folder) is None for folder in out.glob("checkpoint-*"))
