@@ -303,3 +303,48 @@ def test_several_prefetched_teachers_are_asked_at_once_and_sample_their_own_rows
     alone, alone_mask = served_teacher(server_url, TOP_K).sample(request)
     for row in range(4):
         assert ids[row][mask[row].bool()].tolist() == alone[row][alone_mask[row].bool()].tolist()
+
+
+def test_a_request_whose_client_left_while_it_waited_is_dropped_not_computed(tiny_models, caplog):
+    """The shipped server holds one lock around its model; a client that timed out and closed its connection while
+    its request waited (it will ask again) must not cost a forward: retries would pile up behind the lock."""
+    import http.client
+    import json
+    import logging
+    import socket
+    import time
+
+    from gkd.tools.teacher_server import connection_closed
+
+    served = ServedModel(ServeConfig(model_name_or_path=str(tiny_models[1]), port=0))
+    forwards = []
+    served.model.register_forward_pre_hook(lambda module, args: forwards.append(1))
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(served))
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    host, port = httpd.server_address
+    body = json.dumps({"prompt": [1, 2, 3], "max_tokens": 1, "prompt_logprobs": 2})
+    try:
+        with caplog.at_level(logging.INFO, logger="gkd.tools.teacher_server"):
+            with served.lock:  # the model is busy: the request waits, and its client gives up
+                gone = socket.create_connection((host, port))
+                gone.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n"
+                             f"{body}".encode())
+                gone.close()
+            deadline = time.monotonic() + 30
+            while "request dropped" not in caplog.text and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert "request dropped" in caplog.text and not forwards
+            staying = http.client.HTTPConnection(host, port, timeout=30)
+            staying.request("POST", "/v1/completions", body)
+            assert staying.getresponse().status == 200 and forwards
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    left, right = socket.socketpair()
+    assert not connection_closed(left)  # open and idle
+    right.sendall(b"GET")
+    assert not connection_closed(left)  # its next request (keep-alive)
+    right.close()
+    left.recv(3)
+    assert connection_closed(left)
+    left.close()

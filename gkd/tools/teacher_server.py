@@ -15,7 +15,9 @@ Endpoints, with vLLM's request and response shapes (gkd/teachers/server.py is th
   sampled with when a completion names it as `model` (gkd/rollouts.py is the client). As vLLM: 200 with a plain-text
   body; a name already loaded 400, a rank above `--max_lora_rank` 500, an unknown name 404; without `--enable_lora`
   both routes are FastAPI's 404 `{"detail": "Not Found"}`.
-Requests are served one at a time (a lock around the model); each request's prompts run as one padded batch.
+Requests are served one at a time (a lock around the model); each request's prompts run as one padded batch. A
+request whose client has closed its connection by its turn (it timed out and will ask again) is dropped, not computed:
+retries do not pile up behind the lock.
 """
 
 import json
@@ -63,6 +65,10 @@ class ServeConfig:
             raise ConfigError(f"--max_lora_rank must be at least 1, got {self.max_lora_rank}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ConfigError(f"--max_model_len must be at least 2, got {self.max_model_len}")
+
+
+class ClientGone(Exception):
+    """The client closed its connection while its request waited: nobody will read the answer."""
 
 
 class RequestError(Exception):
@@ -140,7 +146,8 @@ class Teacher:
                 self.model = self.model.unload()
         return f"Success: LoRA adapter '{name}' removed successfully."
 
-    def complete(self, body: dict) -> dict:
+    def complete(self, body: dict, client_gone=lambda: False) -> dict:
+        """A /v1/completions answer; `client_gone()` is asked once the request has the model, before it runs."""
         prompts = self._prompts(body)
         max_tokens = _int(body, "max_tokens", 16)
         prompt_logprobs = body.get("prompt_logprobs")
@@ -163,6 +170,8 @@ class Teacher:
                 raise RequestError(400, f"This model's maximum context length is {self.max_model_len} tokens; the "
                                         f"request has {len(prompt)} prompt tokens and asks for {max_tokens} more.")
         with self.lock, torch.no_grad(), self._with_adapter(adapter):
+            if client_gone():
+                raise ClientGone
             if prompt_logprobs is not None:
                 scored, last_logits = zip(*(self._prompt_logprobs(p, prompt_logprobs) for p in prompts))
             else:
@@ -300,11 +309,17 @@ def make_handler(teacher: Teacher):
                 if path in adapters:
                     self._send_text(200, adapters[path](body))
                 else:
-                    self._send(200, teacher.complete(body))
+                    self._send(200, teacher.complete(body, self._client_gone))
+            except ClientGone:
+                logger.info("%s closed its connection before its turn: request dropped", self.address_string())
+                self.close_connection = True
             except RequestError as error:
                 self._send(error.status, _error(error.status, str(error), error.kind))
             except ValueError as error:
                 self._send(400, _error(400, f"invalid JSON: {error}"))
+
+        def _client_gone(self) -> bool:
+            return connection_closed(self.connection)
 
         def _send(self, status: int, payload: dict):
             data = json.dumps(payload).encode()
@@ -326,6 +341,23 @@ def make_handler(teacher: Teacher):
             logger.debug("%s %s", self.address_string(), format % args)
 
     return Handler
+
+
+def connection_closed(connection) -> bool:
+    """Whether the peer has closed `connection` (a socket): readable with nothing to read. A client that sent its
+    next request on the same connection (keep-alive) is still there."""
+    import select
+    import socket
+
+    readable, _, _ = select.select([connection], [], [], 0)
+    if not readable:
+        return False
+    try:
+        return connection.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except OSError:  # reset by the peer
+        return True
 
 
 def _error(status: int, message: str, kind: str = "BadRequestError") -> dict:
