@@ -163,7 +163,8 @@ def _check_yaml_value(path: Path, key: str, value, action) -> None:
     if isinstance(value, list) and not listed:
         raise ConfigError(f"--config {path}: '{key}' expects one value, got a list")
     if listed and not isinstance(value, list) and value is not None:
-        raise ConfigError(f"--config {path}: '{key}' expects a list, e.g. [{value}]")
+        example = [f"{name}={source}" for name, source in value.items()] if isinstance(value, dict) else [value]
+        raise ConfigError(f"--config {path}: '{key}' expects a list, e.g. {example}")
     for item in values:
         if item is None or isinstance(item, str):
             continue  # argparse converts strings (and reports bad ones); None keeps the default

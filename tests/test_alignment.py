@@ -242,3 +242,15 @@ def test_the_teachers_sequence_stays_within_max_length(tokenizers, tmp_path):
     assert 0 < len(plan.chunks) < len(whole.chunks)
     assert plan.teacher_ids[-1] != pair.teacher_stop_for(end)  # cut text: no end of turn compared
     assert plan.chunks[-1].teacher_end <= len(plan.teacher_ids)
+
+
+def test_a_window_whose_completions_the_teacher_can_compare_none_of_is_said(tokenizers, tmp_path, caplog):
+    """Every completion starts with a character the teacher has no token for: nothing trains, and the run says so
+    (once) instead of logging loss 0 in silence."""
+    import logging
+
+    teacher_tokenizer = _sentencepiece_tokenizer(tmp_path, byte_fallback=False)  # an emoji is <unk>
+    with caplog.at_level(logging.WARNING, logger="gkd"):
+        stats = _fetched_alignment(tokenizers["packs"], tmp_path / "model", teacher_tokenizer, ["🙂 first", "🙂 again"])
+    assert stats["aligned_completions"] == 0
+    assert "none of 2 completions could be given to the teacher" in caplog.text

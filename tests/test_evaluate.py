@@ -235,3 +235,16 @@ def test_text_level_metrics_with_one_tokenizer_are_the_per_token_ones(tiny_model
         for key in ("teacher_tokens", "response_tokens", "answer_hits"):
             assert by_text["per_prompt"][name][key] == per_token["per_prompt"][name][key], key
     assert by_text["models"]["student"]["teacher_nll"] > by_text["models"]["teacher"]["teacher_nll"]
+
+
+def test_several_teachers_of_two_tokenizers_are_refused_naming_the_teachers(capfd, cross_tokenizer_models,
+                                                                            cross_tokenizer_data, tmp_path):
+    from helpers import refused
+
+    from gkd.tools import evaluate
+
+    student, teacher = cross_tokenizer_models
+    args = ["--student", str(student), "--teacher", f"packs={student}", "--teacher", f"digits={teacher}",
+            "--default_teacher", "packs", "--dataset_name", str(cross_tokenizer_data), "--output_dir",
+            str(tmp_path / "eval")]
+    refused(capfd, evaluate.main, args, "--teacher digits", "its tokenizer differs from --teacher packs's")

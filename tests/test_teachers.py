@@ -348,3 +348,19 @@ def test_a_request_whose_client_left_while_it_waited_is_dropped_not_computed(tin
     left.recv(3)
     assert connection_closed(left)
     left.close()
+
+
+def test_a_served_model_named_by_a_relative_path_is_not_guessed(tmp_path, monkeypatch):
+    """vLLM reports the model as it was given: "model" on the server's machine need not be ./model here."""
+    from types import SimpleNamespace
+
+    from gkd.errors import ModelError
+    from gkd.teachers.server import served_model_ref
+
+    (tmp_path / "model").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ModelError, match="'model', a relative path.*--teacher_tokenizer_name_or_path"):
+        served_model_ref(SimpleNamespace(root="model", url="http://h:8000"), False)
+    assert served_model_ref(SimpleNamespace(root=str(tmp_path / "model"), url="http://h:8000"), False).name == \
+        str(tmp_path / "model")
+    assert served_model_ref(SimpleNamespace(root="Org/served", url="http://h:8000"), False).name == "Org/served"

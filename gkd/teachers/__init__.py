@@ -73,13 +73,12 @@ def cross_tokenizer_pair(model_args, training_args, student_tokenizer, student_s
                                       trust_remote_code=model_args.trust_remote_code,
                                       flag="--teacher_tokenizer_name_or_path")
     elif teacher_ref is None and model_args.teacher_kind == "server":  # the model the server says it serves
-        from .server import TeacherServer
+        from .server import TeacherServer, served_model_ref
 
         server = TeacherServer(model_args.teacher_server_url, training_args.teacher_server_timeout,
                                training_args.teacher_server_retries)
         server.describe()
-        teacher_ref = models.ModelRef(server.root, trust_remote_code=model_args.trust_remote_code,
-                                      flag=f"the model {server.url} serves (`root` of /v1/models):")
+        teacher_ref = served_model_ref(server, model_args.trust_remote_code)
         try:
             models.load_tokenizer(teacher_ref)
         except models.ModelError as error:

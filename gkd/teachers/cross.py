@@ -11,6 +11,7 @@ Bytes outside any character go to the teacher as its byte tokens; from the first
 write, a completion is left out of the loss (`aligned_completions` logs the share compared at all).
 """
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -189,6 +190,7 @@ class TeacherTokens:
         teacher = pair.teacher
         self.pad_id = next((i for i in (teacher.pad_token_id, teacher.eos_token_id) if i is not None), 0)
         self._stats = dict.fromkeys(("text_bytes", "one_to_one_bytes", "chunks", "completions", "aligned"), 0)
+        self._said_unaligned = False
 
     def teacher_batch(self, batch: dict) -> tuple[list[list[int]], list[RowAlignment], dict]:
         """A padded micro-batch of the student's (with `teacher_prompt_ids`): its completions, their alignments,
@@ -210,6 +212,12 @@ class TeacherTokens:
         """Since the last call: `aligned_byte_share` (completion bytes in 1:1 chunks), `chunks_per_completion`,
         `aligned_completions` (the share the teacher could be given at all); empty when no completion came."""
         stats, shares = self._stats, {}
+        if stats["completions"] and not stats["aligned"] and not self._said_unaligned:
+            self._said_unaligned = True  # once: the run's metrics show every such window (aligned_completions 0)
+            logging.getLogger("gkd").warning(
+                "--cross_tokenizer: none of %d completions could be given to the teacher (each starts with a "
+                "character it has no token for): they train nothing; aligned_completions in metrics.jsonl counts "
+                "them", stats["completions"])
         if stats["completions"]:
             shares["aligned_byte_share"] = stats["one_to_one_bytes"] / max(stats["text_bytes"], 1)
             shares["chunks_per_completion"] = stats["chunks"] / stats["completions"]

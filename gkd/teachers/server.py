@@ -329,15 +329,29 @@ def sparse_targets(rows: list[dict], top_k: int, vocab_size: int) -> SparseTarge
     return SparseTargets(ids.masked_fill(~valid, 0), log_probs, valid, actual)
 
 
+def served_model_ref(server: TeacherServer, trust_remote_code: bool):
+    """The model a server says it serves (`root` of /v1/models), as this machine names it: a Hub id or an absolute
+    path. A relative path that exists here is refused: which folder it means depends on where the server started."""
+    from ..models import ModelRef
+
+    root = Path(server.root).expanduser()
+    if not root.is_absolute() and root.exists():
+        raise ModelError(f"{server.url} serves {server.root!r}, a relative path, which need not be {root.resolve()} "
+                         "here: name the teacher's tokenizer with --teacher_tokenizer_name_or_path, or serve the model "
+                         "under an absolute path or a Hub id")
+    return ModelRef(server.root, trust_remote_code=trust_remote_code, flag=f"the served model ({server.url})")
+
+
 def check_tokenizer(server: TeacherServer, student_tokenizer, tokenizer_name: str | None, trust_remote_code: bool):
     """The served model must number tokens as the student does: load the tokenizer it names (or the one given) and
     compare the vocabularies, as for a live teacher."""
     from ..models import ModelRef, check_same_vocabulary, load_tokenizer
 
     name = tokenizer_name or server.root
-    flag = "--teacher_tokenizer_name_or_path" if tokenizer_name else f"the served model ({server.url})"
+    ref = ModelRef(name, trust_remote_code=trust_remote_code, flag="--teacher_tokenizer_name_or_path") \
+        if tokenizer_name else served_model_ref(server, trust_remote_code)
     try:
-        teacher_tokenizer = load_tokenizer(ModelRef(name, trust_remote_code=trust_remote_code, flag=flag))
+        teacher_tokenizer = load_tokenizer(ref)
     except ModelError as error:
         raise ModelError(f"{error}; pass --teacher_tokenizer_name_or_path to name the served model's "
                          "tokenizer") from None
@@ -362,6 +376,8 @@ def _served_tokenizer(server: TeacherServer, tokenizer_name: str | None, trust_r
 
     if not tokenizer_name or not server.root or server.root == tokenizer_name:
         return None
+    if not Path(server.root).expanduser().is_absolute() and Path(server.root).expanduser().exists():
+        return None  # a relative path: not necessarily the folder of that name here
     try:
         held = Path(server.root).is_dir() or isinstance(try_to_load_from_cache(server.root, "tokenizer_config.json"),
                                                          str)

@@ -453,7 +453,12 @@ def evaluate_folders(
     first = next(iter(teacher_refs.values()))
     tokenizer = models.load_tokenizer(first)
     for name, ref in list(teacher_refs.items())[1:]:
-        models.check_same_vocabulary(models.load_tokenizer(ref), tokenizer, f"teacher {name} ({ref.name})")
+        try:
+            models.check_same_vocabulary(models.load_tokenizer(ref), tokenizer, ref.name)
+        except GKDError:
+            raise ConfigError(f"--teacher {name} ({ref.name}): its tokenizer differs from --teacher "
+                              f"{next(iter(teacher_refs))}'s; several teachers are scored on one tokenizer here: "
+                              "evaluate against each family in its own gkd-eval run") from None
     student_refs = {name: _student_ref(name, path) for name, path in student_paths.items()}
     student_tokenizers = {name: models.load_tokenizer(ref) for name, ref in student_refs.items()}
     # Prompts are tokenized once, by the teacher, and distributions compared token by token: only where every student

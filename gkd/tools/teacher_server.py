@@ -26,6 +26,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import torch
 
@@ -88,7 +89,9 @@ class Teacher:
         self.tokenizer = models.load_tokenizer(ref)
         self.model = models.load_frozen(ref, config.dtype)
         self.name = config.served_model_name or config.model_name_or_path
-        self.root = config.model_name_or_path
+        local = Path(config.model_name_or_path).expanduser()
+        # an absolute path, as a client on another working directory must read it (vLLM reports what it was given)
+        self.root = str(local.resolve()) if local.is_dir() else config.model_name_or_path
         self.max_logprobs = config.max_logprobs
         self.max_model_len = config.max_model_len or self.model.config.get_text_config().max_position_embeddings
         self.lock = threading.Lock()
