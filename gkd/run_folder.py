@@ -309,6 +309,11 @@ def _check_same_teachers(recorded: dict, model_args, flag: str) -> None:
         return
     was = {teacher["name"]: teacher for teacher in recorded["teachers"]}
     now = {teacher["name"]: teacher for teacher in teacher_identities(model_args)}
+    default = recorded.get("model_args", {}).get("default_teacher")
+    if was == now and now and "model_args" in recorded and default != model_args.default_teacher:
+        raise ConfigError(f"{flag} was trained with --default_teacher {default}; this run gives "
+                          f"{model_args.default_teacher}: the records that name no teacher would learn from another; "
+                          "resume it with the same --default_teacher")
     if was == now:
         return
     if not was or not now:

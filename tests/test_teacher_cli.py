@@ -474,6 +474,9 @@ def test_several_teachers_each_teach_their_own_records_and_a_resume_keeps_them(
     swapped = named_teachers(train_args(student, teacher, routed_data, out, "--default_teacher", "chat", *resume),
                              f"math={second_teacher}", f"chat={second_teacher}")[1:]
     refused(capfd, train.main, swapped, "was trained with --teacher math source", str(teacher))
+    rerouted = args[1:args.index("--max_steps")] + args[args.index("--max_steps") + 2:] + resume
+    rerouted[rerouted.index("--default_teacher") + 1] = "math"
+    refused(capfd, train.main, rerouted, "was trained with --default_teacher chat; this run gives math")
     refused(capfd, train.main, without_live_teacher(train_args(student, teacher, routed_data, out, *resume))[1:]
             + ["--teacher", f"math={teacher}"], "this run is without --teacher chat")
     assert_ok(run_cli(args[:args.index("--max_steps")] + args[args.index("--max_steps") + 2:] + resume))
