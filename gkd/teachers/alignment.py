@@ -54,7 +54,7 @@ def byte_scheme(tokenizer, name: str) -> str:
     if {"Metaspace", "ByteFallback", "Replace"} & set(decoders):
         return "sentencepiece"
     raise ModelError(f"{name}: cannot read its tokens as bytes (decoder {' + '.join(filter(None, decoders)) or 'none'})"
-                     "; --cross_tokenizer needs a byte-level BPE or a SentencePiece tokenizer")
+                     "; text passes between two tokenizers only for byte-level BPE and SentencePiece ones")
 
 
 def token_bytes(tokenizer, name: str) -> list[bytes | None]:
