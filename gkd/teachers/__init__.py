@@ -68,6 +68,7 @@ def cross_tokenizer_pair(model_args, training_args, student_tokenizer, student_s
                                                         (teacher_ref or {}).get(spec.name))
         return pairs
 
+    teacher_tokenizer = None
     if teacher_ref is None and model_args.teacher_tokenizer_name_or_path:  # a server's or a cache's, named
         teacher_ref = models.ModelRef(model_args.teacher_tokenizer_name_or_path,
                                       trust_remote_code=model_args.trust_remote_code,
@@ -80,7 +81,7 @@ def cross_tokenizer_pair(model_args, training_args, student_tokenizer, student_s
         server.describe()
         teacher_ref = served_model_ref(server, model_args.trust_remote_code)
         try:
-            models.load_tokenizer(teacher_ref)
+            teacher_tokenizer = models.load_tokenizer(teacher_ref)
         except models.ModelError as error:
             raise models.ModelError(f"{error}; name its tokenizer with --teacher_tokenizer_name_or_path (one "
                                     "teacher), or serve it under a Hub id or a path this machine has too") from None
@@ -89,18 +90,18 @@ def cross_tokenizer_pair(model_args, training_args, student_tokenizer, student_s
 
         teacher_ref = models.ModelRef(str(teacher_tokenizer_folder(model_args.teacher_logits_path)),
                                       trust_remote_code=model_args.trust_remote_code, flag="--teacher_logits_path")
-    return vocabulary_pair(student_tokenizer, student_stop_ids, teacher_ref)
+    return vocabulary_pair(student_tokenizer, student_stop_ids, teacher_ref, teacher_tokenizer)
 
 
-def vocabulary_pair(student_tokenizer, student_stop_ids: list[int], teacher_ref):
-    """The teacher's tokenizer (`teacher_ref`) and the student's read as bytes (`alignment.VocabularyPair`); a
-    teacher without a chat template refused, since its prompts are rendered with it."""
+def vocabulary_pair(student_tokenizer, student_stop_ids: list[int], teacher_ref, teacher_tokenizer=None):
+    """The teacher's tokenizer (`teacher_ref`'s, unless loaded already) and the student's read as bytes
+    (`alignment.VocabularyPair`); a teacher without a chat template refused, since its prompts are rendered with it."""
     import logging
 
     from .. import models
     from .alignment import VocabularyPair
 
-    teacher_tokenizer = models.load_tokenizer(teacher_ref)
+    teacher_tokenizer = teacher_tokenizer or models.load_tokenizer(teacher_ref)
     if not getattr(teacher_tokenizer, "chat_template", None):
         from ..errors import ModelError
 

@@ -151,6 +151,15 @@ def utf8_runs(data: bytes) -> list[tuple[bytes, bool]]:
     return runs
 
 
+def byte_token_ids(table: list[bytes | None]) -> dict[int, int]:
+    """byte -> the first id of a tokenizer's byte table (`token_bytes`) that stands for that one byte alone."""
+    ids: dict[int, int] = {}
+    for index, piece in enumerate(table):
+        if piece is not None and len(piece) == 1:
+            ids.setdefault(piece[0], index)
+    return ids
+
+
 class VocabularyPair:
     """Student and teacher tokenizers, read once: both byte tables, each student id's group (the teacher id it is
     counted under, -1 for none), and the end-of-turn tokens paired across the two, which stand for no bytes."""
@@ -195,11 +204,8 @@ class VocabularyPair:
             if 0 <= student_stop < len(group) and group[student_stop] < 0 and end_of_turn is not None:
                 group[student_stop] = end_of_turn
         self.student_group = torch.tensor(group, dtype=torch.long)
-        self.teacher_byte_ids = {piece[0]: index for piece, index in teacher_by_bytes.items() if len(piece) == 1}
-        self.student_byte_ids = {}
-        for index, piece in enumerate(self.student_bytes):
-            if piece is not None and len(piece) == 1:
-                self.student_byte_ids.setdefault(piece[0], index)
+        self.teacher_byte_ids = byte_token_ids(self.teacher_bytes)
+        self.student_byte_ids = byte_token_ids(self.student_bytes)
         self.text_tokens = sum(piece is not None and len(piece) > 0 for piece in self.student_bytes)
         self.exact_share = exact / max(self.text_tokens, 1)
 
@@ -232,27 +238,24 @@ class VocabularyPair:
         return [self.teacher_bytes[index] or b"" if index < len(self.teacher_bytes) else b"" for index in ids]
 
 
-def byte_token_ids(table: list[bytes | None]) -> dict[int, int]:
-    """byte -> the first id of a tokenizer's byte table (`token_bytes`) that stands for that one byte alone."""
-    ids: dict[int, int] = {}
-    for index, piece in enumerate(table):
-        if piece is not None and len(piece) == 1:
-            ids.setdefault(piece[0], index)
-    return ids
-
-
-def tokenize_bytes(tokenizer, byte_ids: dict[int, int], data: bytes) -> tuple[list[int], bool]:
-    """`data` in `tokenizer`'s tokens, as a cross-tokenizer teacher is given a completion: text run by run (the text
-    of a special token taken as text), bytes outside any character as the tokenizer's byte tokens (`byte_ids`, from
-    `byte_token_ids`). Returns the ids and whether they cover all of `data` (False: they stop before the first byte
-    the tokenizer has no token for)."""
-    ids: list[int] = []
-    for run, is_text in utf8_runs(data):
-        if is_text:
-            ids.extend(tokenizer(run.decode(), add_special_tokens=False, split_special_tokens=True)["input_ids"])
-            continue
-        for byte in run:
-            if byte not in byte_ids:
-                return ids, False
-            ids.append(byte_ids[byte])
-    return ids, True
+def tokenize_bytes(tokenizer, byte_ids: dict[int, int], datas: list[bytes]) -> list[tuple[list[int], bool]]:
+    """Each of `datas` in `tokenizer`'s tokens, as a cross-tokenizer teacher is given a completion: text run by run
+    (one batched call; the text of a special token taken as text), bytes outside any character as the tokenizer's
+    byte tokens (`byte_ids`, from `byte_token_ids`). For each, the ids and whether they cover all of it (False: they
+    stop before the first byte the tokenizer has no token for)."""
+    runs = [utf8_runs(data) for data in datas]
+    texts = [run.decode() for row in runs for run, is_text in row if is_text]
+    tokenized = iter(tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+                     if texts else [])
+    results = []
+    for row in runs:
+        pieces = [next(tokenized) if is_text else [byte_ids.get(byte) for byte in run] for run, is_text in row]
+        ids, whole = [], True
+        for piece in pieces:
+            if None in piece:  # a byte without a token: the ids end before it
+                ids.extend(piece[:piece.index(None)])
+                whole = False
+                break
+            ids.extend(piece)
+        results.append((ids, whole))
+    return results

@@ -19,7 +19,7 @@ import torch
 from ..batching import pad_batch
 from ..cross_tokenizer_loss import AlignedTeacher
 from ..losses import SparseTeacher
-from .alignment import Chunk, VocabularyPair, align, utf8_runs
+from .alignment import Chunk, VocabularyPair, align, tokenize_bytes, utf8_runs
 from .base import CompletionPositions, SampleRequest, Teacher
 from .server import completion_tensors
 from .targets import SparseTargets, completion_rows
@@ -82,22 +82,11 @@ class CrossTokenizerTeacher(Teacher):
             ids = [token for token, kept in zip(ids, mask) if kept]
             stopped = bool(ids) and ids[-1] in stops
             rows.append((stopped, b"".join(pair.teacher_pieces(ids[:-1] if stopped else ids))))
-        runs = [utf8_runs(data) for _, data in rows]
-        texts = [run.decode() for row in runs for run, is_text in row if is_text]
-        tokenized = iter(pair.student(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
-                         if texts else [])
+        written = tokenize_bytes(pair.student, pair.student_byte_ids, [data for _, data in rows])
         limit = request.sampling.max_new_tokens
         completions = []
-        for (stopped, _), row in zip(rows, runs):
-            pieces = [next(tokenized) if is_text else [pair.student_byte_ids.get(byte) for byte in run]
-                      for run, is_text in row]
-            ids = []
-            for piece in pieces:
-                if None in piece:  # a byte the student has no token for: the completion ends before it
-                    ids.extend(piece[:piece.index(None)])
-                    stopped = False
-                    break
-                ids.extend(piece)
+        for (stopped, _), (ids, whole) in zip(rows, written):
+            stopped = stopped and whole  # a byte the student has no token for ends the completion before it
             if stopped and len(ids) < limit:
                 ids.append(pair.student_stop_ids[0])
             completions.append(ids[:limit])

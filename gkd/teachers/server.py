@@ -372,21 +372,22 @@ def _served_tokenizer(server: TeacherServer, tokenizer_name: str | None, trust_r
     None otherwise (a served name that is neither)."""
     from huggingface_hub import try_to_load_from_cache
 
-    from ..models import ModelRef, load_tokenizer
+    from ..models import load_tokenizer
 
     if not tokenizer_name or not server.root or server.root == tokenizer_name:
         return None
-    if not Path(server.root).expanduser().is_absolute() and Path(server.root).expanduser().exists():
-        return None  # a relative path: not necessarily the folder of that name here
     try:
-        held = Path(server.root).is_dir() or isinstance(try_to_load_from_cache(server.root, "tokenizer_config.json"),
-                                                         str)
+        ref = served_model_ref(server, trust_remote_code)
+    except ModelError:  # a relative path: not necessarily the folder of that name here
+        return None
+    try:
+        held = Path(ref.name).is_dir() or isinstance(try_to_load_from_cache(ref.name, "tokenizer_config.json"), str)
     except ValueError:  # not a valid Hub id either
         held = False
     if not held:
         return None
     try:
-        return load_tokenizer(ModelRef(server.root, trust_remote_code=trust_remote_code))
+        return load_tokenizer(ref)
     except (ModelError, OSError, ValueError):
         return None
 

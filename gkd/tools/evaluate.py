@@ -353,7 +353,7 @@ class Speaker:
         stopped = bool(ids) and ids[-1] in other.stop_ids
         table = other.token_bytes
         text = b"".join(table[index] or b"" if index < len(table) else b"" for index in ids[:len(ids) - stopped])
-        tokens, whole = tokenize_bytes(self.tokenizer, self.byte_ids, text)
+        ((tokens, whole),) = tokenize_bytes(self.tokenizer, self.byte_ids, [text])
         if not whole:
             return None
         return tokens + [self.end_of_turn] if stopped else tokens
